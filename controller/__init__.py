@@ -1,0 +1,1 @@
+"""Controller: HTTP API, functions, activations, scheduler, autoscaler (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Database: SQLAlchemy models, migrations and session helpers."""

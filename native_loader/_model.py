@@ -1,0 +1,104 @@
+"""Building a transformers model straight from a converted checkpoint.
+
+The model skeleton is built with its parameters on the meta device (no
+memory, no random initialisation); buffers that are not saved in
+checkpoints (rotary frequencies, position ids) are created for real. The
+loaded tensors are then assigned in place of the meta parameters, so the
+weights are the loader's buffers: no copy on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import FormatError
+from ._load import Device, load
+from ._pool import HostPool
+from ._read import DEFAULT_THREADS
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Within the block, every parameter a module registers is moved to the meta device."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = dict(param.__dict__)
+            meta = param.to("meta")
+            module._parameters[name] = type(param)(meta, requires_grad=param.requires_grad, **kwargs)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def model_class(config: Any) -> Any:
+    """The transformers class a config asks for (its `architectures`, else an Auto class)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    pool: HostPool | None = None,
+    cls: Any = None,
+    verify: str = "always",
+    threads: int = DEFAULT_THREADS,
+) -> Any:
+    """A transformers model (eval mode) from a converted folder, without random init."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FormatError(f"{folder}: no config.json; load_model needs a converted model folder")
+    if isinstance(device, str) and device == "auto" or not isinstance(device, (str, torch.device)):
+        raise ValueError("load_model places a model on one device; use load() for a device map")
+    config = AutoConfig.from_pretrained(folder)
+    cls = cls or model_class(config)
+    state = load(folder, device, pool=pool, verify=verify, threads=threads)
+    with parameters_on_meta():
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    state = _match_prefix(model, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model, "tie_weights", None) is not None:
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise FormatError(f"{folder}: checkpoint lacks weights for {missing[:8]}")
+    model.to(torch.device(device))  # buffers created at construction; parameters stay put
+    return model.eval()
+
+
+def _match_prefix(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add or strip the base-model prefix when the checkpoint came from the other head."""
+    prefix = getattr(model, "base_model_prefix", "")
+    expected = set(model.state_dict().keys())
+    if not prefix or not state or set(state) & expected:
+        return state
+    dotted = prefix + "."
+    if all(k.startswith(dotted) for k in state):
+        return {k[len(dotted):]: v for k, v in state.items()}
+    return {dotted + k: v for k, v in state.items()}

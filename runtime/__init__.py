@@ -1,0 +1,1 @@
+"""Runtime: token-by-token generation and embeddings on top of transformers."""

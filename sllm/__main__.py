@@ -1,0 +1,5 @@
+"""`python -m sllm` runs the CLI."""
+
+from sllm.cli import main
+
+main()

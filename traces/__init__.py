@@ -1,0 +1,1 @@
+"""Traces: workload traces, a replayer and a discrete-event simulator."""
