@@ -1,10 +1,10 @@
 """The loading-optimized checkpoint format, its converter and the native loader.
 
-    convert(src, dst)                    safetensors / HF folder -> checkpoint folder
-    save_state_dict(state_dict, dst)     in-memory tensors -> checkpoint folder
-    load(path, device="cpu")             checkpoint folder -> dict[str, Tensor]
-    load_model(path, device="cpu")       checkpoint folder -> transformers model
-    HostPool(capacity)                   host-memory tier that keeps loaded checkpoints
+convert(src, dst)                    safetensors / HF folder -> checkpoint folder
+save_state_dict(state_dict, dst)     in-memory tensors -> checkpoint folder
+load(path, device="cpu")             checkpoint folder -> dict[str, Tensor]
+load_model(path, device="cpu")       checkpoint folder -> transformers model
+HostPool(capacity)                   host-memory tier that keeps loaded checkpoints
 """
 
 from ._convert import convert, save_state_dict

@@ -83,8 +83,14 @@ def convert(
     progress: bool | None = None,
 ) -> Manifest:
     """Convert a .safetensors file, a sharded folder or an HF model folder into `dst`."""
-    return write_checkpoint(open_source(Path(src)), dst, device_map=device_map,
-                            chunk_size=chunk_size, overwrite=overwrite, progress=progress)
+    return write_checkpoint(
+        open_source(Path(src)),
+        dst,
+        device_map=device_map,
+        chunk_size=chunk_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def save_state_dict(
@@ -104,8 +110,14 @@ def save_state_dict(
         {name: Path(p) for name, p in (files or {}).items()},
         dict(metadata or {}),
     )
-    return write_checkpoint(source, dst, device_map=device_map, chunk_size=chunk_size,
-                            overwrite=overwrite, progress=progress)
+    return write_checkpoint(
+        source,
+        dst,
+        device_map=device_map,
+        chunk_size=chunk_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def write_checkpoint(
@@ -122,7 +134,7 @@ def write_checkpoint(
         raise ConversionError(f"chunk_size must be a positive multiple of {PAGE}, got {chunk_size}")
     dst = Path(dst)
     if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst}: already exists (pass overwrite=True to replace it)")
+        raise ConversionError(f"{dst}: already exists; choose to overwrite it to replace it")
     for rel in source.files:
         if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == MANIFEST:
             raise ConversionError(f"extra file {rel!r} would land outside the checkpoint")
@@ -130,7 +142,9 @@ def write_checkpoint(
     devices = assign_devices([(t.name, t.nbytes) for t in stored], device_map)
     device_ids = sorted(set(devices)) or [0]
     part_of = {d: i for i, d in enumerate(device_ids)}
-    placements, sizes = plan([(t.name, t.nbytes, part_of[d]) for t, d in zip(stored, devices)])
+    placements, sizes = plan(
+        [(t.name, t.nbytes, part_of[d]) for t, d in zip(stored, devices, strict=True)]
+    )
     sizes += [0] * (len(device_ids) - len(sizes))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -139,14 +153,16 @@ def write_checkpoint(
     try:
         entries = _write_data(tmp, stored, placements, sizes, chunk_size, progress)
         partitions = tuple(
-            Partition(f"data.{i}", device_ids[i], sizes[i], entries[1][i]) for i in range(len(sizes))
+            Partition(f"data.{i}", device_ids[i], sizes[i], entries[1][i])
+            for i in range(len(sizes))
         )
         tensors = dict(entries[0])
         for t in source.tensors:
             if t.alias_of is not None:
                 base = tensors[t.alias_of]
-                tensors[t.name] = TensorEntry(t.name, base.dtype, base.shape, base.partition,
-                                              base.offset, base.nbytes)
+                tensors[t.name] = TensorEntry(
+                    t.name, base.dtype, base.shape, base.partition, base.offset, base.nbytes
+                )
         ordered = {t.name: tensors[t.name] for t in source.tensors}
         for rel, path in source.files.items():
             target = tmp / rel
@@ -171,22 +187,29 @@ def _write_data(
     progress: bool | None,
 ) -> tuple[list[tuple[str, TensorEntry]], list[tuple[int, ...]]]:
     total = sum(t.nbytes for t in stored)
-    show = progress if progress is not None else (total >= PROGRESS_THRESHOLD and sys.stderr.isatty())
+    show = (
+        progress if progress is not None else (total >= PROGRESS_THRESHOLD and sys.stderr.isatty())
+    )
     writers = [_PartitionWriter(folder / f"data.{i}", chunk_size) for i in range(len(sizes))]
     handles: dict[Path, BinaryIO] = {}
     entries = []
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not show) as bar:
-            for t, where in zip(stored, placements):
+            for t, where in zip(stored, placements, strict=True):
                 w = writers[where.partition]
                 w.pad_to(where.offset)
                 for block in t.blocks(handles):
                     w.write(block)
                     bar.update(len(block))
                 entries.append(
-                    (t.name, TensorEntry(t.name, t.dtype, t.shape, where.partition, where.offset, t.nbytes))
+                    (
+                        t.name,
+                        TensorEntry(
+                            t.name, t.dtype, t.shape, where.partition, where.offset, t.nbytes
+                        ),
+                    )
                 )
-        checksums = [w.close(size) for w, size in zip(writers, sizes)]
+        checksums = [w.close(size) for w, size in zip(writers, sizes, strict=True)]
     finally:
         for f in handles.values():
             f.close()

@@ -627,9 +627,10 @@ static PyTypeObject ReaderType = {
 
 /*
  * HostMemory(nbytes, hugepages=True): an anonymous, page-aligned mapping that
- * exposes the buffer protocol. `exports` counts live buffer views (a torch
- * tensor made with torch.frombuffer holds one for as long as its storage
- * lives), so a pool can tell whether anybody still reads this memory.
+ * exposes the buffer protocol. `exports` counts live buffer views (a
+ * memoryview of it, or a torch tensor made with torch.frombuffer over such a
+ * memoryview, which keeps it for as long as its storage lives), so a pool
+ * can tell whether anybody still reads this memory.
  * `on_release`, when set, is called with the address before the memory is
  * unmapped (used to undo cudaHostRegister).
  */

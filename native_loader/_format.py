@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _dtypes
-from ._errors import FormatError
+from ._errors import FormatError, UnsupportedDtypeError
 
 FORMAT_NAME = "sllm-checkpoint"
 FORMAT_VERSION = 1
@@ -104,7 +104,12 @@ class Manifest:
             "checksum": "crc32c",
             "total_bytes": self.total_bytes,
             "partitions": [
-                {"file": p.file, "device": p.device, "nbytes": p.nbytes, "checksums": list(p.checksums)}
+                {
+                    "file": p.file,
+                    "device": p.device,
+                    "nbytes": p.nbytes,
+                    "checksums": list(p.checksums),
+                }
                 for p in self.partitions
             ],
             "tensors": {
@@ -139,7 +144,9 @@ class Manifest:
         chunk_size = _int(doc.get("chunk_size"), "chunk_size")
         if chunk_size <= 0 or chunk_size % PAGE:
             raise FormatError(f"chunk_size must be a positive multiple of {PAGE}, got {chunk_size}")
-        partitions = tuple(_partition(p, i, chunk_size) for i, p in enumerate(_list(doc, "partitions")))
+        partitions = tuple(
+            _partition(p, i, chunk_size) for i, p in enumerate(_list(doc, "partitions"))
+        )
         if not partitions:
             raise FormatError("manifest lists no partitions")
         raw_tensors = doc.get("tensors")
@@ -151,9 +158,13 @@ class Manifest:
         if not isinstance(metadata, dict):
             raise FormatError("manifest 'metadata' must be an object")
         total = doc.get("total_bytes")
-        manifest = cls(chunk_size, partitions, tensors, files, {str(k): str(v) for k, v in metadata.items()})
+        manifest = cls(
+            chunk_size, partitions, tensors, files, {str(k): str(v) for k, v in metadata.items()}
+        )
         if total is not None and total != manifest.total_bytes:
-            raise FormatError(f"total_bytes {total} does not match partitions ({manifest.total_bytes})")
+            raise FormatError(
+                f"total_bytes {total} does not match partitions ({manifest.total_bytes})"
+            )
         return manifest
 
 
@@ -173,7 +184,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     try:
         return Manifest.from_json(doc)
     except FormatError as exc:
-        raise FormatError(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def align(offset: int, alignment: int) -> int:
@@ -221,7 +232,10 @@ def _tensor(name: Any, doc: Any, partitions: tuple[Partition, ...]) -> TensorEnt
     dtype = doc.get("dtype")
     if not isinstance(dtype, str):
         raise FormatError(f"tensor {name!r} has no dtype")
-    size = _dtypes.itemsize(dtype)
+    try:
+        size = _dtypes.itemsize(dtype)
+    except UnsupportedDtypeError as exc:
+        raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
     shape = doc.get("shape")
     if not isinstance(shape, list) or any(
         not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape

@@ -67,18 +67,24 @@ def _group(name: str) -> str:
 
 
 def _balanced(tensors: Sequence[tuple[str, int]], n: int) -> list[int]:
-    total = sum(size for _, size in tensors) or 1
-    out, device, done = [], 0, 0
-    current = None
+    groups: list[tuple[str, int]] = []  # (layer, bytes) in order
     for name, size in tensors:
-        group = _group(name)
-        # Move on only between groups, once this device holds its share.
-        if group != current and device < n - 1 and done >= total * (device + 1) / n:
+        g = _group(name)
+        if groups and groups[-1][0] == g:
+            groups[-1] = (g, groups[-1][1] + size)
+        else:
+            groups.append((g, size))
+    total = sum(size for _, size in groups) or 1
+    device_of: dict[str, int] = {}
+    device, done = 0, 0
+    for g, size in groups:
+        # Move on when the middle of this layer lies past this device's share:
+        # each cut lands at the layer boundary closest to an equal split.
+        if device < n - 1 and done + size / 2 > total * (device + 1) / n and done > 0:
             device += 1
-        current = group
-        out.append(device)
+        device_of[g] = device
         done += size
-    return out
+    return [device_of[_group(name)] for name, _ in tensors]
 
 
 def _by_prefix(name: str, device_map: Mapping[str, int]) -> int:
@@ -88,9 +94,9 @@ def _by_prefix(name: str, device_map: Mapping[str, int]) -> int:
             raise ConversionError(f"device_map entry {prefix!r}: {device!r} is not str -> int")
         if device < 0:
             raise ConversionError(f"device_map entry {prefix!r} names negative device {device}")
-        if prefix == "" or name == prefix or name.startswith(prefix + "."):
-            if best is None or len(prefix) > best[0]:
-                best = (len(prefix), device)
+        matches = prefix == "" or name == prefix or name.startswith(prefix + ".")
+        if matches and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), device)
     if best is None:
         raise ConversionError(f"device_map places no device for tensor {name!r}")
     return best[1]

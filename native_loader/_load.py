@@ -49,7 +49,9 @@ class _DevicePipeline:
         if self.host is None:
             self.host = as_tensor(buffer, self.dst.numel())
         with torch.cuda.stream(self.stream):
-            self.dst[offset : offset + length].copy_(self.host[offset : offset + length], non_blocking=True)
+            self.dst[offset : offset + length].copy_(
+                self.host[offset : offset + length], non_blocking=True
+            )
 
     def finish(self) -> torch.Tensor:
         self.stream.synchronize()
@@ -85,7 +87,9 @@ def resolve_devices(device: Device, manifest: Manifest) -> list[torch.device]:
             if not cuda_available():
                 raise ValueError(f"device {d} requested but CUDA is not available")
             if d.index is not None and d.index >= torch.cuda.device_count():
-                raise ValueError(f"device {d} does not exist ({torch.cuda.device_count()} CUDA devices)")
+                raise ValueError(
+                    f"device {d} does not exist ({torch.cuda.device_count()} CUDA devices)"
+                )
         elif d.type != "cpu":
             raise ValueError(f"unsupported device {d}; use cpu or cuda[:N]")
     return out
@@ -117,9 +121,15 @@ def load_with_info(
     targets = resolve_devices(device, manifest)
     if pool is not None:
         return _load_pooled(folder, manifest, targets, pool)
-    key = (str(folder.resolve()), (folder / "manifest.json").stat().st_mtime_ns,
-           tuple(str(t) for t in targets), verify)
-    return _single_flight(key, lambda: _load_fresh(folder, manifest, targets, verify, threads, direct))
+    key = (
+        str(folder.resolve()),
+        (folder / "manifest.json").stat().st_mtime_ns,
+        tuple(str(t) for t in targets),
+        verify,
+    )
+    return _single_flight(
+        key, lambda: _load_fresh(folder, manifest, targets, verify, threads, direct)
+    )
 
 
 def load(
@@ -138,18 +148,33 @@ def load(
     later loads of the same folder read nothing. Concurrent loads of one
     folder share one read; on the CPU their tensors share memory.
     """
-    return load_with_info(path, device, pool=pool, verify=verify, threads=threads,
-                          direct=direct).tensors
+    return load_with_info(
+        path, device, pool=pool, verify=verify, threads=threads, direct=direct
+    ).tensors
 
 
 def _load_fresh(
-    folder: Path, manifest: Manifest, targets: list[torch.device], verify: str, threads: int,
+    folder: Path,
+    manifest: Manifest,
+    targets: list[torch.device],
+    verify: str,
+    threads: int,
     direct: bool,
 ) -> LoadResult:
-    buffers = [allocate(p.nbytes, pin=t.type == "cuda") for p, t in zip(manifest.partitions, targets)]
+    buffers = [
+        allocate(p.nbytes, pin=t.type == "cuda")
+        for p, t in zip(manifest.partitions, targets, strict=True)
+    ]
     pipelines = _pipelines(manifest, targets)
-    stats = read_partitions(folder, manifest, buffers, verify=verify, threads=threads, direct=direct,
-                            on_chunk=_feeder(pipelines))
+    stats = read_partitions(
+        folder,
+        manifest,
+        buffers,
+        verify=verify,
+        threads=threads,
+        direct=direct,
+        on_chunk=_feeder(pipelines),
+    )
     bases = [
         pipelines[i].finish() if i in pipelines else as_tensor(buffers[i], p.nbytes)
         for i, p in enumerate(manifest.partitions)

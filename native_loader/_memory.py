@@ -37,7 +37,13 @@ def pin_memory(mem: HostMemory) -> None:
 
 
 def as_tensor(mem: HostMemory, nbytes: int) -> torch.Tensor:
-    """A uint8 tensor over the first `nbytes` of `mem` (no copy; keeps `mem` alive)."""
+    """A uint8 tensor over the first `nbytes` of `mem` (no copy; keeps `mem` alive).
+
+    torch.frombuffer keeps a reference to the object it is given but releases
+    its buffer view at once; handing it a memoryview makes that reference an
+    export of `mem` for as long as any tensor views it, which is how the pool
+    knows the memory is in use.
+    """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mem, dtype=torch.uint8, count=nbytes)
+    return torch.frombuffer(memoryview(mem), dtype=torch.uint8, count=nbytes)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._errors import FormatError
-from ._load import Device, load
+from ._load import load
 from ._pool import HostPool
 from ._read import DEFAULT_THREADS
 
@@ -34,9 +34,11 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             kwargs = dict(param.__dict__)
             meta = param.to("meta")
-            module._parameters[name] = type(param)(meta, requires_grad=param.requires_grad, **kwargs)
+            module._parameters[name] = type(param)(
+                meta, requires_grad=param.requires_grad, **kwargs
+            )
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -74,7 +76,9 @@ def load_model(
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FormatError(f"{folder}: no config.json; load_model needs a converted model folder")
-    if isinstance(device, str) and device == "auto" or not isinstance(device, (str, torch.device)):
+    if (isinstance(device, str) and device == "auto") or not isinstance(
+        device, (str, torch.device)
+    ):
         raise ValueError("load_model places a model on one device; use load() for a device map")
     config = AutoConfig.from_pretrained(folder)
     cls = cls or model_class(config)
@@ -100,5 +104,5 @@ def _match_prefix(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch
         return state
     dotted = prefix + "."
     if all(k.startswith(dotted) for k in state):
-        return {k[len(dotted):]: v for k, v in state.items()}
+        return {k[len(dotted) :]: v for k, v in state.items()}
     return {dotted + k: v for k, v in state.items()}

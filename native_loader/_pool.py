@@ -3,7 +3,7 @@
 States of an entry:
 
     loading --(read ok)--> resident --(evict, when idle)--> gone
-       \--(read fails)--> gone (waiters get the same error)
+    loading --(read fails)--> gone (waiters get the same error)
 
 Data: the manifest, one HostMemory per partition, the manifest's identity
 (inode, size, mtime) to notice a replaced checkpoint, and the time of last use.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._engine import HostMemory
-from ._errors import CapacityError
+from ._errors import CapacityError, FormatError
 from ._format import Chunk, Manifest, read_manifest
 from ._memory import allocate, cuda_available
 from ._read import DEFAULT_THREADS, ReadStats, read_partitions
@@ -67,7 +67,10 @@ class _Entry:
 
 
 def _identity(folder: Path) -> tuple[int, int, int]:
-    st = (folder / "manifest.json").stat()
+    try:
+        st = (folder / "manifest.json").stat()
+    except FileNotFoundError:
+        raise FormatError(f"{folder}: no manifest.json; not a converted sllm checkpoint") from None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -124,7 +127,7 @@ class HostPool:
         for size in sizes:
             need = _round(size)
             with self._lock:
-                self._make_room(need)
+                self._make_room(need, reuse=False)
                 self._mapped += need
             try:
                 mem = allocate(need, pin=self.pin, prefault=True)
@@ -137,7 +140,10 @@ class HostPool:
 
     @contextlib.contextmanager
     def checkout(
-        self, folder: str | os.PathLike[str], *, on_chunk: Callable[[Chunk, HostMemory], None] | None = None
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        on_chunk: Callable[[Chunk, HostMemory], None] | None = None,
     ) -> Iterator[HostCheckpoint]:
         """Hold a checkpoint in memory for the duration of the block, loading it if needed.
 
@@ -170,8 +176,13 @@ class HostPool:
             assert entry.checkpoint is not None
             entry.last_used = time.monotonic()
             ckpt = entry.checkpoint
-            yield HostCheckpoint(ckpt.folder, ckpt.manifest, ckpt.buffers,
-                                 ckpt.stats if leader else None, hit=not leader)
+            yield HostCheckpoint(
+                ckpt.folder,
+                ckpt.manifest,
+                ckpt.buffers,
+                ckpt.stats if leader else None,
+                hit=not leader,
+            )
         finally:
             with self._lock:
                 entry.holds -= 1
@@ -198,14 +209,27 @@ class HostPool:
 
     # --------------------------------------------------------------- internal
     def _load(
-        self, key: str, path: Path, entry: _Entry, on_chunk: Callable[[Chunk, HostMemory], None] | None
+        self,
+        key: str,
+        path: Path,
+        entry: _Entry,
+        on_chunk: Callable[[Chunk, HostMemory], None] | None,
     ) -> None:
         try:
             manifest = read_manifest(path)
-            buffers = [self._take(p.nbytes) for p in manifest.partitions]
+            buffers: list[HostMemory] = []
             try:
-                stats = read_partitions(path, manifest, buffers, verify=self.verify,
-                                        threads=self.threads, direct=self.direct, on_chunk=on_chunk)
+                for part in manifest.partitions:
+                    buffers.append(self._take(part.nbytes))
+                stats = read_partitions(
+                    path,
+                    manifest,
+                    buffers,
+                    verify=self.verify,
+                    threads=self.threads,
+                    direct=self.direct,
+                    on_chunk=on_chunk,
+                )
             except BaseException:
                 with self._lock:
                     self._free.extend(buffers)
@@ -224,12 +248,9 @@ class HostPool:
         """A buffer of at least `nbytes`: a close fit from the free list, else a new one."""
         need = _round(nbytes)
         with self._lock:
-            fits = [m for m in self._free if need <= m.nbytes <= need + max(HUGE_PAGE, need // 8)]
-            if fits:
-                mem = min(fits, key=lambda m: m.nbytes)
-                self._free.remove(mem)
+            mem = self._make_room(need)
+            if mem is not None:
                 return mem
-            self._make_room(need)
             self._mapped += need
         try:
             return allocate(need, pin=self.pin)
@@ -238,18 +259,41 @@ class HostPool:
                 self._mapped -= need
             raise
 
-    def _make_room(self, need: int) -> None:
-        """Free buffers, then idle checkpoints (LRU), until `need` more bytes fit. Holds the lock."""
+    def _fit(self, need: int) -> HostMemory | None:
+        """Take the smallest free buffer that fits `need` without wasting much. Holds the lock."""
+        fits = [m for m in self._free if need <= m.nbytes <= need + max(HUGE_PAGE, need // 8)]
+        if not fits:
+            return None
+        mem = min(fits, key=lambda m: m.nbytes)
+        self._free.remove(mem)
+        return mem
+
+    def _make_room(self, need: int, *, reuse: bool = True) -> HostMemory | None:
+        """Make `need` bytes available. Holds the lock.
+
+        Returns a free buffer that fits (reused: no page faults, no pinning),
+        or None once `need` new bytes fit under the capacity. Frees unfitting
+        free buffers first, then evicts idle checkpoints, least recently used
+        first, whose buffers may themselves fit.
+        """
         if need > self.capacity:
             raise CapacityError(f"{need} bytes exceed the host pool's capacity of {self.capacity}")
         self._free += [m for m in self._orphans if m.exports == 0]
         self._orphans = [m for m in self._orphans if m.exports > 0]
-        while self._mapped + need > self.capacity:
+        while True:
+            mem = self._fit(need) if reuse else None
+            if mem is not None:
+                return mem
+            if self._mapped + need <= self.capacity:
+                return None
             if self._free:
                 self._unmap(self._free.pop(0))
                 continue
-            idle = [(e.last_used, k, e) for k, e in self._entries.items()
-                    if e.checkpoint is not None and self._idle(e)]
+            idle = [
+                (e.last_used, k, e)
+                for k, e in self._entries.items()
+                if e.checkpoint is not None and self._idle(e)
+            ]
             if not idle:
                 raise CapacityError(
                     f"host pool full: {self._mapped} of {self.capacity} bytes in use, "

@@ -55,7 +55,8 @@ def check_partitions(folder: Path, manifest: Manifest) -> list[Path]:
         if size < part.nbytes:
             raise ReadError(
                 f"{path}: partition {i} is truncated: {size} bytes on disk, manifest says {part.nbytes}",
-                str(path), size,
+                str(path),
+                size,
             )
         paths.append(path)
     return paths
@@ -89,15 +90,24 @@ def read_partitions(
     try:
         reader = _engine.Reader([str(p) for p in paths], threads=threads, direct=direct)
     except FileNotFoundError as exc:
-        raise MissingPartitionError(f"{exc.filename}: partition is missing", str(exc.filename), 0,
-                                    errno_mod.ENOENT) from None
+        raise MissingPartitionError(
+            f"{exc.filename}: partition is missing", str(exc.filename), 0, errno_mod.ENOENT
+        ) from None
     except OSError as exc:
-        raise ReadError(f"{exc.filename}: cannot open: {exc.strerror}", str(exc.filename), 0,
-                        exc.errno or 0) from exc
+        raise ReadError(
+            f"{exc.filename}: cannot open: {exc.strerror}", str(exc.filename), 0, exc.errno or 0
+        ) from exc
     with reader:
         for n, c in enumerate(chunks):
-            reader.submit(c.partition, c.offset, c.length, buffers[c.partition], c.offset,
-                          c.crc if check else -1, n)
+            reader.submit(
+                c.partition,
+                c.offset,
+                c.length,
+                buffers[c.partition],
+                c.offset,
+                c.crc if check else -1,
+                n,
+            )
         failure: BaseException | None = None
         while reader.pending:
             done = reader.next()
@@ -106,6 +116,7 @@ def read_partitions(
             tag, kind, err, file, offset, got = done
             if failure is not None:
                 continue  # draining after a failure
+            assert isinstance(tag, int)
             chunk = chunks[tag]
             if kind != _engine.OK:
                 failure = _failure(paths[file], chunk, kind, err, offset, got)
@@ -137,10 +148,14 @@ def _failure(path: Path, chunk: Chunk, kind: int, err: int, offset: int, got: in
     if kind == _engine.CHECKSUM:
         return ChecksumError(
             f"checksum mismatch in {where}: crc32c {got:#010x}, manifest says {chunk.crc:#010x}",
-            str(path), chunk.index, offset,
+            str(path),
+            chunk.index,
+            offset,
         )
     if kind == _engine.SHORT:
-        return ReadError(f"short read in {where}: got {got} of {chunk.length} bytes", str(path), offset)
+        return ReadError(
+            f"short read in {where}: got {got} of {chunk.length} bytes", str(path), offset
+        )
     if kind == _engine.OSERROR:
         return ReadError(f"I/O error in {where}: {os.strerror(err)}", str(path), offset, err)
     return ReadError(f"read cancelled in {where}", str(path), offset)

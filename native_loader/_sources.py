@@ -26,7 +26,16 @@ from ._format import MANIFEST
 MAX_HEADER = 100 * 1024 * 1024
 COPY_BLOCK = 16 * 1024 * 1024
 WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".tflite",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".tflite",
 )
 WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
 
@@ -48,7 +57,7 @@ class SourceTensor:
         """The tensor's bytes in blocks of at most COPY_BLOCK."""
         if self.tensor is not None:
             flat = self.tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            view = memoryview(flat.numpy()).cast("B")
+            view = flat.numpy().data.cast("B")
             for start in range(0, self.nbytes, COPY_BLOCK):
                 yield view[start : start + COPY_BLOCK]
             return
@@ -131,7 +140,9 @@ def read_safetensors_header(path: Path) -> tuple[list[SourceTensor], dict[str, s
                 f"{math.prod(shape) * item}"
             )
         tensors.append(
-            SourceTensor(name, dtype, tuple(shape), nbytes, file=path, offset=data_start + offsets[0])
+            SourceTensor(
+                name, dtype, tuple(shape), nbytes, file=path, offset=data_start + offsets[0]
+            )
         )
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
@@ -145,7 +156,10 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTensor
             raise ConversionError(f"state dict entry {name!r} is not a tensor")
         if t.device.type == "meta":
             raise ConversionError(f"tensor {name!r} is on the meta device and has no data")
-        dtype = _dtypes.from_torch(t.dtype)
+        try:
+            dtype = _dtypes.from_torch(t.dtype)
+        except UnsupportedDtypeError as exc:
+            raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
         t = t.detach().cpu()
         src = SourceTensor(name, dtype, tuple(t.shape), t.numel() * t.element_size(), tensor=t)
         if t.numel() and t.is_contiguous():
@@ -190,7 +204,9 @@ def _folder_tensors(src: Path) -> tuple[list[SourceTensor], dict[str, str]]:
             _check_index(src, indexes[0], tensors)
         return tensors, metadata
     bin_indexes = sorted(src.glob("*.bin.index.json"))
-    bins = _index_files(src, bin_indexes[0]) if bin_indexes else sorted(src.glob("pytorch_model*.bin"))
+    bins = (
+        _index_files(src, bin_indexes[0]) if bin_indexes else sorted(src.glob("pytorch_model*.bin"))
+    )
     if bins:
         return [t for f in bins for t in _torch_file(f)], {}
     raise ConversionError(f"{src}: no *.safetensors or pytorch_model*.bin weights found")

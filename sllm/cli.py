@@ -14,14 +14,22 @@ def _parse_device_map(value: str | None) -> Any:
     """--device-map: a number of devices, or a JSON object {module prefix: device}."""
     if value is None:
         return None
-    if value.isdigit():
-        return int(value)
+    hint = "'--device-map'"
+    if value.strip().lstrip("-").isdigit():
+        count = int(value)
+        if count < 1:
+            raise click.BadParameter(
+                "expected a device count of at least 1 or a JSON object", param_hint=hint
+            )
+        return count
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
-        raise click.BadParameter("expected a device count or a JSON object") from None
+        parsed = None
     if not isinstance(parsed, dict):
-        raise click.BadParameter("expected a device count or a JSON object")
+        raise click.BadParameter(
+            "expected a device count of at least 1 or a JSON object", param_hint=hint
+        )
     return parsed
 
 
@@ -29,6 +37,21 @@ def _parse_device_map(value: str | None) -> Any:
 @click.version_option(package_name="sllm")
 def main() -> None:
     """sllm: a serverless runtime for large language models."""
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path(".sllm-demo"),
+    show_default=True,
+    help="Scratch folder (recreated).",
+)
+def demo(workdir: Path) -> None:
+    """Build a demo model, convert it, load it and generate: the main job, offline."""
+    from sllm.demo import run
+
+    run(workdir, click.echo)
 
 
 @main.group()
@@ -39,21 +62,49 @@ def model() -> None:
 @model.command("convert")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--device-map", help="Partitions: a device count (balanced by layer) or a JSON "
-              "object mapping module prefixes to devices.")
-@click.option("--chunk-size", type=int, default=4 * 1024 * 1024, show_default=True,
-              help="Read and checksum unit in bytes (a multiple of 4096).")
+@click.option(
+    "--device-map",
+    help="Partitions: a device count (balanced by layer) or a JSON "
+    "object mapping module prefixes to devices.",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Read and checksum unit in bytes (a multiple of 4096).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def model_convert(src: Path, dst: Path, device_map: str | None, chunk_size: int, overwrite: bool,
-                  quiet: bool) -> None:
+@click.option(
+    "--progress/--quiet",
+    "-p/-q",
+    default=None,
+    help="Show a progress bar (default: when stderr is a terminal).",
+)
+def model_convert(
+    src: Path,
+    dst: Path,
+    device_map: str | None,
+    chunk_size: int,
+    overwrite: bool,
+    progress: bool | None,
+) -> None:
     """Convert SRC (a .safetensors file, a sharded folder or a Hugging Face model folder)
     into the loading-optimized format at DST."""
     from sllm.native_loader import LoaderError, convert
 
+    parsed = _parse_device_map(device_map)
+    if dst.exists() and not overwrite:
+        raise click.ClickException(f"{dst} already exists; pass --overwrite to replace it")
     try:
-        manifest = convert(src, dst, device_map=_parse_device_map(device_map),
-                           chunk_size=chunk_size, overwrite=overwrite, progress=not quiet)
+        manifest = convert(
+            src,
+            dst,
+            device_map=parsed,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            progress=sys.stderr.isatty() if progress is None else progress,
+        )
     except LoaderError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
@@ -71,21 +122,39 @@ def bench() -> None:
 @bench.command("load")
 @click.option("--size-gb", type=float, default=2.0, show_default=True, help="Checkpoint size.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("benchmarks/scratch"),
-              show_default=True, help="Where the generated checkpoints live (on the disk to test).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/load.json"),
-              show_default=True, help="JSON results file.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("benchmarks/scratch"),
+    show_default=True,
+    help="Where the generated checkpoints live (on the disk to test).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("benchmarks/results/load.json"),
+    show_default=True,
+    help="JSON results file.",
+)
 @click.option("--threads", type=int, default=None, help="Reader threads (default: the loader's).")
 @click.option("--keep", is_flag=True, help="Keep the generated checkpoints for the next run.")
-def bench_load(size_gb: float, rounds: int, workdir: Path, out: Path, threads: int | None,
-               keep: bool) -> None:
+def bench_load(
+    size_gb: float, rounds: int, workdir: Path, out: Path, threads: int | None, keep: bool
+) -> None:
     """Checkpoint loading: ours vs fio, safetensors and torch.load, cold and warm (and CUDA)."""
     from sllm.bench.load import run
 
     if size_gb <= 0 or rounds < 1:
         raise click.BadParameter("--size-gb must be > 0 and --rounds >= 1")
-    run(size_gb=size_gb, rounds=rounds, workdir=workdir, out=out, threads=threads, keep=keep,
-        echo=lambda s: click.echo(s, file=sys.stdout))
+    run(
+        size_gb=size_gb,
+        rounds=rounds,
+        workdir=workdir,
+        out=out,
+        threads=threads,
+        keep=keep,
+        echo=lambda s: click.echo(s, file=sys.stdout),
+    )
 
 
 if __name__ == "__main__":
