@@ -145,7 +145,8 @@ def load(
 
     `verify` is "always", "first" (once per file version in this process) or
     "never". With a `pool`, the host copy stays in the pool (DRAM tier) and
-    later loads of the same folder read nothing. Concurrent loads of one
+    later loads of the same folder read nothing; the pool's own read settings
+    (verify, threads, direct) then apply. Concurrent loads of one
     folder share one read; on the CPU their tensors share memory.
     """
     return load_with_info(

@@ -4,10 +4,12 @@ One run generates an LLM-shaped checkpoint (bf16; attention and MLP
 matrices, plus biases and norms so that over a third of the tensors are
 under 1 MB), writes it as safetensors, as a torch.save file and in our
 format, then measures in interleaved rounds, each cold read preceded by
-dropping the files from the page cache (posix_fadvise DONTNEED):
+dropping the files from the page cache (posix_fadvise DONTNEED), in an
+order that rotates every round:
 
 - fio: 4 MiB sequential O_DIRECT reads, libaio, queue depth 32, on our data
-  file: the raw device bandwidth;
+  file: the raw device bandwidth; also with one such job per CPU, each on its
+  own slice of the file;
 - ours cold: a load into the host pool (pre-mapped at start-up, as the
   invoker's is) until the CPU tensors are usable, every chunk CRC-checked;
   and ours into freshly mapped memory;
@@ -122,12 +124,16 @@ def touch_pages(tensors: dict[str, torch.Tensor]) -> int:
     return acc
 
 
-def fio_bandwidth(path: Path) -> float | None:
-    """fio's 4 MiB O_DIRECT sequential read bandwidth on `path` (bytes/s), or None without fio."""
+def fio_bandwidth(path: Path, jobs: int = 1) -> float | None:
+    """fio's 4 MiB O_DIRECT sequential read bandwidth on `path` (bytes/s), or None without fio.
+
+    With `jobs` > 1, that many fio jobs each read their own slice of the file
+    (one submitting thread per CPU can drive more of a multi-queue device).
+    """
     fio = shutil.which("fio")
     if fio is None:
         return None
-    size = path.stat().st_size
+    size = path.stat().st_size // jobs // (4 * MB) * (4 * MB) if jobs > 1 else path.stat().st_size
     cmd = [
         fio,
         "--name=seqread",
@@ -141,6 +147,8 @@ def fio_bandwidth(path: Path) -> float | None:
         "--readonly",
         "--output-format=json",
     ]
+    if jobs > 1:
+        cmd += [f"--numjobs={jobs}", f"--offset_increment={size}", "--group_reporting"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
     return float(json.loads(out.stdout)["jobs"][0]["read"]["bw_bytes"])
 
@@ -209,28 +217,51 @@ def run(
     cuda = torch.cuda.is_available()
     t: dict[str, list[float]] = {}
     fio: list[float] = []
+    fio_jobs: list[float] = []
+    cpus = os.cpu_count() or 1
 
     def cold(name: str, fn: Callable[[], object]) -> None:
         drop_cache(files.all())
         with timer(t.setdefault(name, [])):
             fn()
 
-    for r in range(rounds):
-        echo(f"round {r + 1}/{rounds}")
+    def fio_round() -> None:
         drop_cache(files.all())
         bw = fio_bandwidth(files.ours_data[0])
         if bw is not None:
             fio.append(bw)
+        if cpus > 1:
+            drop_cache(files.all())
+            bw = fio_bandwidth(files.ours_data[0], jobs=cpus)
+            if bw is not None:
+                fio_jobs.append(bw)
+
+    def ours_cold() -> None:
         cold("ours_cold", lambda: load(files.ours, pool=pool, threads=threads))
         pool.evict(files.ours)
-        cold("ours_cold_fresh_memory", lambda: load(files.ours, threads=threads))
-        cold("safetensors_cold_every_byte", lambda: touch_bytes(load_file(files.safetensors)))
-        cold("safetensors_cold_every_page", lambda: touch_pages(load_file(files.safetensors)))
-        cold(
+
+    cold_steps: list[Callable[[], None]] = [
+        fio_round,
+        ours_cold,
+        lambda: cold("ours_cold_fresh_memory", lambda: load(files.ours, threads=threads)),
+        lambda: cold(
+            "safetensors_cold_every_byte", lambda: touch_bytes(load_file(files.safetensors))
+        ),
+        lambda: cold(
+            "safetensors_cold_every_page", lambda: touch_pages(load_file(files.safetensors))
+        ),
+        lambda: cold(
             "safetensors_pread_cold_every_byte",
             lambda: touch_bytes(load_file(files.safetensors, backend="pread")),
-        )
-        cold("torch_load_cold", lambda: torch.load(files.torch, weights_only=True))
+        ),
+        lambda: cold("torch_load_cold", lambda: torch.load(files.torch, weights_only=True)),
+    ]
+    for r in range(rounds):
+        echo(f"round {r + 1}/{rounds}")
+        # Rotate the order every round: no method always follows the same reader of
+        # the same file (a virtual disk may cache below the guest's page cache).
+        for i in range(len(cold_steps)):
+            cold_steps[(i + r) % len(cold_steps)]()
         # Warm: ours already in the pool; safetensors in the page cache (read it once first).
         load(files.ours, pool=pool, threads=threads)
         with timer(t.setdefault("ours_dram_hit", [])):
@@ -246,7 +277,7 @@ def run(
             _cuda_round(files, pool, threads, t, cold)
         pool.evict(files.ours)
 
-    results = _summarise(t, fio, nbytes, ntensors, rounds, threads, size_bytes)
+    results = _summarise(t, fio, fio_jobs, nbytes, ntensors, rounds, threads, size_bytes)
     _print_table(results, echo)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -290,6 +321,7 @@ def _cuda_round(
 def _summarise(
     t: dict[str, list[float]],
     fio: list[float],
+    fio_jobs: list[float],
     nbytes: int,
     ntensors: int,
     rounds: int,
@@ -301,6 +333,7 @@ def _summarise(
     if "pinned_h2d_1GiB" in med:
         gbps["pinned_h2d_1GiB"] = 1024 * MB / med["pinned_h2d_1GiB"] / 1e9
     fio_med = statistics.median(fio) / 1e9 if fio else None
+    fio_jobs_med = statistics.median(fio_jobs) / 1e9 if fio_jobs else None
     shapes = llm_shapes(size_bytes)
     small = sum(1 for _, s in shapes if math.prod(s) * 2 < 1e6)
     ratios: dict[str, float | None] = {
@@ -353,6 +386,7 @@ def _summarise(
         "rounds": rounds,
         "reader_threads": threads,
         "fio_GBps": {"median": fio_med, "rounds": [b / 1e9 for b in fio]},
+        "fio_one_job_per_cpu_GBps": {"median": fio_jobs_med, "rounds": [b / 1e9 for b in fio_jobs]},
         "seconds": {k: {"median": med[k], "rounds": v} for k, v in t.items()},
         "GBps": gbps,
         "ratios": ratios,
@@ -375,6 +409,9 @@ def _print_table(res: dict[str, Any], echo: Callable[[str], None]) -> None:
     echo(f"{'measurement':42} {'median s':>10} {'GB/s':>8}")
     if fio:
         echo(f"{'fio (4 MiB, O_DIRECT, libaio, QD32)':42} {'':>10} {fio:8.2f}")
+    fio_jobs = res["fio_one_job_per_cpu_GBps"]["median"]
+    if fio_jobs:
+        echo(f"{'fio, same, one job per CPU':42} {'':>10} {fio_jobs:8.2f}")
     for k, v in res["seconds"].items():
         echo(f"{k:42} {v['median']:10.4f} {res['GBps'][k]:8.2f}")
     echo("")
