@@ -21,14 +21,24 @@ def test_small_run_writes_medians_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
 
     res = run(
-        size_gb=0.02, rounds=2, workdir=tmp_path / "w", out=out, threads=4, keep=False,
+        size_gb=0.02,
+        rounds=2,
+        workdir=tmp_path / "w",
+        out=out,
+        threads=4,
+        keep=False,
         echo=lines.append,
     )
 
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
-    for key in ("ours_cold", "safetensors_cold_every_byte", "torch_load_cold", "ours_dram_hit",
-                "safetensors_warm_page_cache"):
+    for key in (
+        "ours_cold",
+        "safetensors_cold_every_byte",
+        "torch_load_cold",
+        "ours_dram_hit",
+        "safetensors_warm_page_cache",
+    ):
         assert len(saved["seconds"][key]["rounds"]) == 2, key
         assert saved["seconds"][key]["median"] > 0, key
     assert saved["ratios"]["ours_cold_speedup_vs_safetensors_cold"] > 0
