@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,11 +176,7 @@ def _load_fresh(
         direct=direct,
         on_chunk=_feeder(pipelines),
     )
-    bases = [
-        pipelines[i].finish() if i in pipelines else as_tensor(buffers[i], p.nbytes)
-        for i, p in enumerate(manifest.partitions)
-    ]
-    return LoadResult(views(manifest, bases), manifest, stats, hit=False)
+    return LoadResult(_finish(manifest, buffers, pipelines), manifest, stats, hit=False)
 
 
 def _load_pooled(
@@ -193,12 +189,19 @@ def _load_pooled(
         if ckpt.stats is None:  # nothing was streamed to the devices: copy it all now
             for i, pipe in pipelines.items():
                 pipe.copy(ckpt.buffers[i], 0, manifest.partitions[i].nbytes)
-        bases = [
-            pipelines[i].finish() if i in pipelines else as_tensor(ckpt.buffers[i], p.nbytes)
-            for i, p in enumerate(manifest.partitions)
-        ]
-        tensors = views(manifest, bases)
+        tensors = _finish(manifest, ckpt.buffers, pipelines)
     return LoadResult(tensors, manifest, ckpt.stats, hit=ckpt.hit)
+
+
+def _finish(
+    manifest: Manifest, buffers: Sequence[HostMemory], pipelines: dict[int, _DevicePipeline]
+) -> dict[str, torch.Tensor]:
+    """Wait for the device copies, then view every tensor in its partition's buffer."""
+    bases = [
+        pipelines[i].finish() if i in pipelines else as_tensor(buffers[i], p.nbytes)
+        for i, p in enumerate(manifest.partitions)
+    ]
+    return views(manifest, bases)
 
 
 def _pipelines(manifest: Manifest, targets: list[torch.device]) -> dict[int, _DevicePipeline]:
