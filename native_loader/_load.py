@@ -21,7 +21,7 @@ from ._engine import HostMemory
 from ._errors import LoaderError
 from ._format import Chunk, Manifest, read_manifest
 from ._memory import allocate, as_tensor, cuda_available
-from ._pool import HostPool
+from ._pool import HostPool, HostSource
 from ._read import DEFAULT_THREADS, ReadStats, read_partitions
 
 Device = str | torch.device | Mapping[int, str | torch.device]
@@ -112,15 +112,23 @@ def load_with_info(
     verify: str = "always",
     threads: int = DEFAULT_THREADS,
     direct: bool = True,
+    source: HostSource | None = None,
 ) -> LoadResult:
-    """Like `load`, also saying whether bytes were read and how fast."""
+    """Like `load`, also saying whether bytes were read and how fast.
+
+    With a `source` (and a `pool`), `path` is only the pool key and the bytes
+    come from the source on a miss: this is how the invoker streams a
+    download straight into host memory and on to the device.
+    """
     folder = Path(path)
-    manifest = read_manifest(folder)
+    if source is not None and pool is None:
+        raise ValueError("a source needs a pool to hold what it reads")
+    manifest = source.manifest() if source is not None else read_manifest(folder)
     for e in manifest.tensors.values():
         _dtypes.to_torch(e.dtype)  # unsupported dtypes fail before any I/O
     targets = resolve_devices(device, manifest)
     if pool is not None:
-        return _load_pooled(folder, manifest, targets, pool)
+        return _load_pooled(folder, manifest, targets, pool, source)
     key = (
         str(folder.resolve()),
         (folder / "manifest.json").stat().st_mtime_ns,
@@ -180,10 +188,14 @@ def _load_fresh(
 
 
 def _load_pooled(
-    folder: Path, manifest: Manifest, targets: list[torch.device], pool: HostPool
+    folder: Path,
+    manifest: Manifest,
+    targets: list[torch.device],
+    pool: HostPool,
+    source: HostSource | None,
 ) -> LoadResult:
     pipelines = _pipelines(manifest, targets)
-    with pool.checkout(folder, on_chunk=_feeder(pipelines)) as ckpt:
+    with pool.checkout(folder, on_chunk=_feeder(pipelines), source=source) as ckpt:
         if ckpt.manifest != manifest:
             raise LoaderError(f"{folder}: checkpoint changed while loading; retry")
         if ckpt.stats is None:  # nothing was streamed to the devices: copy it all now

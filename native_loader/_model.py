@@ -71,18 +71,34 @@ def load_model(
     threads: int = DEFAULT_THREADS,
 ) -> Any:
     """A transformers model (eval mode) from a converted folder, without random init."""
-    from transformers import AutoConfig
-
     folder = Path(path)
+    _check_single_device(device)
     if not (folder / "config.json").is_file():
         raise FormatError(f"{folder}: no config.json; load_model needs a converted model folder")
-    if (isinstance(device, str) and device == "auto") or not isinstance(
-        device, (str, torch.device)
-    ):
-        raise ValueError("load_model places a model on one device; use load() for a device map")
+    state = load(folder, device, pool=pool, verify=verify, threads=threads)
+    return build_model(folder, state, device, cls=cls)
+
+
+def build_model(
+    config_folder: str | os.PathLike[str],
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    *,
+    cls: Any = None,
+) -> Any:
+    """A transformers model (eval mode) whose parameters are the given tensors (no copy).
+
+    `config_folder` holds config.json; the tensors come from `load()` on the
+    same device, so the model's weights are the loader's buffers.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(config_folder)
+    _check_single_device(device)
+    if not (folder / "config.json").is_file():
+        raise FormatError(f"{folder}: no config.json; a model needs its config")
     config = AutoConfig.from_pretrained(folder)
     cls = cls or model_class(config)
-    state = load(folder, device, pool=pool, verify=verify, threads=threads)
     with parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     state = _match_prefix(model, state)
@@ -94,6 +110,13 @@ def load_model(
         raise FormatError(f"{folder}: checkpoint lacks weights for {missing[:8]}")
     model.to(torch.device(device))  # buffers created at construction; parameters stay put
     return model.eval()
+
+
+def _check_single_device(device: object) -> None:
+    if (isinstance(device, str) and device == "auto") or not isinstance(
+        device, (str, torch.device)
+    ):
+        raise ValueError("load_model places a model on one device; use load() for a device map")
 
 
 def _match_prefix(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,9 +23,10 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ._engine import HostMemory
 from ._errors import CapacityError, FormatError
@@ -34,6 +35,45 @@ from ._memory import allocate, cuda_available
 from ._read import DEFAULT_THREADS, ReadStats, read_partitions
 
 HUGE_PAGE = 2 * 1024 * 1024
+OnChunk = Callable[[Chunk, HostMemory], None]
+
+
+class HostSource(Protocol):
+    """Where a checkpoint's bytes come from when the pool does not hold it."""
+
+    def manifest(self) -> Manifest:
+        """The checkpoint's manifest (buffers are sized from it)."""
+        ...
+
+    def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
+        """Fill one buffer per partition, calling `on_chunk` as each verified chunk lands."""
+        ...
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """A converted checkpoint folder on a local disk, read with the native engine."""
+
+    folder: Path
+    verify: str = "always"
+    threads: int = DEFAULT_THREADS
+    direct: bool = True
+
+    def manifest(self) -> Manifest:
+        """The folder's manifest.json."""
+        return read_manifest(self.folder)
+
+    def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
+        """Read every partition with O_DIRECT and many threads."""
+        return read_partitions(
+            self.folder,
+            self.manifest(),
+            buffers,
+            verify=self.verify,
+            threads=self.threads,
+            direct=self.direct,
+            on_chunk=on_chunk,
+        )
 
 
 @dataclass
@@ -143,16 +183,25 @@ class HostPool:
         self,
         folder: str | os.PathLike[str],
         *,
-        on_chunk: Callable[[Chunk, HostMemory], None] | None = None,
+        on_chunk: OnChunk | None = None,
+        source: HostSource | None = None,
     ) -> Iterator[HostCheckpoint]:
         """Hold a checkpoint in memory for the duration of the block, loading it if needed.
 
         Concurrent checkouts of one folder share a single read. `on_chunk`
         runs for each chunk as it lands, only in the caller that does the read.
+        Without a `source` the bytes are read from `folder` and a checkpoint
+        replaced on disk is noticed; with one, `folder` is only the key and
+        must name immutable content (the invoker keys by content digest), and
+        a miss fills the buffers from the source.
         """
         key = _key(folder)
         path = Path(key)
-        identity = _identity(path)
+        if source is None:
+            identity = _identity(path)
+            source = FolderSource(path, self.verify, self.threads, self.direct)
+        else:
+            identity = _IMMUTABLE
         leader = False
         with self._lock:
             entry = self._entries.get(key)
@@ -168,7 +217,7 @@ class HostPool:
             entry.holds += 1
         try:
             if leader:
-                self._load(key, path, entry, on_chunk)
+                self._load(key, path, entry, source, on_chunk)
             else:
                 entry.ready.wait()
                 if entry.error is not None:
@@ -213,23 +262,16 @@ class HostPool:
         key: str,
         path: Path,
         entry: _Entry,
-        on_chunk: Callable[[Chunk, HostMemory], None] | None,
+        source: HostSource,
+        on_chunk: OnChunk | None,
     ) -> None:
         try:
-            manifest = read_manifest(path)
+            manifest = source.manifest()
             buffers: list[HostMemory] = []
             try:
                 for part in manifest.partitions:
                     buffers.append(self._take(part.nbytes))
-                stats = read_partitions(
-                    path,
-                    manifest,
-                    buffers,
-                    verify=self.verify,
-                    threads=self.threads,
-                    direct=self.direct,
-                    on_chunk=on_chunk,
-                )
+                stats = source.read_into(buffers, on_chunk)
             except BaseException:
                 with self._lock:
                     self._free.extend(buffers)
@@ -322,6 +364,9 @@ class HostPool:
     @staticmethod
     def _idle(entry: _Entry) -> bool:
         return entry.holds == 0 and entry.checkpoint is not None and not entry.checkpoint.in_use()
+
+
+_IMMUTABLE = (-1, -1, -1)
 
 
 def _key(folder: str | os.PathLike[str]) -> str:

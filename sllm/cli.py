@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from sllm.cli_invoker import invoker as invoker_group
+
+if TYPE_CHECKING:
+    from sllm.store import Store
 
 
 def _parse_device_map(value: str | None) -> Any:
@@ -114,6 +119,113 @@ def model_convert(
     )
 
 
+_STORE_HELP = (
+    "Object store URI: s3://bucket[/prefix] or file:///path "
+    "(default: $SLLM_STORE_URI, else file://$SLLM_HOME/store)."
+)
+
+
+def _open_store_from_env(uri: str | None) -> Store:
+    """The store named by --store (or the environment's default), with SLLM_S3_* settings."""
+    import os
+
+    from sllm.core.errors import SllmError
+    from sllm.store import StoreSettings, default_store_uri, open_store
+
+    try:
+        settings = StoreSettings.from_env(os.environ)
+        return open_store(uri or default_store_uri(os.environ), settings)
+    except SllmError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+@model.command("push")
+@click.argument("src")
+@click.argument("name")
+@click.option("--store", "store_uri", metavar="URI", help=_STORE_HELP)
+@click.option(
+    "--device-map",
+    help="When SRC needs converting: a device count or a JSON object of module prefixes to devices.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    metavar="MB",
+    help="When SRC needs converting: read and checksum unit in MiB.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def model_push(
+    src: str,
+    name: str,
+    store_uri: str | None,
+    device_map: str | None,
+    chunk_size: int | None,
+    quiet: bool,
+) -> None:
+    """Publish SRC as model NAME: a converted folder, an HF folder, a .safetensors file, or a
+    Hugging Face hub id (downloaded and converted first)."""
+    from sllm.core.errors import SllmError
+    from sllm.store import push_model
+
+    parsed = _parse_device_map(device_map)
+    store = _open_store_from_env(store_uri)
+    try:
+        result = push_model(
+            src,
+            name,
+            store,
+            progress=not quiet and sys.stderr.isatty(),
+            device_map=parsed,
+            chunk_size=None if chunk_size is None else chunk_size * 1024 * 1024,
+        )
+    except SllmError as exc:
+        raise click.ClickException(exc.message) from None
+    published = result.model
+    if result.unchanged:
+        click.echo(f"{published.name} unchanged (digest {published.digest})")
+    else:
+        click.echo(
+            f"pushed {published.name} digest={published.digest} ({published.total_bytes} bytes)"
+        )
+
+
+@model.command("list")
+@click.option("--store", "store_uri", metavar="URI", help=_STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the published records as JSON.")
+def model_list(store_uri: str | None, as_json: bool) -> None:
+    """List the models published in the store."""
+    from sllm.core.errors import SllmError
+    from sllm.store import list_models
+
+    store = _open_store_from_env(store_uri)
+    try:
+        models = list_models(store)
+    except SllmError as exc:
+        raise click.ClickException(exc.message) from None
+    if as_json:
+        click.echo(json.dumps([m.to_json() for m in models], indent=2))
+        return
+    if not models:
+        click.echo(f"no models published in {store.uri}")
+        return
+    rows = [("NAME", "DIGEST", "SIZE", "PUSHED")] + [
+        (m.name, m.digest[:12], _human_bytes(m.total_bytes), m.pushed_at) for m in models
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        click.echo("  ".join([*cells, row[3]]))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks; results go to benchmarks/results/."""
@@ -156,6 +268,8 @@ def bench_load(
         echo=lambda s: click.echo(s, file=sys.stdout),
     )
 
+
+main.add_command(invoker_group)
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,53 @@ def run(workdir: Path, echo: Callable[[str], None]) -> None:
     echo(f"5. greedy generation of 12 tokens (random weights, so gibberish): {text!r}")
     if not same:
         raise SystemExit("demo failed: loaded model differs from transformers' own loader")
+    _serve(workdir, src, echo)
+
+
+def _serve(workdir: Path, src: Path, echo: Callable[[str], None]) -> None:
+    """Publish the model to the local store and run it through an invoker, tier by tier."""
+    from sllm.invoker import Invoker, InvokerConfig
+    from sllm.store import open_store, push_model
+
+    store_uri = (workdir / "store").as_uri()
+    pushed = push_model(str(src), "demo", open_store(store_uri), progress=False)
+    again = push_model(str(src), "demo", open_store(store_uri), progress=False)
+    echo(
+        f"6. pushed it to {store_uri} as 'demo' (digest {pushed.model.digest[:12]}, "
+        f"{pushed.bytes_uploaded} bytes); pushing the same content again uploaded "
+        f"{again.bytes_uploaded} bytes"
+    )
+    config = InvokerConfig(
+        token="demo", cache_dir=workdir / "invoker", store_uri=store_uri, measure_bandwidth=False
+    )
+    invoker = Invoker(config)
+    invoker.start()
+    request = {
+        "function": "demo/hello",
+        "model": "demo",
+        "prompt": "The quick brown fox",
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    for step, prepare in (
+        ("7. cold start from the store", None),
+        ("8. warm (instance on the device)", None),
+        ("9. after unloading, from DRAM", "unload"),
+        ("10. after evicting DRAM, from NVMe", "evict"),
+    ):
+        if prepare is not None:
+            invoker.instances.unload("demo/hello")
+        if prepare == "evict":
+            invoker.evict({"model": "demo", "tier": "dram"})
+        report, events = invoker.invoke(request)
+        pieces, done = [], {}
+        for ev in events:
+            if ev["event"] == "token":
+                pieces.append(ev["text"])
+            elif ev["event"] == "done":
+                done = ev
+        echo(
+            f"{step}: tier={report.tier} ttft={done['timing']['ttft_s'] * 1e3:.1f} ms, "
+            f"streamed {done['usage']['completion_tokens']} tokens: {''.join(pieces)!r}"
+        )
+    invoker.close()

@@ -41,8 +41,10 @@ from transformers import (
 __all__ = [
     "ARCHITECTURES",
     "CHAT_TEMPLATE",
+    "POOLING_MODES",
     "SPECIAL_TOKENS",
     "build_sharded_model",
+    "build_tiny_embedder",
     "build_tiny_model",
     "build_tokenizer",
     "reference_logits",
@@ -122,12 +124,15 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def build_tokenizer(folder: pathlib.Path, vocab_size: int = 256) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    folder: pathlib.Path, vocab_size: int = 256, *, chat_template: bool = True
+) -> PreTrainedTokenizerFast:
     """Train a tiny byte-level BPE tokenizer, save it to ``folder`` and return it.
 
     The full 256-byte alphabet plus the 4 special tokens is always kept, so the real
     vocabulary is ``max(vocab_size, 260)``; use ``len(tokenizer)`` rather than ``vocab_size``.
     Special tokens: ``<s>`` (0), ``</s>`` (1), ``<unk>`` (2), ``<pad>`` (3).
+    ``chat_template=False`` saves it without :data:`CHAT_TEMPLATE`.
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,8 @@ def build_tokenizer(folder: pathlib.Path, vocab_size: int = 256) -> PreTrainedTo
         pad_token=PAD,
         model_max_length=MAX_POSITIONS,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -260,11 +266,12 @@ def _build_and_save(
     dtype: torch.dtype,
     tie_word_embeddings: bool | None,
     save_kwargs: dict[str, Any],
+    chat_template: bool = True,
 ) -> pathlib.Path:
     if arch not in _BUILDERS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     folder = pathlib.Path(folder)
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, chat_template=chat_template)
     torch.manual_seed(seed)
     model = _BUILDERS[arch](len(tokenizer), _token_ids(tokenizer), tie_word_embeddings)
     # The cast only placates mypy (transformers' decorated ``to`` is mistyped); same call.
@@ -281,11 +288,13 @@ def build_tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool | None = None,
+    chat_template: bool = True,
 ) -> pathlib.Path:
     """Build a tiny random ``arch`` model plus tokenizer in ``folder`` (one safetensors file).
 
     ``tie_word_embeddings=None`` means: False for llama, True for opt/gpt2/qwen2 (ignored for
-    bert, which has no LM head). Returns ``folder``.
+    bert, which has no LM head). ``chat_template=False`` leaves the tokenizer without a chat
+    template. Returns ``folder``.
     """
     return _build_and_save(
         arch,
@@ -294,6 +303,7 @@ def build_tiny_model(
         dtype=dtype,
         tie_word_embeddings=tie_word_embeddings,
         save_kwargs={},
+        chat_template=chat_template,
     )
 
 
@@ -315,6 +325,51 @@ def build_sharded_model(
         tie_word_embeddings=kw.pop("tie_word_embeddings", None),
         save_kwargs={"max_shard_size": max_shard_size, **kw},
     )
+
+
+POOLING_MODES: tuple[str, ...] = ("cls", "mean", "max", "lasttoken")
+_ST = "sentence_transformers.models."
+
+
+def build_tiny_embedder(
+    folder: pathlib.Path,
+    seed: int = 0,
+    pooling: str = "mean",
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+) -> pathlib.Path:
+    """Build a tiny random BERT saved as a sentence-transformers model in ``folder``.
+
+    Writes ``modules.json`` (Transformer, Pooling and, with ``normalize``, Normalize),
+    ``1_Pooling/config.json`` with ``pooling`` (one of :data:`POOLING_MODES`) switched on, and
+    ``sentence_bert_config.json`` (``max_seq_length`` defaults to the model's 128 positions).
+    Returns ``folder``.
+    """
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_MODES}")
+    folder = build_tiny_model("bert", folder, seed=seed)
+    modules: list[dict[str, Any]] = [
+        {"idx": 0, "name": "0", "path": "", "type": _ST + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST + "Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST + "Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    flags = {
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": pooling == "lasttoken",
+    }
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": HIDDEN_SIZE, **flags, "include_prompt": True})
+    )
+    bert_config = {"max_seq_length": max_seq_length or MAX_POSITIONS, "do_lower_case": False}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(bert_config))
+    return folder
 
 
 def reference_logits(

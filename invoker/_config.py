@@ -1,0 +1,131 @@
+"""The invoker's configuration: defaults, a constructor from the environment, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sllm.core.config import parse_bool, parse_size, sllm_home
+from sllm.store import StoreSettings
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class InvokerConfig:
+    """Everything an invoker process needs; every field has a sane default."""
+
+    token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8701
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".sllm" / "invoker")
+    store_uri: str = ""
+    store_settings: StoreSettings = field(default_factory=StoreSettings)
+    nvme_capacity: int = 64 * GiB
+    dram_capacity: int = 16 * GiB
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    download_concurrency: int = 8
+    part_size: int = 16 * MiB
+    threads: int = 16  # request threads of the HTTP server
+    default_concurrency: int = 4  # generations at once per function unless the load says otherwise
+    queue_timeout: float = 30.0
+    max_tokens_limit: int = 4096
+    max_body_bytes: int = 4 * MiB
+    measure_bandwidth: bool = True
+    reserve_dram: bool = False  # map and fault in the DRAM pool at start
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
+        """Read SLLM_INVOKER_* / SLLM_* variables; keyword overrides (CLI flags) win."""
+        home = sllm_home(env)
+        values: dict[str, Any] = {
+            "token": env.get("SLLM_INTERNAL_TOKEN", ""),
+            "host": env.get("SLLM_INVOKER_HOST", "127.0.0.1"),
+            "cache_dir": Path(env.get("SLLM_INVOKER_CACHE_DIR") or home / "invoker"),
+            "store_uri": env.get("SLLM_STORE_URI") or f"file://{home / 'store'}",
+            "device": env.get("SLLM_INVOKER_DEVICE", "auto"),
+            "store_settings": StoreSettings.from_env(env),
+        }
+        ints = {
+            "port": "SLLM_INVOKER_PORT",
+            "download_concurrency": "SLLM_DOWNLOAD_CONCURRENCY",
+            "threads": "SLLM_INVOKER_THREADS",
+            "default_concurrency": "SLLM_INVOKER_CONCURRENCY",
+            "max_tokens_limit": "SLLM_MAX_TOKENS_LIMIT",
+        }
+        for name, var in ints.items():
+            if var in env:
+                try:
+                    values[name] = int(env[var])
+                except ValueError:
+                    raise ValueError(f"{var}: expected an integer, got {env[var]!r}") from None
+        sizes = {
+            "nvme_capacity": "SLLM_NVME_CAPACITY",
+            "dram_capacity": "SLLM_DRAM_CAPACITY",
+            "part_size": "SLLM_DOWNLOAD_PART_SIZE",
+            "max_body_bytes": "SLLM_INVOKER_MAX_BODY",
+        }
+        for name, var in sizes.items():
+            if var in env:
+                values[name] = parse_size(env[var], name=var)
+        if "SLLM_QUEUE_TIMEOUT" in env:
+            try:
+                values["queue_timeout"] = float(env["SLLM_QUEUE_TIMEOUT"])
+            except ValueError:
+                raise ValueError(
+                    f"SLLM_QUEUE_TIMEOUT: expected seconds, got {env['SLLM_QUEUE_TIMEOUT']!r}"
+                ) from None
+        if "SLLM_MEASURE_BANDWIDTH" in env:
+            values["measure_bandwidth"] = parse_bool(
+                env["SLLM_MEASURE_BANDWIDTH"], name="SLLM_MEASURE_BANDWIDTH"
+            )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values["cache_dir"], str):
+            values["cache_dir"] = Path(os.path.expanduser(values["cache_dir"]))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> InvokerConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value and its allowed range."""
+        if not self.token:
+            raise ValueError(
+                "the internal token is empty: set SLLM_INTERNAL_TOKEN or --token "
+                "(the controller and invokers share it)"
+            )
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        checks: list[tuple[str, float, float, float]] = [
+            ("nvme_capacity", self.nvme_capacity, 1, float("inf")),
+            ("dram_capacity", self.dram_capacity, 1, float("inf")),
+            ("download_concurrency", self.download_concurrency, 1, 256),
+            ("part_size", self.part_size, MiB, 1024 * MiB),
+            ("threads", self.threads, 1, 1024),
+            ("default_concurrency", self.default_concurrency, 1, 1024),
+            ("queue_timeout", self.queue_timeout, 0, 3600),
+            ("max_tokens_limit", self.max_tokens_limit, 1, 1 << 20),
+            ("max_body_bytes", self.max_body_bytes, 1024, 1 << 30),
+        ]
+        for name, value, lo, hi in checks:
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        if self.device not in ("auto", "cpu", "cuda") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.store_uri:
+            raise ValueError("store_uri is empty: set SLLM_STORE_URI or --store")
+        if self.store_uri.startswith("s3://"):
+            if not self.store_settings.endpoint:
+                raise ValueError(
+                    f"store {self.store_uri} needs an S3 endpoint: set SLLM_S3_ENDPOINT "
+                    "and the SLLM_S3_ACCESS_KEY / SLLM_S3_SECRET_KEY credentials"
+                )
+            self.store_settings.validate()

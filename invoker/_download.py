@@ -1,0 +1,300 @@
+"""Streaming a checkpoint from the object store into host memory and the NVMe tier at once.
+
+A cold load from the store is one pipeline, not three steps: parallel ranged
+GETs land each part straight in the DRAM-tier buffer, its chunks are checked
+against the manifest's CRC32C there, the verified bytes are written to the
+partial NVMe folder and handed on (`on_chunk`) to the device copy, all while
+the next parts are still on the wire. When every part is in, the partial
+folder is published atomically as a complete NVMe entry.
+
+Resume: each part written is appended to `.parts` in the partial folder. A
+later attempt re-reads those parts from disk, re-checks their CRCs (a torn
+write or a journal line that outlived its data is simply fetched again) and
+downloads only the rest.
+
+Corruption: a part whose chunks do not match the manifest is fetched again
+once (the network may have garbled it); if the store's bytes themselves are
+wrong the load fails with CorruptObject and nothing is published or served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from sllm.core.errors import CorruptObject
+from sllm.native_loader import (
+    Chunk,
+    FormatError,
+    HostMemory,
+    Manifest,
+    OnChunk,
+    ReadStats,
+    crc32c,
+    read_manifest,
+)
+from sllm.store import PublishedModel, Store
+
+from ._nvme import NvmeTier
+
+JOURNAL = ".parts"
+PART_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class _Part:
+    partition: int
+    offset: int
+    length: int
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass
+class DownloadStats:
+    """What a download did: bytes fetched from the store, bytes resumed from disk, time."""
+
+    fetched: int = 0
+    resumed: int = 0
+    seconds: float = 0.0
+
+
+def cache_key(model: PublishedModel) -> str:
+    """The tier key of a published model version: name@digest."""
+    return f"{model.name}@{model.digest}"
+
+
+def ensure_meta(store: Store, model: PublishedModel, nvme: NvmeTier) -> Path:
+    """The model's small files (manifest, config, tokenizer) on local disk, fetched once."""
+    folder = nvme.meta_path(cache_key(model))
+    if (folder / "manifest.json").is_file():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in model.files:
+        if _is_data(f.path):
+            continue
+        dst = tmp / f.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        data = store.get_bytes(model.prefix + f.path)
+        if len(data) != f.size:
+            raise CorruptObject(
+                f"model {model.name!r}: {f.path} is {len(data)} bytes in the store, "
+                f"published as {f.size}"
+            )
+        dst.write_bytes(data)
+    try:
+        manifest = read_manifest(tmp)
+    except FormatError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CorruptObject(f"model {model.name!r}: unusable manifest in the store: {exc}") from exc
+    sizes = {f.path: f.size for f in model.files}
+    for p in manifest.partitions:
+        if sizes.get(p.file) != p.nbytes:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CorruptObject(
+                f"model {model.name!r}: partition {p.file} is published as "
+                f"{sizes.get(p.file)} bytes, the manifest says {p.nbytes}"
+            )
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another thread or process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class RemoteSource:
+    """A HostSource that downloads from the store, verifying and persisting on the way."""
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        store: Store,
+        model: PublishedModel,
+        nvme: NvmeTier,
+        *,
+        concurrency: int = 8,
+        part_size: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.nvme = nvme
+        self.concurrency = concurrency
+        self.part_size = part_size
+        self.key = cache_key(model)
+        self.stats = DownloadStats()
+        self._stats_lock = threading.Lock()
+        self._manifest: Manifest | None = None
+
+    def manifest(self) -> Manifest:
+        """The manifest, from the local meta folder (fetched from the store once)."""
+        if self._manifest is None:
+            self._manifest = read_manifest(ensure_meta(self.store, self.model, self.nvme))
+        return self._manifest
+
+    def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
+        """Download every partition into `buffers` and the NVMe tier; publish when complete."""
+        manifest = self.manifest()
+        start = time.perf_counter()
+        partial = self.nvme.begin(self.key, self.model.total_bytes)
+        try:
+            self._download(manifest, partial, buffers, on_chunk)
+            meta = self.nvme.meta_path(self.key)
+            for f in self.model.files:
+                if not _is_data(f.path):
+                    dst = partial / f.path
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(meta / f.path, dst)
+            (partial / JOURNAL).unlink(missing_ok=True)
+        except BaseException:
+            self.nvme.abandon(self.key)
+            raise
+        self.nvme.publish(self.key)
+        self.stats.seconds = time.perf_counter() - start
+        return ReadStats(manifest.total_bytes, self.stats.seconds, ())
+
+    # --------------------------------------------------------------- internal
+    def _download(
+        self,
+        manifest: Manifest,
+        partial: Path,
+        buffers: Sequence[HostMemory],
+        on_chunk: OnChunk | None,
+    ) -> None:
+        parts = self._parts(manifest)
+        journal_path = partial / JOURNAL
+        done = _read_journal(journal_path)
+        fds = []
+        try:
+            for p in manifest.partitions:
+                fd = os.open(partial / p.file, os.O_RDWR | os.O_CREAT, 0o644)
+                fds.append(fd)
+                if os.fstat(fd).st_size != p.nbytes:
+                    os.ftruncate(fd, p.nbytes)
+            with open(journal_path, "a", encoding="ascii") as journal:
+                self._run_parts(parts, done, fds, buffers, journal, on_chunk)
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _parts(self, manifest: Manifest) -> list[_Part]:
+        per_part = max(1, self.part_size // manifest.chunk_size)
+        out = []
+        for i in range(len(manifest.partitions)):
+            chunks = list(manifest.chunks(i))
+            for j in range(0, len(chunks), per_part):
+                group = tuple(chunks[j : j + per_part])
+                length = sum(c.length for c in group)
+                out.append(_Part(i, group[0].offset, length, group))
+        # Interleave partitions so every device's pipeline advances together.
+        return sorted(out, key=lambda p: (p.offset, p.partition))
+
+    def _run_parts(
+        self,
+        parts: list[_Part],
+        done: set[tuple[int, int]],
+        fds: list[int],
+        buffers: Sequence[HostMemory],
+        journal: TextIO,
+        on_chunk: OnChunk | None,
+    ) -> None:
+        stop = threading.Event()
+        journal_lock = threading.Lock()
+        files = [p.file for p in self.manifest().partitions]
+
+        def work(part: _Part) -> _Part:
+            if stop.is_set():
+                return part
+            with memoryview(buffers[part.partition]) as whole:
+                view = whole[part.offset : part.offset + part.length]
+                try:
+                    resumed = (part.partition, part.offset) in done and self._resume(
+                        part, fds, view
+                    )
+                    if not resumed:
+                        self._fetch(part, files[part.partition], fds, view)
+                        with journal_lock:
+                            journal.write(f"{part.partition} {part.offset}\n")
+                            journal.flush()
+                finally:
+                    view.release()
+            return part
+
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sllm-download") as pool:
+            pending: set[Future[_Part]] = {pool.submit(work, p) for p in parts}
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        part = fut.result()
+                        if on_chunk is not None:
+                            for c in part.chunks:
+                                on_chunk(c, buffers[c.partition])
+            except BaseException:
+                stop.set()
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+    def _resume(self, part: _Part, fds: list[int], view: memoryview) -> bool:
+        """Take a journaled part from disk if its CRCs still hold."""
+        got = os.preadv(fds[part.partition], [view], part.offset)
+        if got != part.length or _bad_chunk(part, view) is not None:
+            return False
+        with self._stats_lock:
+            self.stats.resumed += part.length
+        return True
+
+    def _fetch(self, part: _Part, file: str, fds: list[int], view: memoryview) -> None:
+        key = self.model.prefix + file
+        for attempt in range(PART_ATTEMPTS):
+            self.store.get_range_into(key, part.offset, view)
+            with self._stats_lock:
+                self.stats.fetched += part.length
+            bad = _bad_chunk(part, view)
+            if bad is None:
+                break
+            if attempt == PART_ATTEMPTS - 1:
+                raise CorruptObject(
+                    f"model {self.model.name!r}: {file} in the store fails its checksum at "
+                    f"offset {bad.offset} (chunk {bad.index}); the object is corrupt and "
+                    "will not be served"
+                )
+        written = os.pwrite(fds[part.partition], view, part.offset)
+        while written < part.length:  # pwrite may write less on some filesystems
+            written += os.pwrite(fds[part.partition], view[written:], part.offset + written)
+
+
+def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
+    for c in part.chunks:
+        rel = c.offset - part.offset
+        with contextlib.ExitStack() as stack:
+            sub = stack.enter_context(view[rel : rel + c.length])
+            if crc32c(sub) != c.crc:
+                return c
+    return None
+
+
+def _read_journal(path: Path) -> set[tuple[int, int]]:
+    done: set[tuple[int, int]] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text(encoding="ascii", errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                done.add((int(fields[0]), int(fields[1])))
+    return done
+
+
+def _is_data(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith("data.") and name[5:].isdigit()

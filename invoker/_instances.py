@@ -1,0 +1,239 @@
+"""The device tier: loaded model instances, one per function, single-flight loads.
+
+States of an instance:
+
+    absent --ensure (cold: tier load + build)--> ready --unload (idle)--> absent
+    absent --ensure fails--> absent (every waiter gets the error)
+
+Data: the function spec, the published model version, the runtime (model +
+tokenizer + concurrency slots), where it was loaded from, last use.
+Events: ensure (hit, join a load in flight, or start one), unload, device
+pressure (idle instances are unloaded least recently used first).
+
+Unloading drops the device copy only: on a GPU the DRAM copy stays in the
+pool, and on the CPU the instance's tensors were views of that very DRAM
+copy, which becomes idle and stays resident while capacity allows.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sllm.core.errors import Conflict, FunctionError, InsufficientCapacity, NotFound
+from sllm.core.messages import FunctionSpec, LoadReport
+from sllm.native_loader import FormatError, build_model
+from sllm.runtime import Runtime, load_tokenizer, model_class_for
+from sllm.store import PublishedModel
+
+from ._tiers import TierCache
+
+GPU_HEADROOM = 1.15  # weights plus activations / KV cache for a few requests
+
+
+@dataclass
+class Instance:
+    """A model ready on a device for one function."""
+
+    spec: FunctionSpec
+    model: PublishedModel
+    runtime: Runtime
+    device: torch.device
+    report: LoadReport
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        """Status view."""
+        return {
+            "function": self.spec.function,
+            "model": self.model.name,
+            "digest": self.model.digest,
+            "task": self.spec.task,
+            "device": str(self.device),
+            "bytes": self.model.total_bytes,
+            "concurrency": self.runtime.concurrency,
+            "active": self.runtime.active(),
+            "loaded_from": self.report.tier,
+            "load_seconds": self.report.load_seconds,
+            "loaded_at": self.loaded_at,
+            "last_used": self.last_used,
+        }
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.instance: Instance | None = None
+        self.error: BaseException | None = None
+
+
+class Instances:
+    """Model instances by function, loading through the tier cache on a miss."""
+
+    def __init__(
+        self, tiers: TierCache, device: torch.device, *, queue_timeout: float = 30.0
+    ) -> None:
+        self.tiers = tiers
+        self.device = device
+        self.queue_timeout = queue_timeout
+        self._lock = threading.Lock()
+        self._ready: dict[str, Instance] = {}
+        self._loading: dict[str, _Flight] = {}
+        self.loads_started = 0
+
+    def get(self, function: str) -> Instance | None:
+        """The ready instance of `function`, if any."""
+        with self._lock:
+            return self._ready.get(function)
+
+    def ensure(self, spec: FunctionSpec, *, refresh: bool = False) -> tuple[Instance, LoadReport]:
+        """A ready instance for `spec`: warm if loaded, else one load shared by all callers.
+
+        `refresh` re-reads the published pointer and reloads when the model
+        was re-pushed with new content.
+        """
+        while True:
+            with self._lock:
+                inst = self._ready.get(spec.function)
+                if inst is not None and self._matches(inst, spec, refresh):
+                    inst.last_used = time.time()
+                    warm = LoadReport(
+                        spec.function,
+                        inst.model.name,
+                        inst.model.digest,
+                        "gpu",
+                        False,
+                        0.0,
+                        inst.model.total_bytes,
+                        str(self.device),
+                    )
+                    return inst, warm
+                flight = self._loading.get(spec.function)
+                leader = flight is None
+                if flight is None:
+                    flight = self._loading[spec.function] = _Flight()
+                    self.loads_started += 1
+            if leader:
+                return self._lead(spec, flight)
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            # loop: the instance is ready now (or was replaced by a newer spec)
+
+    def _matches(self, inst: Instance, spec: FunctionSpec, refresh: bool) -> bool:
+        if (inst.spec.model, inst.spec.task) != (spec.model, spec.task):
+            return False
+        return not refresh or self.tiers.resolve(spec.model).digest == inst.model.digest
+
+    def _lead(self, spec: FunctionSpec, flight: _Flight) -> tuple[Instance, LoadReport]:
+        try:
+            old = self.get(spec.function)
+            if old is not None:
+                self._unload(spec.function, force=False)
+            inst = self._load(spec)
+            flight.instance = inst
+            with self._lock:
+                self._ready[spec.function] = inst
+            return inst, inst.report
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._loading[spec.function]
+            flight.done.set()
+
+    def _load(self, spec: FunctionSpec) -> Instance:
+        model = self.tiers.resolve(spec.model)
+        self._make_room(model)
+        tensors, tier = self.tiers.load(model, self.device)
+        meta = self.tiers.meta(model)
+        start = time.perf_counter()
+        try:
+            built = build_model(meta, tensors, self.device, cls=model_class_for(meta, spec.task))
+            tokenizer = load_tokenizer(meta)
+        except (FormatError, OSError, ValueError) as exc:
+            raise FunctionError(f"model {model.name!r} cannot be built: {exc}") from exc
+        runtime = Runtime(
+            built,
+            tokenizer,
+            meta,
+            task=spec.task,
+            concurrency=spec.concurrency,
+            queue_timeout=self.queue_timeout,
+        )
+        report = LoadReport(
+            spec.function,
+            model.name,
+            model.digest,
+            tier.tier,
+            True,
+            tier.seconds + (time.perf_counter() - start),
+            model.total_bytes,
+            str(self.device),
+            tier.fetched,
+            tier.resumed,
+        )
+        return Instance(spec, model, runtime, self.device, report)
+
+    def _make_room(self, model: PublishedModel) -> None:
+        """On a GPU, unload idle instances (least recently used first) until the model fits."""
+        if self.device.type != "cuda":
+            return
+        need = int(model.total_bytes * GPU_HEADROOM)
+        while torch.cuda.mem_get_info(self.device)[0] < need:
+            with self._lock:
+                idle = [i for i in self._ready.values() if i.runtime.active() == 0]
+            if not idle:
+                free = torch.cuda.mem_get_info(self.device)[0]
+                raise InsufficientCapacity(
+                    f"model {model.name!r} needs about {need} bytes on {self.device}; "
+                    f"{free} are free and every loaded instance is busy"
+                )
+            victim = min(idle, key=lambda i: i.last_used)
+            self._unload(victim.spec.function, force=False)
+
+    def unload(self, function: str) -> Instance:
+        """Drop `function`'s instance from the device (NotFound / Conflict when busy)."""
+        return self._unload(function, force=False)
+
+    def _unload(self, function: str, *, force: bool) -> Instance:
+        with self._lock:
+            inst = self._ready.get(function)
+            if inst is None:
+                raise NotFound(f"function {function!r} has no loaded instance")
+            if inst.runtime.active() and not force:
+                raise Conflict(
+                    f"function {function!r} has {inst.runtime.active()} requests running"
+                )
+            del self._ready[function]
+        inst.runtime.close()
+        gc.collect()  # drop the tensors now, so the DRAM copy turns idle at once
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return inst
+
+    def unload_all(self) -> None:
+        """Drop every instance (shutdown)."""
+        with self._lock:
+            names = list(self._ready)
+        for name in names:
+            self._unload(name, force=True)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Every ready instance, and the loads in flight."""
+        with self._lock:
+            ready = [i.to_json() for i in self._ready.values()]
+            loading = [{"function": f, "loading": True} for f in self._loading]
+        return ready + loading
+
+    def queue_length(self) -> int:
+        """Loads in flight."""
+        with self._lock:
+            return len(self._loading)

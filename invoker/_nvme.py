@@ -1,0 +1,214 @@
+"""The NVMe tier: verified checkpoint folders in a local cache with a byte budget.
+
+    {root}/nvme/{name}@{digest}/      complete, verified checkpoints (what loads read)
+    {root}/partial/{name}@{digest}/   downloads in progress or interrupted (resumable)
+    {root}/meta/{name}@{digest}/      manifest, config and tokenizer files of every model
+                                      seen (small; lets a DRAM-resident model be built
+                                      even after its NVMe copy was evicted)
+
+States of a model on this tier:
+
+    absent --begin--> partial --publish (rename)--> complete --evict/discard--> absent
+                      partial --failure--> partial (kept; the next begin resumes it)
+
+Data per complete entry: bytes on disk, last use, users (loads reading it).
+A complete entry with users is never evicted; a discarded one (found corrupt)
+disappears from lookups at once and from disk when its last user leaves.
+Partial folders count against the budget and are evicted like idle entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._eviction import CachedModel, plan_eviction
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    last_used: float
+    users: int = 0
+    doomed: bool = False
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+class NvmeTier:
+    """Checkpoint folders on local disk, LRU within `capacity` bytes, never evicting one in use."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root = root
+        self.capacity = capacity
+        self.complete_dir = root / "nvme"
+        self.partial_dir = root / "partial"
+        self.meta_dir = root / "meta"
+        for d in (self.complete_dir, self.partial_dir, self.meta_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._partials: dict[str, int] = {}  # key -> bytes reserved on disk
+        self._active: set[str] = set()  # partials being written now
+        for d in self.complete_dir.iterdir():
+            if (d / "manifest.json").is_file():
+                self._entries[d.name] = _Entry(_folder_bytes(d), d.stat().st_mtime)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in self.partial_dir.iterdir():
+            self._partials[d.name] = _folder_bytes(d)
+
+    # ---------------------------------------------------------------- queries
+    def path(self, key: str) -> Path:
+        """Where the complete checkpoint `key` lives (whether or not it is there)."""
+        return self.complete_dir / key
+
+    def partial_path(self, key: str) -> Path:
+        """Where the download of `key` is assembled."""
+        return self.partial_dir / key
+
+    def meta_path(self, key: str) -> Path:
+        """The small-files folder of `key`."""
+        return self.meta_dir / key
+
+    def contains(self, key: str) -> bool:
+        """Whether a complete, usable copy of `key` is on this tier."""
+        with self._lock:
+            e = self._entries.get(key)
+            return e is not None and not e.doomed
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of complete and partial checkpoints on disk."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values()) + sum(self._partials.values())
+
+    def contents(self) -> list[dict[str, object]]:
+        """Every complete entry: key, bytes, in use, last used (epoch seconds)."""
+        with self._lock:
+            return [
+                {"key": k, "bytes": e.nbytes, "in_use": e.users > 0, "last_used": e.last_used}
+                for k, e in sorted(self._entries.items(), key=lambda kv: kv[1].last_used)
+                if not e.doomed
+            ]
+
+    # ---------------------------------------------------------------- actions
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[Path]:
+        """Hold `key` (no eviction) while reading it; KeyError when it is not complete."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.doomed:
+                raise KeyError(key)
+            e.users += 1
+            e.last_used = time.time()
+        try:
+            yield self.path(key)
+        finally:
+            with self._lock:
+                e.users -= 1
+                e.last_used = time.time()
+                if e.doomed and e.users == 0:
+                    self._remove_complete(key)
+
+    def begin(self, key: str, nbytes: int) -> Path:
+        """Reserve room for a download of `key` and return its partial folder.
+
+        An existing partial folder (an interrupted download) is kept so the
+        caller can resume it. Raises InsufficientCapacity when it cannot fit.
+        """
+        with self._lock:
+            if key in self._active:
+                raise RuntimeError(f"download of {key} already in progress")
+            have = self._partials.pop(key, 0)
+            snapshot = [
+                CachedModel(k, e.nbytes, e.last_used, e.users > 0) for k, e in self._entries.items()
+            ] + [
+                CachedModel("partial:" + k, n, 0.0, k in self._active)
+                for k, n in self._partials.items()
+            ]
+            try:
+                victims = plan_eviction(snapshot, capacity=self.capacity, need=nbytes, tier="NVMe")
+            except BaseException:
+                self._partials[key] = have
+                raise
+            for v in victims:
+                if v.startswith("partial:"):
+                    self._partials.pop(v[8:])
+                    shutil.rmtree(self.partial_path(v[8:]), ignore_errors=True)
+                else:
+                    self._remove_complete(v)
+            self._partials[key] = nbytes
+            self._active.add(key)
+        folder = self.partial_path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def publish(self, key: str) -> Path:
+        """Atomically turn the finished partial folder of `key` into a complete entry."""
+        src, dst = self.partial_path(key), self.path(key)
+        _fsync_dir(src)
+        with self._lock:
+            self._active.discard(key)
+            nbytes = self._partials.pop(key, 0)
+            if dst.exists():  # a concurrent process won; keep theirs
+                shutil.rmtree(src, ignore_errors=True)
+            else:
+                os.rename(src, dst)
+                _fsync_dir(self.complete_dir)
+            self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
+        return dst
+
+    def abandon(self, key: str) -> None:
+        """The download of `key` stopped; keep its partial folder for a resume."""
+        with self._lock:
+            self._active.discard(key)
+            folder = self.partial_path(key)
+            if folder.exists():
+                self._partials[key] = _folder_bytes(folder)
+            else:
+                self._partials.pop(key, None)
+
+    def discard(self, key: str) -> None:
+        """Drop `key` (found corrupt): hidden at once, deleted when no load reads it."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return
+            e.doomed = True
+            if e.users == 0:
+                self._remove_complete(key)
+
+    def evict(self, key: str) -> bool:
+        """Delete an idle complete entry; False when it is in use or absent."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.users > 0:
+                return False
+            self._remove_complete(key)
+            return True
+
+    def _remove_complete(self, key: str) -> None:
+        """Holds the lock."""
+        self._entries.pop(key, None)
+        # Rename first so a half-deleted folder is never mistaken for a checkpoint.
+        trash = self.root / f".trash-{key}-{time.monotonic_ns()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path(key), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,69 @@
+"""Running the invoker under gunicorn: one worker process holds the models, threads serve."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from ._config import InvokerConfig
+
+log = logging.getLogger("sllm.invoker")
+
+
+class InvokerServer(BaseApplication):
+    """A gunicorn application whose single gthread worker builds the Invoker after the fork.
+
+    One process, because the models (and their pinned DRAM copies) must not
+    be duplicated per worker; threads, so streams and loads run side by side.
+    The invoker is built in the worker, never in the master, so CUDA is
+    initialised after the fork.
+    """
+
+    def __init__(self, config: InvokerConfig) -> None:
+        self.invoker_config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        """gunicorn settings from the invoker config."""
+        c = self.invoker_config
+        settings: dict[str, Any] = {
+            "bind": f"{c.host}:{c.port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": c.threads,
+            "timeout": 0,  # a cold load of a large model may take minutes
+            "graceful_timeout": 10,
+            "keepalive": 30,
+            "proc_name": f"sllm-invoker-{c.port}",
+            "loglevel": "info",
+            # Several invokers share a host in tests and benchmarks; the control
+            # socket's default path would collide, and nothing here uses it.
+            "control_socket_disable": True,
+        }
+        for key, value in settings.items():
+            if key in self.cfg.settings:  # older gunicorn versions lack some settings
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        """Build the invoker and its Flask app (in the worker)."""
+        from ._app import create_app
+        from ._service import Invoker
+
+        invoker = Invoker(self.invoker_config)
+        invoker.start()
+        log.info(
+            "invoker ready on %s:%s (device %s, bandwidths %s)",
+            self.invoker_config.host,
+            self.invoker_config.port,
+            invoker.device,
+            invoker.bandwidths.to_json(),
+        )
+        return create_app(invoker)
+
+
+def serve(config: InvokerConfig) -> None:
+    """Run the invoker until SIGTERM / SIGINT."""
+    config.validate()
+    InvokerServer(config).run()

@@ -1,0 +1,278 @@
+"""The invoker's core, without HTTP: tiers, instances, invoke / embed, status, metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import torch
+
+from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError
+from sllm.core.messages import FunctionSpec, LoadReport, require_object
+from sllm.native_loader import HostPool
+from sllm.runtime import SamplingParams
+from sllm.store import Store, open_store
+
+from ._bandwidth import Bandwidths, measure_disk, measure_host_to_device, measure_network
+from ._config import InvokerConfig
+from ._download import cache_key
+from ._instances import Instance, Instances
+from ._metrics import InvokerMetrics
+from ._nvme import NvmeTier
+from ._tiers import TierCache
+
+log = logging.getLogger("sllm.invoker")
+MAX_EMBED_INPUTS = 256
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device an invoker runs models on: "auto" is cuda:0 when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but CUDA is not available")
+    return device
+
+
+class Invoker:
+    """One host's agent: keeps models warm across tiers and runs requests on them."""
+
+    def __init__(self, config: InvokerConfig, *, store: Store | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.store = (
+            store if store is not None else open_store(config.store_uri, config.store_settings)
+        )
+        self.nvme = NvmeTier(config.cache_dir, config.nvme_capacity)
+        self.pool = HostPool(config.dram_capacity, pin=self.device.type == "cuda")
+        self.bandwidths = Bandwidths()
+        self.tiers = TierCache(
+            self.store,
+            self.nvme,
+            self.pool,
+            self.bandwidths,
+            download_concurrency=config.download_concurrency,
+            part_size=config.part_size,
+        )
+        self.instances = Instances(self.tiers, self.device, queue_timeout=config.queue_timeout)
+        self.metrics = InvokerMetrics(self)
+        self.started_at = time.time()
+        self._ready = threading.Event()
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Measure bandwidths (when configured) and become ready."""
+        if self.config.measure_bandwidth:
+            self.measure_bandwidths()
+        self._ready.set()
+
+    def ready(self) -> bool:
+        """Whether start-up finished."""
+        return self._ready.is_set()
+
+    def measure_bandwidths(self) -> None:
+        """Probe disk (O_DIRECT), host->device and store bandwidth; a failed probe is logged."""
+        try:
+            self.bandwidths.set("disk", measure_disk(self.config.cache_dir))
+        except OSError as exc:
+            log.warning("disk bandwidth probe failed: %s", exc)
+        if self.device.type == "cuda":
+            self.bandwidths.set("host_to_device", measure_host_to_device())
+        try:
+            self.bandwidths.set("network", measure_network(self._probe_fetch))
+        except SllmError as exc:
+            log.warning("store bandwidth probe failed: %s", exc)
+
+    def _probe_fetch(self, limit: int) -> int:
+        objects = [o for o in self.store.list("models/") if o.key.rsplit("/", 1)[-1] == "data.0"]
+        if not objects:
+            return 0
+        biggest = max(objects, key=lambda o: o.size)
+        return len(self.store.get_range(biggest.key, 0, min(limit, biggest.size)))
+
+    def close(self) -> None:
+        """Unload everything (shutdown)."""
+        self.instances.unload_all()
+
+    # ---------------------------------------------------------------- models
+    def load(self, body: Any) -> LoadReport:
+        """Make `body`'s function ready on the device, re-reading the published version."""
+        spec = FunctionSpec.from_json(body)
+        _, report = self.instances.ensure(spec, refresh=True)
+        self.metrics.observe_load(report)
+        return report
+
+    def unload(self, function: str) -> dict[str, Any]:
+        """Drop a function's instance from the device; its DRAM copy stays while room allows."""
+        inst = self.instances.unload(function)
+        return {"function": function, "model": inst.model.name, "unloaded": True}
+
+    def evict(self, body: Any) -> dict[str, Any]:
+        """Drop a model's copy from the DRAM or NVMe tier (409 while in use, 404 when absent)."""
+        doc = require_object(body)
+        tier = doc.get("tier")
+        if tier not in ("dram", "nvme"):
+            raise InvalidRequest(f"'tier' must be 'dram' or 'nvme', got {tier!r}")
+        name = doc.get("model")
+        if not isinstance(name, str):
+            raise InvalidRequest("'model' must be a published model name")
+        model = self.tiers.resolve(name)
+        key = cache_key(model)
+        present = self.tiers.locate(model) == "dram" if tier == "dram" else self.nvme.contains(key)
+        if not present:
+            raise NotFound(f"model {name!r} is not in the {tier} tier")
+        done = self.tiers.evict_dram(model) if tier == "dram" else self.nvme.evict(key)
+        if not done:
+            raise Conflict(f"model {name!r} is in use in the {tier} tier")
+        return {"model": name, "tier": tier, "evicted": True}
+
+    # -------------------------------------------------------------- requests
+    def invoke(self, body: Any) -> tuple[LoadReport, Generator[dict[str, Any], None, None]]:
+        """Validate, make the function ready, and return the event stream of the generation.
+
+        Validation that needs no model happens before any load, so a bad
+        request never costs a cold start. The first event is "start", then
+        one "token" per generated token, then "done" (or "error").
+        """
+        received = time.perf_counter()
+        doc = require_object(body)
+        spec = FunctionSpec.from_json(doc)
+        if spec.task != "generate":
+            raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
+        params = SamplingParams.from_request(doc, max_tokens_limit=self.config.max_tokens_limit)
+        given = [k for k in ("prompt", "messages", "tokens") if doc.get(k) is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
+        inst, report = self.instances.ensure(spec)
+        self.metrics.observe_load(report)
+        tokens = _prompt_tokens(inst, doc)
+        gen = inst.runtime.start(tokens, params)  # prefill: the first forward pass
+        return report, self._events(inst, report, gen, len(tokens), received)
+
+    def _events(
+        self, inst: Instance, report: LoadReport, gen: Any, n_prompt: int, received: float
+    ) -> Generator[dict[str, Any], None, None]:
+        first: float | None = None
+        count = 0
+        try:
+            yield {"event": "start", "load": report.to_json(), "prompt_tokens": n_prompt}
+            while True:
+                ev = gen.step()
+                now = time.perf_counter()
+                if ev.token is not None:
+                    count += 1
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.labels(report.tier if report.cold else "warm").observe(
+                            now - received
+                        )
+                    yield {"event": "token", "token": ev.token, "text": ev.text, "index": ev.index}
+                elif ev.text:
+                    yield {"event": "token", "token": None, "text": ev.text, "index": ev.index}
+                if ev.finished:
+                    end = time.perf_counter()
+                    self.metrics.tokens.inc(count)
+                    ttft = (first or end) - received
+                    yield {
+                        "event": "done",
+                        "finish_reason": ev.finish_reason,
+                        "usage": {
+                            "prompt_tokens": n_prompt,
+                            "completion_tokens": count,
+                            "total_tokens": n_prompt + count,
+                        },
+                        "timing": {
+                            "load_s": report.load_seconds,
+                            "ttft_s": ttft,
+                            "tpot_s": (end - first) / (count - 1) if first and count > 1 else 0.0,
+                            "total_s": end - received,
+                        },
+                    }
+                    return
+        finally:
+            inst.last_used = time.time()
+            gen.close()
+
+    def embed(self, body: Any) -> dict[str, Any]:
+        """Embeddings of `input` (a string or a list of strings)."""
+        doc = require_object(body)
+        spec = FunctionSpec.from_json({**doc, "task": doc.get("task", "embed")})
+        if spec.task != "embed":
+            raise InvalidRequest(f"function {spec.function!r} is a {spec.task} function")
+        texts = doc.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if (
+            not isinstance(texts, list)
+            or not 1 <= len(texts) <= MAX_EMBED_INPUTS
+            or not all(isinstance(t, str) and t for t in texts)
+        ):
+            raise InvalidRequest(
+                f"'input' must be a non-empty string or a list of 1-{MAX_EMBED_INPUTS} "
+                "non-empty strings"
+            )
+        inst, report = self.instances.ensure(spec)
+        self.metrics.observe_load(report)
+        vectors, used = inst.runtime.embed(texts)
+        inst.last_used = time.time()
+        return {
+            "data": [{"index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": used, "total_tokens": used},
+            "load": report.to_json(),
+        }
+
+    # ---------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        """Tier contents with sizes, instances, free device memory, load queue, bandwidths."""
+        device: dict[str, Any] = {"name": str(self.device)}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            device.update(free_bytes=free, total_bytes=total)
+        return {
+            "ready": self.ready(),
+            "uptime_s": time.time() - self.started_at,
+            "device": device,
+            "tiers": {
+                "nvme": {
+                    "capacity_bytes": self.nvme.capacity,
+                    "used_bytes": self.nvme.used_bytes,
+                    "models": self.nvme.contents(),
+                },
+                "dram": {
+                    "capacity_bytes": self.pool.capacity,
+                    "used_bytes": self.pool.used_bytes,
+                    "models": self.tiers.dram_contents(),
+                },
+            },
+            "instances": self.instances.to_json(),
+            "load_queue": self.instances.queue_length(),
+            "bandwidths": self.bandwidths.to_json(),
+        }
+
+
+def _prompt_tokens(inst: Instance, doc: Mapping[str, Any]) -> list[int]:
+    if doc.get("tokens") is not None:
+        tokens = doc["tokens"]
+        vocab = len(inst.runtime.tokenizer)
+        if (
+            not isinstance(tokens, list)
+            or not tokens
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+            or not all(0 <= t < vocab for t in tokens)
+        ):
+            raise InvalidRequest(f"'tokens' must be a non-empty list of token ids in [0, {vocab})")
+        return list(tokens)
+    if doc.get("prompt") is not None:
+        prompt = doc["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("'prompt' must be a non-empty string")
+        return inst.runtime.encode(prompt=prompt)
+    messages = doc["messages"]
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be a list of {role, content} objects")
+    return inst.runtime.encode(messages=messages)

@@ -1,0 +1,149 @@
+"""The model behind a Runtime: serialized forward passes, and the slots that bound concurrency.
+
+Generations keep their own KV caches but share one model, so forward passes take a lock:
+concurrent streams interleave token by token instead of running batched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from sllm.core.errors import FunctionError, InvalidRequest, Overloaded, Unavailable
+
+from ._models import context_length, eos_token_ids, vocab_size
+
+
+class Engine:
+    """One loaded model with its tokenizer, limits and forward lock."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self.device = _device_of(model)
+        self.max_context = context_length(model.config, tokenizer)
+        self.vocab = vocab_size(model)
+        self.eos = eos_token_ids(model, tokenizer)
+        # Only the last position's logits are needed; model.generate asks for just those too.
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.lock = threading.Lock()
+        # Fast tokenizers refuse concurrent calls that change padding/truncation settings.
+        self.tokenizer_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Forget the model; later forward passes fail with Unavailable."""
+        with self.lock:
+            self.model = None
+
+    def check_tokens(self, tokens: Any, what: str = "tokens") -> list[int]:
+        """`tokens` as a list of valid token ids, or InvalidRequest."""
+        if not isinstance(tokens, list) or not tokens:
+            raise InvalidRequest(f"{what!r} must be a non-empty list of token ids")
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab:
+                raise InvalidRequest(
+                    f"{what!r} must hold token ids in [0, {self.vocab - 1}], got {t!r}"
+                )
+        return list(tokens)
+
+    def forward(self, tokens: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+        """Run `tokens` after `cache` (None: from scratch); return last logits (CPU fp32), cache."""
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([tokens], dtype=torch.long, device=self.device),
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        with self._running() as model:
+            out = model(**kwargs)
+            logits = out.logits[0, -1].to(device="cpu", dtype=torch.float32)
+            return logits, out.past_key_values
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden states (batch, seq, dim) for a tokenized batch."""
+        with self._running() as model:
+            out = model(**{k: v.to(self.device) for k, v in inputs.items()})
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @contextmanager
+    def _running(self) -> Iterator[Any]:
+        with self.lock, torch.inference_mode():
+            if self.model is None:
+                raise Unavailable("the model instance was unloaded", retry_after=1.0)
+            try:
+                yield self.model
+            except RuntimeError as exc:  # torch reports OOM and kernel failures this way
+                raise FunctionError(f"the model failed in its forward pass: {exc}") from exc
+
+
+def _device_of(model: Any) -> torch.device:
+    # With a device map the inputs go where the embeddings are; model.device says the same.
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for param in model.parameters():
+        return torch.device(param.device)
+    return torch.device("cpu")
+
+
+class Slots:
+    """A bounded number of concurrent requests; callers wait up to `timeout`, then Overloaded."""
+
+    def __init__(self, concurrency: int, timeout: float) -> None:
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self._free = threading.BoundedSemaphore(concurrency)
+        self._count_lock = threading.Lock()
+        self._active = 0
+
+    def acquire(self) -> Slot:
+        """Take a slot or raise Overloaded after waiting `timeout` seconds."""
+        if not self._free.acquire(timeout=self.timeout):
+            raise Overloaded(
+                f"all {self.concurrency} concurrent slots of this instance are busy "
+                f"(waited {self.timeout:g}s)",
+                retry_after=1.0,
+            )
+        with self._count_lock:
+            self._active += 1
+        return Slot(self)
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self._active -= 1
+        self._free.release()
+
+    @property
+    def active(self) -> int:
+        """Slots taken right now."""
+        return self._active
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A slot for the duration of the block."""
+        slot = self.acquire()
+        try:
+            yield
+        finally:
+            slot.release()
+
+
+class Slot:
+    """One taken slot; releasing it twice is harmless."""
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots: Slots | None = slots
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Give the slot back (once)."""
+        with self._lock:
+            slots, self._slots = self._slots, None
+        if slots is not None:
+            slots._release()

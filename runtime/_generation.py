@@ -1,0 +1,268 @@
+"""One running generation: its KV cache, sampler and text stream, stepped token by token.
+
+States / data / events:
+
+    running  --step: eos, max_tokens or stop string-->  finished  --close-->  closed
+    running  --prefill(tokens) / load_state(state)-->  running | finished
+
+data: tokens (prompt + generated), the KV cache of tokens[:cached], pending logits for the
+next token (after a prefill), the sampler (seed, draws, RNG state) and the text stream
+(token offsets, held-back text). Everything but the cache is exported by `export_state`;
+the cache is recomputed from the tokens (`prefill`), which is how a generation moves to
+another host: sending tokens is far cheaper than sending KV tensors.
+
+Caveat: a prefill recomputes in one pass what decoding computed token by token, so logits
+can differ in the last bits. Argmax and inverse-CDF sampling only change on an exact tie
+or boundary, which in practice does not happen; greedy output matches `model.generate`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from sllm.core.errors import Conflict, InvalidRequest
+
+from ._engine import Engine, Slot
+from ._params import SamplingParams
+from ._sampling import Sampler
+from ._text import TextStream
+
+FINISH_REASONS = ("length", "stop", "eos")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced: the token, the text it releases, and whether that was the end."""
+
+    token: int | None
+    text: str
+    index: int  # number of generated tokens so far
+    finished: bool
+    finish_reason: str | None = None
+
+
+class Generation:
+    """A generation holding a concurrency slot and its own KV cache; close it when done."""
+
+    def __init__(
+        self, engine: Engine, slot: Slot | None, *, prompt_len: int, params: SamplingParams
+    ) -> None:
+        self._engine = engine
+        self._slot = slot
+        # A generation dropped without close() must not keep its slot forever.
+        self._finalizer = weakref.finalize(self, slot.release) if slot is not None else None
+        self._lock = threading.RLock()
+        self.prompt_len = prompt_len
+        self.params = params
+        self.tokens: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._closed = False
+        self._sampler = Sampler(params)
+        self._text = TextStream.after(params.stop, prompt_len, prompt_len)
+        self._cache: Any = None
+        self._cached = 0  # tokens[:_cached] are in the cache
+        self._logits: torch.Tensor | None = None  # next-token logits, when a prefill left them
+
+    @property
+    def generated(self) -> list[int]:
+        """The generated tokens (everything after the prompt)."""
+        return self.tokens[self.prompt_len :]
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Make the KV cache hold exactly `tokens` (prompt + generated so far); continue from there.
+
+        Tokens past the prompt count as generated and their text as released. When the cache
+        already holds a prefix of `tokens` only the rest is computed (later migration rounds).
+        """
+        with self._lock:
+            self._check_open(running=True)
+            tokens = self._engine.check_tokens(tokens)
+            self._check_length(len(tokens), self.prompt_len, self.params)
+            self._fill(tokens)
+            done = len(tokens) - self.prompt_len
+            if not self.params.greedy and self._sampler.draws != done:
+                self._sampler = Sampler(self.params, seed=self._sampler.seed)
+                self._sampler.advance(done)
+            self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
+
+    def step(self) -> TokenEvent:
+        """Sample and append the next token; after the end, a finished event with no token."""
+        with self._lock:
+            self._check_open()
+            if self.finished:
+                return TokenEvent(None, "", len(self.generated), True, self.finish_reason)
+            if self._logits is None:
+                fresh = self.tokens[self._cached :]
+                self._logits, self._cache = self._engine.forward(fresh, self._cache)
+                self._cached = len(self.tokens)
+            token = self._sampler.sample(self._logits)
+            self._logits = None
+            self.tokens.append(token)
+            reason = self._end_reason()
+            # The eos token ends the text; it is never shown.
+            text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
+            text, stopped = self._text.push(
+                self._engine.tokenizer, text_tokens, final=reason is not None
+            )
+            if stopped:
+                reason = "stop"
+            if reason is not None:
+                self._finish(reason)
+            return TokenEvent(token, text, len(self.generated), reason is not None, reason)
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""
+        with self._lock:
+            return {
+                "version": STATE_VERSION,
+                "tokens": list(self.tokens),
+                "prompt_len": self.prompt_len,
+                "params": self.params.to_json(),
+                "sampler": self._sampler.to_json(),
+                "text": self._text.to_json(),
+                "finished": self.finished,
+                "finish_reason": self.finish_reason,
+            }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where `export_state` left off (the final round of a migration)."""
+        with self._lock:
+            self._check_open(running=True)
+            parsed = _parse_state(state, self._engine)
+            tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
+            if prompt_len + params.max_tokens > self._engine.max_context:
+                raise InvalidRequest(
+                    f"prompt of {prompt_len} tokens plus max_tokens {params.max_tokens} "
+                    f"exceeds the context of {self._engine.max_context}"
+                )
+            self._check_length(len(tokens), prompt_len, params)
+            # Parse everything before computing anything: a bad state changes nothing.
+            sampler = Sampler.from_json(
+                params, state.get("sampler") or {}, len(tokens) - prompt_len
+            )
+            text = state.get("text")
+            stream = (
+                TextStream.after(params.stop, len(tokens), prompt_len)
+                if text is None
+                else TextStream.from_json(params.stop, text, len(tokens))
+            )
+            self.prompt_len, self.params = prompt_len, params
+            if parsed.finish_reason is None:
+                self._fill(tokens)
+            else:
+                self.tokens = tokens
+                self._finish(parsed.finish_reason)
+            self._sampler, self._text = sampler, stream
+
+    def close(self) -> None:
+        """Release the slot and the KV cache; calling it again does nothing."""
+        with self._lock:
+            self._closed = True
+            self._cache = self._logits = None
+            self._release_slot()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self, *, running: bool = False) -> None:
+        if self._closed:
+            raise Conflict("the generation was closed")
+        if running and self.finished:
+            raise Conflict(f"the generation already finished ({self.finish_reason})")
+
+    def _check_length(self, n: int, prompt_len: int, params: SamplingParams) -> None:
+        generated = n - prompt_len
+        if generated < 0:
+            raise InvalidRequest(
+                f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
+            )
+        if generated > params.max_tokens:
+            raise InvalidRequest(
+                f"'tokens' holds {generated} generated tokens, more than max_tokens "
+                f"{params.max_tokens}"
+            )
+        if n > self._engine.max_context:
+            raise InvalidRequest(f"{n} tokens exceed the context of {self._engine.max_context}")
+
+    def _fill(self, tokens: list[int]) -> None:
+        """Compute the cache for `tokens`, reusing a cached prefix; set the finish state."""
+        cached = self._cached if self._cache is not None else 0
+        reuse = 0 < cached < len(tokens) and tokens[:cached] == self.tokens[:cached]
+        if not reuse:
+            self._cache, cached = None, 0  # let go of the old cache before building a new one
+        self.tokens, self._logits = tokens, None
+        self.finished, self.finish_reason = False, None
+        reason = self._end_reason()
+        if reason is not None:
+            self._finish(reason)
+            return
+        self._logits, self._cache = self._engine.forward(tokens[cached:], self._cache)
+        self._cached = len(tokens)
+
+    def _end_reason(self) -> str | None:
+        generated = len(self.tokens) - self.prompt_len
+        if generated > 0 and self.tokens[-1] in self._engine.eos:
+            return "eos"
+        if generated >= self.params.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+        # A finished generation computes nothing more: free its memory and slot now.
+        self._cache = self._logits = None
+        self._cached = 0
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # calls slot.release() once, then detaches
+
+
+@dataclass(frozen=True)
+class _State:
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    finish_reason: str | None
+
+
+def _parse_state(state: Mapping[str, Any], engine: Engine) -> _State:
+    """Validate an exported state (it may come from another host); InvalidRequest if bad."""
+    if not isinstance(state, Mapping):
+        raise InvalidRequest(f"state must be a JSON object, got {type(state).__name__}")
+    version = state.get("version", STATE_VERSION)
+    if version != STATE_VERSION:
+        raise InvalidRequest(f"state 'version' must be {STATE_VERSION}, got {version!r}")
+    tokens = engine.check_tokens(state.get("tokens"))
+    prompt_len = state.get("prompt_len")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
+        raise InvalidRequest(f"'prompt_len' must be an integer, got {prompt_len!r}")
+    if not 1 <= prompt_len <= len(tokens):
+        raise InvalidRequest(f"'prompt_len' must be in [1, {len(tokens)}], got {prompt_len}")
+    params = SamplingParams.from_json(state.get("params", {}))
+    reason = state.get("finish_reason")
+    if reason is not None and reason not in FINISH_REASONS:
+        raise InvalidRequest(f"'finish_reason' must be one of {list(FINISH_REASONS)} or null")
+    if bool(state.get("finished", False)) != (reason is not None):
+        raise InvalidRequest("'finished' must be true exactly when 'finish_reason' is set")
+    return _State(tokens, prompt_len, params, reason)

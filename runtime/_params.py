@@ -1,0 +1,130 @@
+"""Sampling parameters of one generation, parsed from an OpenAI-style request body."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sllm.core.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+DEFAULT_MAX_TOKENS = 16
+
+
+def _show(value: Any) -> str:
+    """The bad value for an error message, cut short so a huge body cannot bloat it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    # JSON true/false arrive as bool, which Python counts as int; a client never means 1 by true.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _int_field(body: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {_show(value)}")
+    return int(value)
+
+
+def _float_field(
+    body: Mapping[str, Any], name: str, default: float, lo: float, hi: float, *, open_lo: bool
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    low_ok = _is_number(value) and (value > lo if open_lo else value >= lo)
+    if not low_ok or value > hi:
+        bracket = "(" if open_lo else "["
+        raise InvalidRequest(
+            f"{name!r} must be a number in {bracket}{lo}, {hi}], got {_show(value)}"
+        )
+    return float(value)
+
+
+def _stop_field(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    rule = f"a string or a list of up to {MAX_STOPS} strings, each 1-{MAX_STOP_CHARS} characters"
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS:
+        raise InvalidRequest(f"'stop' must be {rule}, got {_show(value)}")
+    for stop in stops:
+        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise InvalidRequest(f"'stop' must be {rule}, got {_show(stop)} in {_show(value)}")
+    return tuple(stops)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens: temperature (0 = greedy), top-k (0 = off), nucleus top-p, stops, seed."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are picked by argmax (no randomness at all)."""
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_request(cls, body: Mapping[str, Any], *, max_tokens_limit: int) -> SamplingParams:
+        """Read the sampling fields of a request body; a bad field is an InvalidRequest naming it.
+
+        A missing or null field takes its default (max_tokens: 16, or the limit if lower);
+        `max_completion_tokens` (the newer OpenAI chat name) is read when `max_tokens` is absent.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
+        limit = max(1, max_tokens_limit)
+        max_tokens_key = (
+            "max_completion_tokens"
+            if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None
+            else "max_tokens"
+        )
+        seed = body.get("seed")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            raise InvalidRequest(f"'seed' must be an integer in [0, {MAX_SEED}], got {_show(seed)}")
+        return cls(
+            max_tokens=_int_field(body, max_tokens_key, min(DEFAULT_MAX_TOKENS, limit), 1, limit),
+            temperature=_float_field(body, "temperature", 1.0, 0.0, 2.0, open_lo=False),
+            top_p=_float_field(body, "top_p", 1.0, 0.0, 1.0, open_lo=True),
+            top_k=_int_field(body, "top_k", 0, 0, 2**31 - 1),
+            stop=_stop_field(body),
+            seed=None if seed is None else int(seed),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (what `from_json` reads back)."""
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SamplingParams:
+        """Parse `to_json`'s form, validating it like a request (it may travel between hosts)."""
+        if not isinstance(doc, Mapping):
+            raise InvalidRequest(f"'params' must be a JSON object, got {type(doc).__name__}")
+        return cls.from_request(doc, max_tokens_limit=2**31 - 1)

@@ -1,0 +1,59 @@
+"""`sllm invoker ...`: run an invoker on this host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from sllm.core.config import parse_size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value, name=f"--{param.name}".replace("_", "-"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group()
+def invoker() -> None:
+    """Run and inspect invokers (the per-host model agents)."""
+
+
+@invoker.command("start")
+@click.option("--host", help="Address to bind [SLLM_INVOKER_HOST, 127.0.0.1].")
+@click.option("--port", type=int, help="Port [SLLM_INVOKER_PORT, 8701].")
+@click.option("--token", help="Internal token shared with the controller [SLLM_INTERNAL_TOKEN].")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    help="NVMe cache folder [SLLM_INVOKER_CACHE_DIR, $SLLM_HOME/invoker].",
+)
+@click.option("--store", "store_uri", help="Object store URI [SLLM_STORE_URI].")
+@click.option("--nvme-capacity", callback=_size, help="NVMe tier budget, e.g. 100GiB.")
+@click.option("--dram-capacity", callback=_size, help="DRAM tier budget, e.g. 32GiB.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [SLLM_INVOKER_DEVICE, auto].")
+@click.option("--download-concurrency", type=int, help="Parallel ranged GETs per download.")
+@click.option("--part-size", callback=_size, help="Bytes per ranged GET, e.g. 16MiB.")
+@click.option("--threads", type=int, help="Request threads.")
+@click.option(
+    "--measure/--no-measure",
+    "measure_bandwidth",
+    default=None,
+    help="Probe disk, network and host->device bandwidth at start.",
+)
+def start(**flags: object) -> None:
+    """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
+    from sllm.core.errors import SllmError
+    from sllm.invoker import InvokerConfig, serve
+
+    try:
+        config = InvokerConfig.from_env(os.environ, **flags)
+        config.validate()
+    except (ValueError, SllmError) as exc:
+        raise click.ClickException(str(exc)) from None
+    serve(config)

@@ -1,0 +1,1 @@
+"""What the controller and the invoker share: wire messages, errors, configuration."""

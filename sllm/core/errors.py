@@ -1,0 +1,138 @@
+"""Errors shared by every component, classified by origin as OpenWhisk classifies results.
+
+    SllmError                       code, message, HTTP status
+    ├── ClientError                 the caller's fault: 4xx
+    │   ├── InvalidRequest          400 malformed body, bad field values
+    │   ├── Unauthorized            401 missing or wrong token / API key
+    │   ├── Forbidden               403 authenticated but not allowed
+    │   ├── NotFound                404 unknown model, function, activation
+    │   ├── Conflict                409 state does not allow it
+    │   └── PayloadTooLarge         413 body over the limit
+    ├── Overloaded                  429 too many requests; carries Retry-After
+    ├── FunctionError               502 the model itself failed (bad weights, OOM in forward)
+    └── PlatformError               500 our fault or a dependency's
+        ├── StoreError              503 the object store is unreachable or refused
+        │   └── CorruptObject       502 an object in the store fails its checksums
+        ├── InsufficientCapacity    507 the model does not fit the tier budgets
+        └── Unavailable             503 shutting down / not ready; carries Retry-After
+
+Every service maps these to `{"error": {"code", "message"}}` in one handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SllmError(Exception):
+    """Base of all sllm errors: a stable machine code, a message and an HTTP status."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict[str, Any]:
+        """The error body every HTTP surface returns."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class ClientError(SllmError):
+    """The request is at fault."""
+
+    status = 400
+    code = "bad_request"
+
+
+class InvalidRequest(ClientError):
+    """Malformed body or a field outside its allowed range."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(ClientError):
+    """Missing or wrong credentials."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    """Authenticated, but not allowed to do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ClientError):
+    """The named model, function or record does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ClientError):
+    """The current state does not allow the operation."""
+
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ClientError):
+    """The request body exceeds the limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class Overloaded(SllmError):
+    """Too many requests right now; retry after `retry_after` seconds."""
+
+    status = 429
+    code = "overloaded"
+
+
+class FunctionError(SllmError):
+    """The model failed while running the request."""
+
+    status = 502
+    code = "function_error"
+
+
+class PlatformError(SllmError):
+    """The platform (or a dependency) failed."""
+
+    status = 500
+    code = "platform_error"
+
+
+class StoreError(PlatformError):
+    """The object store is unreachable or refused the operation."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+class CorruptObject(StoreError):
+    """An object in the store does not match its checksums; it is never served."""
+
+    status = 502
+    code = "corrupt_object"
+
+
+class InsufficientCapacity(PlatformError):
+    """The model does not fit this host's tier budgets."""
+
+    status = 507
+    code = "insufficient_capacity"
+
+
+class Unavailable(PlatformError):
+    """Not ready or shutting down; retry later."""
+
+    status = 503
+    code = "unavailable"

@@ -1,0 +1,103 @@
+"""Wire messages between the controller and the invokers: typed, frozen, validated.
+
+Each message has `to_json()` and `from_json(doc)`; `from_json` raises
+InvalidRequest naming the offending field, so a malformed request is a 400
+wherever it arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import InvalidRequest
+
+TASKS = ("generate", "embed")
+TIERS = ("gpu", "dram", "nvme", "remote")
+_FUNCTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+
+
+def require_object(doc: Any, what: str = "request body") -> Mapping[str, Any]:
+    """`doc` as a JSON object, or InvalidRequest."""
+    if not isinstance(doc, Mapping):
+        raise InvalidRequest(f"{what} must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def field_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str], rule: str) -> str:
+    """A required string field matching `pattern`; the error states `rule`."""
+    value = doc.get(name)
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise InvalidRequest(f"{name!r} must be {rule}, got {value!r}")
+    return value
+
+
+def field_int(doc: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    """An optional integer field within [lo, hi]."""
+    value = doc.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """What an invoker needs to know about a function to run it."""
+
+    function: str  # "namespace/name" as the controller names it
+    model: str  # published model name
+    task: str = "generate"
+    concurrency: int = 4
+
+    @classmethod
+    def from_json(cls, doc: Any) -> FunctionSpec:
+        """Parse and validate."""
+        d = require_object(doc)
+        task = d.get("task", "generate")
+        if task not in TASKS:
+            raise InvalidRequest(f"'task' must be one of {list(TASKS)}, got {task!r}")
+        return cls(
+            function=field_str(
+                d, "function", _FUNCTION_ID, "1-255 characters of letters, digits, . _ - /"
+            ),
+            model=field_str(
+                d,
+                "model",
+                _MODEL_NAME,
+                "a published model name (1-128 letters, digits, . _ -, alphanumeric at both ends)",
+            ),
+            task=task,
+            concurrency=field_int(d, "concurrency", 4, 1, 1024),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How an instance came to be ready: which tier it loaded from and how long it took."""
+
+    function: str
+    model: str
+    digest: str
+    tier: str  # gpu (already warm) | dram | nvme | remote
+    cold: bool
+    load_seconds: float
+    nbytes: int
+    device: str
+    fetched_bytes: int = 0
+    resumed_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> LoadReport:
+        """Parse (trusted: it comes from an invoker)."""
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
