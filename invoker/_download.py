@@ -7,10 +7,11 @@ partial NVMe folder and handed on (`on_chunk`) to the device copy, all while
 the next parts are still on the wire. When every part is in, the partial
 folder is published atomically as a complete NVMe entry.
 
-Resume: each part written is appended to `.parts` in the partial folder. A
-later attempt re-reads those parts from disk, re-checks their CRCs (a torn
-write or a journal line that outlived its data is simply fetched again) and
-downloads only the rest.
+Resume: every chunk written is recorded in `.parts` in the partial folder
+(partition, chunk index: independent of the part size). A later attempt, in
+this process or another, re-reads those chunks from disk, re-checks their
+CRCs (a torn write or a journal line that outlived its data is simply
+fetched again) and downloads only the runs of chunks still missing.
 
 Corruption: a part whose chunks do not match the manifest is fetched again
 once (the network may have garbled it); if the store's bytes themselves are
@@ -218,13 +219,23 @@ class RemoteSource:
             with memoryview(buffers[part.partition]) as whole:
                 view = whole[part.offset : part.offset + part.length]
                 try:
-                    resumed = (part.partition, part.offset) in done and self._resume(
-                        part, fds, view
-                    )
-                    if not resumed:
-                        self._fetch(part, files[part.partition], fds, view)
+                    todo = [
+                        c
+                        for c in part.chunks
+                        if (c.partition, c.index) not in done
+                        or not self._resume(c, fds, view, part)
+                    ]
+                    for run in _runs(todo):
+                        start = run[0].offset - part.offset
+                        length = sum(c.length for c in run)
+                        sub = view[start : start + length]
+                        try:
+                            piece = _Part(part.partition, run[0].offset, length, tuple(run))
+                            self._fetch(piece, files[part.partition], fds, sub)
+                        finally:
+                            sub.release()
                         with journal_lock:
-                            journal.write(f"{part.partition} {part.offset}\n")
+                            journal.writelines(f"{c.partition} {c.index}\n" for c in run)
                             journal.flush()
                 finally:
                     view.release()
@@ -246,13 +257,15 @@ class RemoteSource:
                     fut.cancel()
                 raise
 
-    def _resume(self, part: _Part, fds: list[int], view: memoryview) -> bool:
-        """Take a journaled part from disk if its CRCs still hold."""
-        got = os.preadv(fds[part.partition], [view], part.offset)
-        if got != part.length or _bad_chunk(part, view) is not None:
-            return False
+    def _resume(self, chunk: Chunk, fds: list[int], view: memoryview, part: _Part) -> bool:
+        """Take a journaled chunk from disk if its CRC still holds."""
+        rel = chunk.offset - part.offset
+        with view[rel : rel + chunk.length] as sub:
+            got = os.preadv(fds[chunk.partition], [sub], chunk.offset)
+            if got != chunk.length or crc32c(sub) != chunk.crc:
+                return False
         with self._stats_lock:
-            self.stats.resumed += part.length
+            self.stats.resumed += chunk.length
         return True
 
     def _fetch(self, part: _Part, file: str, fds: list[int], view: memoryview) -> None:
@@ -283,6 +296,17 @@ def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
             if crc32c(sub) != c.crc:
                 return c
     return None
+
+
+def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """Split chunks (in file order) into runs of consecutive ones: one ranged GET each."""
+    runs: list[list[Chunk]] = []
+    for c in chunks:
+        if runs and runs[-1][-1].index + 1 == c.index:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs
 
 
 def _read_journal(path: Path) -> set[tuple[int, int]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from sllm.store import StoreSettings, open_store, push_model
 from sllm.tiny_models import build_tiny_embedder, build_tiny_model
@@ -301,3 +302,77 @@ def _loads(proc: InvokerProcess, tier: str) -> float:
         if line.startswith(f'sllm_invoker_loads_total{{tier="{tier}"}}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_corrupt_nvme_copy_heals_through_the_store(cluster: dict[str, Any]) -> None:
+    big: InvokerProcess = cluster["big"]
+    f = fn()
+    truth = invoke(big, f, "llama-b", max_tokens=5).json()["tokens"]
+    big.post("/v1/unload", {"function": f})
+    big.post("/v1/evict", {"model": "llama-b", "tier": "dram"})
+    model = cluster["models"]["llama-b"]
+    data0 = big.cache_dir / "nvme" / f"{model.name}@{model.digest}" / "data.0"
+    blob = bytearray(data0.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data0.write_bytes(bytes(blob))
+    healed = invoke(big, f, "llama-b", max_tokens=5).json()
+    assert healed["load"]["tier"] == "remote"  # the bad copy was dropped, not served
+    assert healed["tokens"] == truth
+    big.post("/v1/unload", {"function": f})
+
+
+def test_a_new_invoker_process_resumes_an_interrupted_download(
+    cluster: dict[str, Any], s3_server: S3Server, tmp_path: Path
+) -> None:
+    from sllm.core.errors import StoreError
+    from sllm.invoker import Bandwidths, NvmeTier, TierCache
+    from sllm.native_loader import HostPool
+
+    store = cluster["store"]
+    src = build_tiny_model("llama", tmp_path / "hf-r", seed=9)
+    # Small chunks, so the download has many parts to interrupt.
+    model = push_model(str(src), "llama-r", store, progress=False, chunk_size=16 * 1024).model
+
+    class Flaky:
+        """The bucket, with the connection 'dropping' after two ranged GETs."""
+
+        def __init__(self) -> None:
+            self.uri, self.calls = store.uri, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def get_range_into(self, key: str, offset: int, view: memoryview) -> None:
+            self.calls += 1
+            if self.calls > 2:
+                raise StoreError("connection reset (simulated)")
+            store.get_range_into(key, offset, view)
+
+    cache_dir = tmp_path / "resume-cache"
+    # A first attempt dies part-way, leaving a partial download in the cache folder.
+    tiers = TierCache(
+        Flaky(),
+        NvmeTier(cache_dir, 1 << 30),
+        HostPool(1 << 30, pin=False),
+        Bandwidths(),
+        download_concurrency=1,
+        part_size=16 * 1024,
+    )
+    with pytest.raises(StoreError):
+        tiers.load(model, torch.device("cpu"))
+    assert any((cache_dir / "partial").iterdir())
+    proc = InvokerProcess(cache_dir, store.uri, env=s3_env(s3_server.settings()))
+    proc.args[proc.args.index("--nvme-capacity") + 1] = "1GiB"
+    proc.start()
+    try:
+        r = proc.post("/v1/load", {"function": "t/resume", "model": "llama-r"})
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["tier"] == "remote"
+        assert report["resumed_bytes"] > 0
+        assert report["fetched_bytes"] + report["resumed_bytes"] == sum(
+            f.size for f in model.files if f.path.startswith("data.")
+        )
+        assert not any((cache_dir / "partial").iterdir())
+    finally:
+        proc.stop()
