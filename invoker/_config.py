@@ -37,7 +37,6 @@ class InvokerConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 4 * MiB
     measure_bandwidth: bool = True
-    reserve_dram: bool = False  # map and fault in the DRAM pool at start
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:

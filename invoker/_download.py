@@ -76,7 +76,11 @@ def ensure_meta(store: Store, model: PublishedModel, nvme: NvmeTier) -> Path:
     """The model's small files (manifest, config, tokenizer) on local disk, fetched once."""
     folder = nvme.meta_path(cache_key(model))
     if (folder / "manifest.json").is_file():
-        return folder
+        try:
+            read_manifest(folder)
+            return folder
+        except FormatError:  # torn by a crash: fetch it again
+            shutil.rmtree(folder, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for f in model.files:
@@ -90,7 +94,7 @@ def ensure_meta(store: Store, model: PublishedModel, nvme: NvmeTier) -> Path:
                 f"model {model.name!r}: {f.path} is {len(data)} bytes in the store, "
                 f"published as {f.size}"
             )
-        dst.write_bytes(data)
+        write_durably(dst, data)
     try:
         manifest = read_manifest(tmp)
     except FormatError as exc:
@@ -151,9 +155,7 @@ class RemoteSource:
             meta = self.nvme.meta_path(self.key)
             for f in self.model.files:
                 if not _is_data(f.path):
-                    dst = partial / f.path
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(meta / f.path, dst)
+                    write_durably(partial / f.path, (meta / f.path).read_bytes())
             (partial / JOURNAL).unlink(missing_ok=True)
         except BaseException:
             self.nvme.abandon(self.key)
@@ -296,6 +298,15 @@ def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
             if crc32c(sub) != c.crc:
                 return c
     return None
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it (it is about to be published by a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:

@@ -17,6 +17,7 @@ copy, which becomes idle and stays resident while capacity allows.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -31,7 +32,7 @@ from sllm.native_loader import FormatError, build_model
 from sllm.runtime import Runtime, load_tokenizer, model_class_for
 from sllm.store import PublishedModel
 
-from ._tiers import TierCache
+from ._tiers import TierCache, TierLoad
 
 GPU_HEADROOM = 1.15  # weights plus activations / KV cache for a few requests
 
@@ -85,6 +86,7 @@ class Instances:
         self._lock = threading.Lock()
         self._ready: dict[str, Instance] = {}
         self._loading: dict[str, _Flight] = {}
+        self._admission = threading.Lock()
         self.loads_started = 0
 
     def get(self, function: str) -> Instance | None:
@@ -95,13 +97,14 @@ class Instances:
     def ensure(self, spec: FunctionSpec, *, refresh: bool = False) -> tuple[Instance, LoadReport]:
         """A ready instance for `spec`: warm if loaded, else one load shared by all callers.
 
-        `refresh` re-reads the published pointer and reloads when the model
-        was re-pushed with new content.
+        `refresh` re-reads the published pointer (before taking any lock: it
+        is a store round trip) and reloads when the model was re-pushed.
         """
+        latest = self.tiers.resolve(spec.model).digest if refresh else None
         while True:
             with self._lock:
                 inst = self._ready.get(spec.function)
-                if inst is not None and self._matches(inst, spec, refresh):
+                if inst is not None and self._matches(inst, spec, latest):
                     inst.last_used = time.time()
                     warm = LoadReport(
                         spec.function,
@@ -126,10 +129,14 @@ class Instances:
                 raise flight.error
             # loop: the instance is ready now (or was replaced by a newer spec)
 
-    def _matches(self, inst: Instance, spec: FunctionSpec, refresh: bool) -> bool:
-        if (inst.spec.model, inst.spec.task) != (spec.model, spec.task):
-            return False
-        return not refresh or self.tiers.resolve(spec.model).digest == inst.model.digest
+    @staticmethod
+    def _matches(inst: Instance, spec: FunctionSpec, latest: str | None) -> bool:
+        same = (inst.spec.model, inst.spec.task, inst.spec.concurrency) == (
+            spec.model,
+            spec.task,
+            spec.concurrency,
+        )
+        return same and (latest is None or latest == inst.model.digest)
 
     def _lead(self, spec: FunctionSpec, flight: _Flight) -> tuple[Instance, LoadReport]:
         try:
@@ -151,13 +158,23 @@ class Instances:
 
     def _load(self, spec: FunctionSpec) -> Instance:
         model = self.tiers.resolve(spec.model)
-        self._make_room(model)
-        tensors, tier = self.tiers.load(model, self.device)
+        # On a GPU, admission is one at a time: two loads must not both count
+        # the same free memory.
+        with self._admission if self.device.type == "cuda" else contextlib.nullcontext():
+            self._make_room(model)
+            try:
+                tensors, tier = self._load_tensors(model)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise InsufficientCapacity(
+                    f"model {model.name!r} does not fit in {self.device}'s free memory: {exc}"
+                ) from exc
         meta = self.tiers.meta(model)
         start = time.perf_counter()
         try:
             built = build_model(meta, tensors, self.device, cls=model_class_for(meta, spec.task))
             tokenizer = load_tokenizer(meta)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise InsufficientCapacity(f"model {model.name!r} ran out of device memory") from exc
         except (FormatError, OSError, ValueError) as exc:
             raise FunctionError(f"model {model.name!r} cannot be built: {exc}") from exc
         runtime = Runtime(
@@ -182,22 +199,51 @@ class Instances:
         )
         return Instance(spec, model, runtime, self.device, report)
 
+    def _load_tensors(self, model: PublishedModel) -> tuple[dict[str, torch.Tensor], TierLoad]:
+        """Load through the tiers; on the CPU, unload idle instances while DRAM is short.
+
+        On the CPU an instance's weights are its DRAM copy, so an idle
+        instance pins DRAM that a new model may need, as it pins device
+        memory on a GPU.
+        """
+        while True:
+            try:
+                return self.tiers.load(model, self.device)
+            except InsufficientCapacity:
+                if (
+                    self.device.type != "cpu"
+                    or model.total_bytes > self.tiers.pool.capacity
+                    or not self._unload_idle()
+                ):
+                    raise
+
     def _make_room(self, model: PublishedModel) -> None:
         """On a GPU, unload idle instances (least recently used first) until the model fits."""
         if self.device.type != "cuda":
             return
         need = int(model.total_bytes * GPU_HEADROOM)
         while torch.cuda.mem_get_info(self.device)[0] < need:
-            with self._lock:
-                idle = [i for i in self._ready.values() if i.runtime.active() == 0]
-            if not idle:
+            if not self._unload_idle():
                 free = torch.cuda.mem_get_info(self.device)[0]
                 raise InsufficientCapacity(
                     f"model {model.name!r} needs about {need} bytes on {self.device}; "
                     f"{free} are free and every loaded instance is busy"
                 )
-            victim = min(idle, key=lambda i: i.last_used)
-            self._unload(victim.spec.function, force=False)
+
+    def _unload_idle(self) -> bool:
+        """Unload the least recently used idle instance; False when every one is busy."""
+        with self._lock:
+            idle = sorted(
+                (i for i in self._ready.values() if i.runtime.active() == 0),
+                key=lambda i: i.last_used,
+            )
+        for victim in idle:
+            try:
+                self._unload(victim.spec.function, force=False)
+                return True
+            except (Conflict, NotFound):  # it got busy, or someone else unloaded it
+                continue
+        return False
 
     def unload(self, function: str) -> Instance:
         """Drop `function`'s instance from the device (NotFound / Conflict when busy)."""

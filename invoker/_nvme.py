@@ -65,6 +65,8 @@ class NvmeTier:
                 shutil.rmtree(d, ignore_errors=True)
         for d in self.partial_dir.iterdir():
             self._partials[d.name] = _folder_bytes(d)
+        for d in root.glob(".trash-*"):  # deletions a crash interrupted
+            shutil.rmtree(d, ignore_errors=True)
 
     # ---------------------------------------------------------------- queries
     def path(self, key: str) -> Path:
@@ -149,7 +151,11 @@ class NvmeTier:
             self._partials[key] = nbytes
             self._active.add(key)
         folder = self.partial_path(key)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.abandon(key)
+            raise
         return folder
 
     def publish(self, key: str) -> Path:
@@ -197,13 +203,15 @@ class NvmeTier:
             return True
 
     def _remove_complete(self, key: str) -> None:
-        """Holds the lock."""
+        """Holds the lock. The rename is instant; the slow delete runs in the background."""
         self._entries.pop(key, None)
         # Rename first so a half-deleted folder is never mistaken for a checkpoint.
         trash = self.root / f".trash-{key}-{time.monotonic_ns()}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(self.path(key), trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            threading.Thread(
+                target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True
+            ).start()
 
 
 def _fsync_dir(folder: Path) -> None:

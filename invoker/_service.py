@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError
+from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError, Unavailable
 from sllm.core.messages import FunctionSpec, LoadReport, require_object
 from sllm.native_loader import HostPool
 from sllm.runtime import SamplingParams
@@ -102,7 +102,7 @@ class Invoker:
     # ---------------------------------------------------------------- models
     def load(self, body: Any) -> LoadReport:
         """Make `body`'s function ready on the device, re-reading the published version."""
-        spec = FunctionSpec.from_json(body)
+        spec = self._spec(body)
         _, report = self.instances.ensure(spec, refresh=True)
         self.metrics.observe_load(report)
         return report
@@ -141,18 +141,25 @@ class Invoker:
         """
         received = time.perf_counter()
         doc = require_object(body)
-        spec = FunctionSpec.from_json(doc)
+        spec = self._spec(doc)
         if spec.task != "generate":
             raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
         params = SamplingParams.from_request(doc, max_tokens_limit=self.config.max_tokens_limit)
-        given = [k for k in ("prompt", "messages", "tokens") if doc.get(k) is not None]
-        if len(given) != 1:
-            raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
-        inst, report = self.instances.ensure(spec)
+        _check_prompt(doc)
+        for attempt in range(2):
+            inst, report = self.instances.ensure(spec)
+            tokens = _prompt_tokens(inst, doc)
+            try:
+                gen = inst.runtime.start(tokens, params)  # prefill: the first forward pass
+                break
+            except Unavailable:  # unloaded between ensure and start: load it again
+                if attempt:
+                    raise
         self.metrics.observe_load(report)
-        tokens = _prompt_tokens(inst, doc)
-        gen = inst.runtime.start(tokens, params)  # prefill: the first forward pass
         return report, self._events(inst, report, gen, len(tokens), received)
+
+    def _spec(self, doc: Any) -> FunctionSpec:
+        return FunctionSpec.from_json(doc, default_concurrency=self.config.default_concurrency)
 
     def _events(
         self, inst: Instance, report: LoadReport, gen: Any, n_prompt: int, received: float
@@ -201,7 +208,7 @@ class Invoker:
     def embed(self, body: Any) -> dict[str, Any]:
         """Embeddings of `input` (a string or a list of strings)."""
         doc = require_object(body)
-        spec = FunctionSpec.from_json({**doc, "task": doc.get("task", "embed")})
+        spec = self._spec({**doc, "task": doc.get("task", "embed")})
         if spec.task != "embed":
             raise InvalidRequest(f"function {spec.function!r} is a {spec.task} function")
         texts = doc.get("input")
@@ -216,9 +223,15 @@ class Invoker:
                 f"'input' must be a non-empty string or a list of 1-{MAX_EMBED_INPUTS} "
                 "non-empty strings"
             )
-        inst, report = self.instances.ensure(spec)
+        for attempt in range(2):
+            inst, report = self.instances.ensure(spec)
+            try:
+                vectors, used = inst.runtime.embed(texts)
+                break
+            except Unavailable:  # unloaded between ensure and embed: load it again
+                if attempt:
+                    raise
         self.metrics.observe_load(report)
-        vectors, used = inst.runtime.embed(texts)
         inst.last_used = time.time()
         return {
             "data": [{"index": i, "embedding": v} for i, v in enumerate(vectors)],
@@ -255,24 +268,30 @@ class Invoker:
         }
 
 
+def _check_prompt(doc: Mapping[str, Any]) -> None:
+    """Checks of the prompt fields that need no model (so a bad request costs no load)."""
+    given = [k for k in ("prompt", "messages", "tokens") if doc.get(k) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
+    if "prompt" in given and (not isinstance(doc["prompt"], str) or not doc["prompt"]):
+        raise InvalidRequest("'prompt' must be a non-empty string")
+    if "messages" in given and (not isinstance(doc["messages"], list) or not doc["messages"]):
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects")
+    tokens = doc.get("tokens")
+    if "tokens" in given and (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)
+    ):
+        raise InvalidRequest("'tokens' must be a non-empty list of non-negative token ids")
+
+
 def _prompt_tokens(inst: Instance, doc: Mapping[str, Any]) -> list[int]:
     if doc.get("tokens") is not None:
-        tokens = doc["tokens"]
         vocab = len(inst.runtime.tokenizer)
-        if (
-            not isinstance(tokens, list)
-            or not tokens
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
-            or not all(0 <= t < vocab for t in tokens)
-        ):
-            raise InvalidRequest(f"'tokens' must be a non-empty list of token ids in [0, {vocab})")
-        return list(tokens)
+        if any(t >= vocab for t in doc["tokens"]):
+            raise InvalidRequest(f"'tokens' must be token ids in [0, {vocab})")
+        return list(doc["tokens"])
     if doc.get("prompt") is not None:
-        prompt = doc["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("'prompt' must be a non-empty string")
-        return inst.runtime.encode(prompt=prompt)
-    messages = doc["messages"]
-    if not isinstance(messages, list):
-        raise InvalidRequest("'messages' must be a list of {role, content} objects")
-    return inst.runtime.encode(messages=messages)
+        return inst.runtime.encode(prompt=doc["prompt"])
+    return inst.runtime.encode(messages=doc["messages"])

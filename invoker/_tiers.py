@@ -24,10 +24,10 @@ import torch
 from sllm.core.errors import InsufficientCapacity
 from sllm.native_loader import (
     CapacityError,
-    ChecksumError,
     FolderSource,
     HostMemory,
     HostPool,
+    LoaderError,
     Manifest,
     OnChunk,
     ReadStats,
@@ -71,10 +71,20 @@ class NvmeSource:
         return read_manifest(self.meta)
 
     def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
-        """Read and verify the NVMe copy into `buffers`."""
-        with self.nvme.use(self.key) as folder:
-            self.stats = FolderSource(folder, "always", self.threads).read_into(buffers, on_chunk)
+        """Read and verify the NVMe copy into `buffers`; a bad copy raises NvmeCopyFailed."""
+        try:
+            with self.nvme.use(self.key) as folder:
+                source = FolderSource(folder, "always", self.threads)
+                self.stats = source.read_into(buffers, on_chunk)
+        except KeyError:
+            raise NvmeCopyFailed(f"{self.key} left the NVMe tier before it was read") from None
+        except LoaderError as exc:  # checksum, short or missing file, unreadable manifest
+            raise NvmeCopyFailed(f"NVMe copy of {self.key} is unusable: {exc}") from exc
         return self.stats
+
+
+class NvmeCopyFailed(Exception):
+    """The NVMe copy vanished or failed verification; the store has the truth."""
 
 
 class TierCache:
@@ -141,17 +151,14 @@ class TierCache:
                 )
             try:
                 result = load_with_info(pool_key, device, pool=self.pool, source=source)
-            except ChecksumError as exc:
-                if isinstance(source, NvmeSource):
-                    log.warning("NVMe copy of %s is corrupt (%s); fetching it again", key, exc)
-                    self.nvme.discard(key)
-                    continue
-                raise
-            except KeyError:  # the NVMe copy was evicted between lookup and read
-                continue
+                break
+            except NvmeCopyFailed as exc:
+                log.warning("%s; fetching it from the store again", exc)
+                self.nvme.discard(key)
             except CapacityError as exc:
                 raise InsufficientCapacity(str(exc)) from exc
-            break
+        else:  # unreachable: the second attempt always reads from the store
+            raise RuntimeError(f"load of {key} found no source")
         seconds = time.perf_counter() - start
         if result.hit:
             if device.type == "cuda":  # a DRAM hit on a GPU is a pure host->device copy

@@ -53,6 +53,11 @@ class _DevicePipeline:
                 self.host[offset : offset + length], non_blocking=True
             )
 
+    def abandon(self) -> None:
+        """Wait for issued copies and drop the host view (after a failed load)."""
+        self.stream.synchronize()
+        self.host = None
+
     def finish(self) -> torch.Tensor:
         self.stream.synchronize()
         self.host = None
@@ -195,6 +200,21 @@ def _load_pooled(
     source: HostSource | None,
 ) -> LoadResult:
     pipelines = _pipelines(manifest, targets)
+    try:
+        return _checkout(folder, manifest, pool, source, pipelines)
+    except BaseException:
+        for pipe in pipelines.values():  # copies in flight must not outlive the host buffer
+            pipe.abandon()
+        raise
+
+
+def _checkout(
+    folder: Path,
+    manifest: Manifest,
+    pool: HostPool,
+    source: HostSource | None,
+    pipelines: dict[int, _DevicePipeline],
+) -> LoadResult:
     with pool.checkout(folder, on_chunk=_feeder(pipelines), source=source) as ckpt:
         if ckpt.manifest != manifest:
             raise LoaderError(f"{folder}: checkpoint changed while loading; retry")

@@ -202,7 +202,7 @@ class HostPool:
             source = FolderSource(path, self.verify, self.threads, self.direct)
         else:
             identity = _IMMUTABLE
-        leader = False
+        leader = resident = False
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.identity != identity and entry.ready.is_set():
@@ -214,6 +214,7 @@ class HostPool:
                 self.misses += 1
             elif entry.checkpoint is not None:
                 self.hits += 1
+                resident = True
             entry.holds += 1
         try:
             if leader:
@@ -230,7 +231,7 @@ class HostPool:
                 ckpt.manifest,
                 ckpt.buffers,
                 ckpt.stats if leader else None,
-                hit=not leader,
+                hit=resident,  # a caller that waited for another's read is not a hit
             )
         finally:
             with self._lock:
@@ -274,7 +275,10 @@ class HostPool:
                 stats = source.read_into(buffers, on_chunk)
             except BaseException:
                 with self._lock:
-                    self._free.extend(buffers)
+                    # A view may outlive the failure (a frame in a traceback, a
+                    # device pipeline): such buffers wait on the orphan list.
+                    for b in buffers:
+                        (self._orphans if b.exports else self._free).append(b)
                 raise
             entry.checkpoint = HostCheckpoint(path, manifest, tuple(buffers), stats)
         except BaseException as exc:
@@ -358,8 +362,11 @@ class HostPool:
             self._free.extend(entry.checkpoint.buffers)
 
     def _unmap(self, mem: HostMemory) -> None:
-        self._mapped -= mem.nbytes
+        if mem.exports:  # still viewed: unmapping would fail; retry once it is free
+            self._orphans.append(mem)
+            return
         mem.release()
+        self._mapped -= mem.nbytes
 
     @staticmethod
     def _idle(entry: _Entry) -> bool:

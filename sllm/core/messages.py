@@ -53,8 +53,8 @@ class FunctionSpec:
     concurrency: int = 4
 
     @classmethod
-    def from_json(cls, doc: Any) -> FunctionSpec:
-        """Parse and validate."""
+    def from_json(cls, doc: Any, *, default_concurrency: int = 4) -> FunctionSpec:
+        """Parse and validate; `concurrency` defaults to the invoker's setting."""
         d = require_object(doc)
         task = d.get("task", "generate")
         if task not in TASKS:
@@ -70,7 +70,7 @@ class FunctionSpec:
                 "a published model name (1-128 letters, digits, . _ -, alphanumeric at both ends)",
             ),
             task=task,
-            concurrency=field_int(d, "concurrency", 4, 1, 1024),
+            concurrency=field_int(d, "concurrency", default_concurrency, 1, 1024),
         )
 
     def to_json(self) -> dict[str, Any]:

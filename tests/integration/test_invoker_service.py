@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from sllm.native_loader import save_state_dict
 from sllm.store import StoreSettings, open_store, push_model
 from sllm.tiny_models import build_tiny_embedder, build_tiny_model
 from tests.support.invoker import InvokerProcess
@@ -45,7 +46,11 @@ def cluster(
         models[name] = push_model(str(src), name, store, progress=False).model
     emb = build_tiny_embedder(root / "hf-emb", seed=3)
     models["emb"] = push_model(str(emb), "emb", store, progress=False).model
-    size = max(m.total_bytes for m in models.values())
+    # A checkpoint bigger than the small invoker's whole DRAM budget.
+    huge = {"w": torch.zeros(1 << 20, dtype=torch.float32)}
+    save_state_dict(huge, root / "huge", files={"config.json": root / "hf-llama-a" / "config.json"})
+    push_model(str(root / "huge"), "huge", store, progress=False)
+    size = max(m.total_bytes for m in models.values())  # "huge" is not in `models`
     env = s3_env(settings)
     big = InvokerProcess(root / "big", uri, env=env)
     # Room for one llama in DRAM (the pool rounds each partition up to 2 MiB).
@@ -175,24 +180,30 @@ def test_single_flight_across_concurrent_requests(cluster: dict[str, Any]) -> No
     small.post("/v1/unload", {"function": f})
 
 
-def test_dram_eviction_under_pressure(cluster: dict[str, Any]) -> None:
+def test_dram_pressure_displaces_idle_instances(cluster: dict[str, Any]) -> None:
     small: InvokerProcess = cluster["small"]
     fa, fb = fn(), fn()
     assert invoke(small, fa, "llama-a", max_tokens=2).status_code == 200
-    # llama-a's instance views its DRAM copy: a second model cannot take its place...
-    r = invoke(small, fb, "llama-b", max_tokens=2)
-    assert r.status_code == 507
-    assert r.json()["error"]["code"] == "insufficient_capacity"
-    # ...until it is unloaded; then the idle copy is evicted to make room.
-    small.post("/v1/unload", {"function": fa})
+    # DRAM holds one model; llama-a's idle instance (its weights are that DRAM
+    # copy on the CPU) is unloaded to make room for llama-b.
     r = invoke(small, fb, "llama-b", max_tokens=2)
     assert r.status_code == 200, r.text
-    dram = small.client().get("/v1/status").json()["tiers"]["dram"]["models"]
-    assert [m["key"].split("@")[0] for m in dram] == ["llama-b"]
+    status = small.client().get("/v1/status").json()
+    assert [i["function"] for i in status["instances"]] == [fb]
+    assert [m["key"].split("@")[0] for m in status["tiers"]["dram"]["models"]] == ["llama-b"]
     small.post("/v1/unload", {"function": fb})
     again = invoke(small, fa, "llama-a", max_tokens=2).json()
     assert again["load"]["tier"] == "nvme"  # still on the NVMe tier
     small.post("/v1/unload", {"function": fa})
+
+
+def test_model_larger_than_the_budgets_is_a_clear_error(cluster: dict[str, Any]) -> None:
+    small: InvokerProcess = cluster["small"]
+    r = small.post("/v1/load", {"function": fn(), "model": "huge"})
+    assert r.status_code == 507, r.text
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_capacity" and "DRAM" in err["message"]
+    assert small.client().get("/healthz").status_code == 200
 
 
 def test_two_invokers_have_separate_caches(cluster: dict[str, Any]) -> None:
@@ -304,18 +315,19 @@ def _loads(proc: InvokerProcess, tier: str) -> float:
     return 0.0
 
 
-def test_corrupt_nvme_copy_heals_through_the_store(cluster: dict[str, Any]) -> None:
+def test_corrupt_nvme_copy_heals_through_the_store(cluster: dict[str, Any], tmp_path: Path) -> None:
     big: InvokerProcess = cluster["big"]
+    src = build_tiny_model("llama", tmp_path / "hf-d", seed=4)
+    model = push_model(str(src), "llama-d", cluster["store"], progress=False).model
     f = fn()
-    truth = invoke(big, f, "llama-b", max_tokens=5).json()["tokens"]
+    truth = invoke(big, f, "llama-d", max_tokens=5).json()["tokens"]
     big.post("/v1/unload", {"function": f})
-    big.post("/v1/evict", {"model": "llama-b", "tier": "dram"})
-    model = cluster["models"]["llama-b"]
+    assert big.post("/v1/evict", {"model": "llama-d", "tier": "dram"}).status_code == 200
     data0 = big.cache_dir / "nvme" / f"{model.name}@{model.digest}" / "data.0"
     blob = bytearray(data0.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     data0.write_bytes(bytes(blob))
-    healed = invoke(big, f, "llama-b", max_tokens=5).json()
+    healed = invoke(big, f, "llama-d", max_tokens=5).json()
     assert healed["load"]["tier"] == "remote"  # the bad copy was dropped, not served
     assert healed["tokens"] == truth
     big.post("/v1/unload", {"function": f})

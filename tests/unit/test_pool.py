@@ -325,8 +325,9 @@ def test_concurrent_pool_loads_share_one_read(
     assert calls[0] == 1
     assert pool.misses == 1
     assert sum(r.stats is not None for r in results) == 1
-    assert sum(r.hit for r in results) == 7
-    assert pool.hits <= 7
+    # Callers that waited for the one read are not hits: only memory already
+    # resident at checkout counts (the invoker reports their tier from this).
+    assert sum(r.hit for r in results) == pool.hits <= 7
     for r in results:
         _assert_values(r.tensors, 1.0)
 
