@@ -271,5 +271,14 @@ def bench_load(
 
 main.add_command(invoker_group)
 
+
+def _add_bench_commands() -> None:
+    from sllm.bench.coldstart import command as coldstart
+
+    bench.add_command(coldstart)
+
+
+_add_bench_commands()
+
 if __name__ == "__main__":
     main()

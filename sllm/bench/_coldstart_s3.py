@@ -1,0 +1,154 @@
+"""The cold-start benchmark's object store: moto's standalone S3 server on loopback.
+
+`S3Server` starts `python -m sllm.bench._coldstart_s3 -H 127.0.0.1 -p PORT`,
+which is `python -m moto.server` with one fix: moto answers a ranged GET by
+reading the *whole* object into memory and slicing it, so every 16 MiB part
+of a 1.2 GB checkpoint costs a 1.2 GB copy (measured: 15 MB/s for 8 parallel
+16 MiB GETs). Real S3 serves a range in time proportional to the range, so
+the patch reads just the requested bytes from moto's buffer. Everything else
+(auth, headers, multipart uploads, listing) is moto's own code. Both our
+invoker and the KServe-style baseline fetch through the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from sllm.store import StoreSettings
+
+ACCESS_KEY = "bench"  # moto accepts any credentials
+SECRET_KEY = "benchbench"
+REGION = "us-east-1"
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class S3Server:
+    """The patched moto server as a child process on a free loopback port; a context manager."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.endpoint}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix="sllm-bench-moto-", suffix=".log", delete=False
+        )
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> S3Server:
+        """Start the server; wait (at most `timeout` seconds) until it answers HTTP."""
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
+                    return self
+            except urllib.error.HTTPError:
+                return self  # it answered, which is all we wait for
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto server did not answer on {self.url} within {timeout} s")
+
+    def stop(self) -> None:
+        """Terminate the server (kill it if it lingers) and remove its log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def log(self) -> str:
+        """What the server printed so far."""
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def settings(self) -> StoreSettings:
+        """StoreSettings that reach this server (plain HTTP)."""
+        return StoreSettings(
+            endpoint=self.endpoint,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            secure=False,
+            region=REGION,
+        )
+
+
+def _patch_ranged_get() -> None:
+    """Serve `Range: bytes=a-b` GETs by reading only those bytes (see the module docstring)."""
+    from moto.s3.responses import S3Response
+
+    whole_object_get = S3Response.get_object
+
+    def get_object(self: Any) -> Any:
+        match = _RANGE.fullmatch(self.headers.get("range") or "")
+        if match is None or "partNumber" in self.querystring:
+            return whole_object_get(self)
+        key, not_modified = self._get_key()
+        begin, end = int(match[1]), min(int(match[2]), key.size - 1)
+        if not_modified or begin > end or self.headers.get("x-amz-checksum-mode"):
+            return whole_object_get(self)
+        with key.lock:
+            key._value_buffer.seek(begin)
+            body = key._value_buffer.read(end - begin + 1)
+        headers = {**self._get_cors_headers_other(), **key.response_dict, **key.metadata}
+        if key.version_id != "null":
+            headers["x-amz-version-id"] = key.version_id
+        headers["Accept-Ranges"] = "bytes"
+        headers["content-range"] = f"bytes {begin}-{end}/{key.size}"
+        headers["content-length"] = str(len(body))
+        return 206, headers, body
+
+    S3Response.get_object = get_object  # type: ignore[method-assign]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """moto.server's entry point, with the ranged-GET fix applied first."""
+    from moto.server import main as moto_main
+
+    _patch_ranged_get()
+    moto_main(argv)
+
+
+if __name__ == "__main__":
+    main()
