@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sllm.core.errors import CorruptObject
+from sllm.core.files import write_durably
 from sllm.native_loader import (
     Chunk,
     FormatError,
@@ -298,15 +299,6 @@ def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
             if crc32c(sub) != c.crc:
                 return c
     return None
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write `data` to `path` and fsync it (it is about to be published by a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sllm.core.files import fsync_dir
+
 from ._eviction import CachedModel, plan_eviction
 
 
@@ -161,7 +163,7 @@ class NvmeTier:
     def publish(self, key: str) -> Path:
         """Atomically turn the finished partial folder of `key` into a complete entry."""
         src, dst = self.partial_path(key), self.path(key)
-        _fsync_dir(src)
+        fsync_dir(src)
         with self._lock:
             self._active.discard(key)
             nbytes = self._partials.pop(key, 0)
@@ -169,7 +171,7 @@ class NvmeTier:
                 shutil.rmtree(src, ignore_errors=True)
             else:
                 os.rename(src, dst)
-                _fsync_dir(self.complete_dir)
+                fsync_dir(self.complete_dir)
             self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
         return dst
 
@@ -212,11 +214,3 @@ class NvmeTier:
             threading.Thread(
                 target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True
             ).start()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

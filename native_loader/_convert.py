@@ -19,6 +19,8 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
+from sllm.core.files import fsync_dir
+
 from ._engine import crc32c
 from ._errors import ConversionError
 from ._format import (
@@ -170,7 +172,7 @@ def write_checkpoint(
             shutil.copyfile(path, target)
         manifest = Manifest(chunk_size, partitions, ordered, tuple(source.files), source.metadata)
         _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,14 +228,6 @@ def _write_json(path: Path, manifest: Manifest) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
     if dst.exists():
         if not overwrite:
@@ -244,4 +238,4 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)

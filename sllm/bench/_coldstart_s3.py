@@ -42,13 +42,28 @@ def free_port() -> int:
 class S3Server:
     """The patched moto server as a child process on a free loopback port; a context manager."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        module: str = __name__,
+        access_key: str = ACCESS_KEY,
+        secret_key: str = SECRET_KEY,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        """`module` is run with `python -m`: this patched server, or stock "moto.server"."""
+        self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.endpoint}"
+        self.module = module
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix="sllm-bench-moto-", suffix=".log", delete=False
+            prefix="sllm-moto-", suffix=".log", delete=False
         )
 
     def __enter__(self) -> S3Server:
@@ -57,16 +72,17 @@ class S3Server:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 30.0) -> S3Server:
+    def start(self, timeout: float | None = None) -> S3Server:
         """Start the server; wait (at most `timeout` seconds) until it answers HTTP."""
+        timeout = self.start_timeout if timeout is None else timeout
         env = {
             **os.environ,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": REGION,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", self.module, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -90,10 +106,10 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.stop_timeout)
         self.proc = None
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
@@ -107,8 +123,8 @@ class S3Server:
         """StoreSettings that reach this server (plain HTTP)."""
         return StoreSettings(
             endpoint=self.endpoint,
-            access_key=ACCESS_KEY,
-            secret_key=SECRET_KEY,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
             secure=False,
             region=REGION,
         )

@@ -107,3 +107,27 @@ def check_range(offset: int, length: int) -> None:
     """Reject a negative offset or length with InvalidRequest."""
     if offset < 0 or length < 0:
         raise InvalidRequest(f"invalid byte range: offset={offset} length={length}")
+
+
+def range_target(view: memoryview, offset: int) -> memoryview:
+    """`view` as writable flat bytes for a ranged read at `offset` (InvalidRequest otherwise)."""
+    target = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    check_range(offset, target.nbytes)
+    if target.readonly:
+        raise InvalidRequest("get_range_into needs a writable buffer")
+    return target
+
+
+class RangeReads:
+    """`get_range` for a store that implements `get_range_into`."""
+
+    def get_range_into(self, key: str, offset: int, view: memoryview) -> None:
+        """Fill all of `view` from `offset` of object `key`."""
+        raise NotImplementedError
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes from `offset`; StoreError when the object is shorter."""
+        check_range(offset, length)
+        buf = bytearray(length)
+        self.get_range_into(key, offset, memoryview(buf))
+        return bytes(buf)

@@ -12,15 +12,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from sllm.core.errors import InvalidRequest, NotFound, StoreError
+from sllm.core.errors import NotFound, StoreError
+from sllm.core.files import fsync_dir
 
-from ._base import TEMP_NAME, ObjectInfo, check_key, check_prefix, check_range
+from ._base import (
+    TEMP_NAME,
+    ObjectInfo,
+    RangeReads,
+    check_key,
+    check_prefix,
+    range_target,
+)
 
 COPY_BLOCK = 8 * 1024 * 1024
 _MKDIR_ATTEMPTS = 3
 
 
-class LocalStore:
+class LocalStore(RangeReads):
     """A `Store` backed by a local folder; thread-safe (every call opens its own file)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -60,19 +68,9 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"{self.uri}: cannot read {key!r}: {exc}") from exc
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes from `offset`; StoreError when the object is shorter."""
-        check_range(offset, length)
-        buf = bytearray(length)
-        self.get_range_into(key, offset, memoryview(buf))
-        return bytes(buf)
-
     def get_range_into(self, key: str, offset: int, view: memoryview) -> None:
         """Fill all of `view` from `offset` with preadv, straight into the caller's memory."""
-        target = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        check_range(offset, target.nbytes)
-        if target.readonly:
-            raise InvalidRequest("get_range_into needs a writable buffer")
+        target = range_target(view, offset)
         fd = self._open_read(key)
         try:
             done = 0
@@ -187,7 +185,7 @@ class LocalStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
             raise StoreError(
                 f"{self.uri}: cannot write {key!r}: a folder and an object would share a name"
@@ -208,11 +206,3 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
         return os.preadv(fd, [view], offset)
     os.lseek(fd, offset, os.SEEK_SET)
     return os.readv(fd, [view])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,7 +27,7 @@ from urllib3.exceptions import ProtocolError
 
 from sllm.core.errors import InvalidRequest, NotFound, StoreError
 
-from ._base import ObjectInfo, check_key, check_prefix, check_range
+from ._base import ObjectInfo, RangeReads, check_key, check_prefix, range_target
 from ._settings import StoreSettings
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ def check_bucket(bucket: str) -> str:
     return bucket
 
 
-class S3Store:
+class S3Store(RangeReads):
     """A `Store` in bucket `bucket` under key prefix `prefix` ('' for the whole bucket)."""
 
     def __init__(
@@ -132,19 +132,9 @@ class S3Store:
 
         return self._retry(f"get {key!r}", get)
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes from `offset`; StoreError when the object is shorter."""
-        check_range(offset, length)
-        buf = bytearray(length)
-        self.get_range_into(key, offset, memoryview(buf))
-        return bytes(buf)
-
     def get_range_into(self, key: str, offset: int, view: memoryview) -> None:
         """Fill all of `view` from `offset`, reading the response body straight into it."""
-        target = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        check_range(offset, target.nbytes)
-        if target.readonly:
-            raise InvalidRequest("get_range_into needs a writable buffer")
+        target = range_target(view, offset)
         if target.nbytes == 0:
             return  # minio reads length=0 as "to the end of the object"
         name = self._name(key)
