@@ -87,7 +87,6 @@ class Instances:
         self._ready: dict[str, Instance] = {}
         self._loading: dict[str, _Flight] = {}
         self._admission = threading.Lock()
-        self.loads_started = 0
 
     def get(self, function: str) -> Instance | None:
         """The ready instance of `function`, if any."""
@@ -121,7 +120,6 @@ class Instances:
                 leader = flight is None
                 if flight is None:
                     flight = self._loading[spec.function] = _Flight()
-                    self.loads_started += 1
             if leader:
                 return self._lead(spec, flight)
             flight.done.wait()

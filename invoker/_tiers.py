@@ -65,10 +65,13 @@ class NvmeSource:
         self.meta = meta
         self.threads = threads
         self.stats: ReadStats | None = None
+        self._manifest: Manifest | None = None
 
     def manifest(self) -> Manifest:
-        """The manifest from the meta folder (identical to the NVMe copy's)."""
-        return read_manifest(self.meta)
+        """The manifest from the meta folder (identical to the NVMe copy's), read once."""
+        if self._manifest is None:
+            self._manifest = read_manifest(self.meta)
+        return self._manifest
 
     def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
         """Read and verify the NVMe copy into `buffers`; a bad copy raises NvmeCopyFailed."""
