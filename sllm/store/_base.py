@@ -7,13 +7,14 @@ folder store works on S3 and can never name anything outside the store's root.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from sllm.core.errors import InvalidRequest
+from sllm.core.errors import InvalidRequest, NotFound, StoreError
 
 MAX_KEY_LENGTH = 1024
 # LocalStore writes `.<name>.tmp-<12 hex>` beside the final file; keys may not look like one,
@@ -131,3 +132,13 @@ class RangeReads:
         buf = bytearray(length)
         self.get_range_into(key, offset, memoryview(buf))
         return bytes(buf)
+
+
+def open_upload(path: Path) -> io.BufferedReader:
+    """The local file to upload, opened for reading (NotFound / StoreError otherwise)."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file to upload") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the file to upload: {exc}") from exc

@@ -21,6 +21,7 @@ from ._base import (
     RangeReads,
     check_key,
     check_prefix,
+    open_upload,
     range_target,
 )
 
@@ -96,12 +97,7 @@ class LocalStore(RangeReads):
         self, key: str, path: Path, *, progress: Callable[[int], None] | None = None
     ) -> None:
         """Copy a local file in as the object, atomically; `progress(n)` after each block."""
-        try:
-            src = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotFound(f"{path}: no such file to upload") from None
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot read the file to upload: {exc}") from exc
+        src = open_upload(path)
 
         def copy(dst: BinaryIO) -> None:
             buf = bytearray(COPY_BLOCK)

@@ -27,7 +27,7 @@ from urllib3.exceptions import ProtocolError
 
 from sllm.core.errors import InvalidRequest, NotFound, StoreError
 
-from ._base import ObjectInfo, RangeReads, check_key, check_prefix, range_target
+from ._base import ObjectInfo, RangeReads, check_key, check_prefix, open_upload, range_target
 from ._settings import StoreSettings
 
 T = TypeVar("T")
@@ -187,12 +187,7 @@ class S3Store(RangeReads):
     ) -> None:
         """Upload a local file, in parts of `settings.part_size` when it is larger than one."""
         name = self._name(key)
-        try:
-            src = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotFound(f"{path}: no such file to upload") from None
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot read the file to upload: {exc}") from exc
+        src = open_upload(path)
         with src:
             size = Path(path).stat().st_size
             self._call(
