@@ -43,7 +43,7 @@ from sllm.native_loader import (
     crc32c,
     read_manifest,
 )
-from sllm.store import PublishedModel, Store
+from sllm.store import PublishedFile, PublishedModel, Store
 
 from ._nvme import NvmeTier
 
@@ -84,9 +84,9 @@ def ensure_meta(store: Store, model: PublishedModel, nvme: NvmeTier) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for f in model.files:
-        if _is_data(f.path):
-            continue
+    small = [f for f in model.files if not _is_data(f.path)]
+
+    def fetch(f: PublishedFile) -> None:
         dst = tmp / f.path
         dst.parent.mkdir(parents=True, exist_ok=True)
         data = store.get_bytes(model.prefix + f.path)
@@ -96,6 +96,15 @@ def ensure_meta(store: Store, model: PublishedModel, nvme: NvmeTier) -> Path:
                 f"published as {f.size}"
             )
         write_durably(dst, data)
+
+    # A handful of small GETs: one round trip each, so they go in parallel.
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(small)))) as pool:
+            for done in [pool.submit(fetch, f) for f in small]:
+                done.result()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         manifest = read_manifest(tmp)
     except FormatError as exc:

@@ -155,6 +155,7 @@ class Instances:
             flight.done.set()
 
     def _load(self, spec: FunctionSpec) -> Instance:
+        start = time.perf_counter()  # the load counts from the pointer read on
         model = self.tiers.resolve(spec.model)
         # On a GPU, admission is one at a time: two loads must not both count
         # the same free memory.
@@ -166,8 +167,9 @@ class Instances:
                 raise InsufficientCapacity(
                     f"model {model.name!r} does not fit in {self.device}'s free memory: {exc}"
                 ) from exc
-        meta = self.tiers.meta(model)
-        start = time.perf_counter()
+        # Building the skeleton and the tokenizer stays on this thread after the
+        # read: transformers' lazy imports are not safe to race on a first load.
+        meta = tier.meta
         try:
             built = build_model(meta, tensors, self.device, cls=model_class_for(meta, spec.task))
             tokenizer = load_tokenizer(meta)
@@ -189,7 +191,7 @@ class Instances:
             model.digest,
             tier.tier,
             True,
-            tier.seconds + (time.perf_counter() - start),
+            time.perf_counter() - start,
             model.total_bytes,
             str(self.device),
             tier.fetched,
@@ -263,7 +265,7 @@ class Instances:
             torch.cuda.empty_cache()
         return inst
 
-    def unload_all(self) -> None:
+    def close(self) -> None:
         """Drop every instance (shutdown)."""
         with self._lock:
             names = list(self._ready)

@@ -97,7 +97,7 @@ class Invoker:
 
     def close(self) -> None:
         """Unload everything (shutdown)."""
-        self.instances.unload_all()
+        self.instances.close()
 
     # ---------------------------------------------------------------- models
     def load(self, body: Any) -> LoadReport:

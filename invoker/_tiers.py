@@ -50,6 +50,7 @@ class TierLoad:
     tier: str  # dram | nvme | remote
     seconds: float
     nbytes: int
+    meta: Path  # the local folder with config, tokenizer and manifest
     fetched: int = 0
     resumed: int = 0
 
@@ -166,16 +167,16 @@ class TierCache:
         if result.hit:
             if device.type == "cuda":  # a DRAM hit on a GPU is a pure host->device copy
                 self.bandwidths.observe("host_to_device", model.total_bytes, seconds)
-            return result.tensors, TierLoad("dram", seconds, model.total_bytes)
+            return result.tensors, TierLoad("dram", seconds, model.total_bytes, meta)
         if isinstance(source, RemoteSource):
             s = source.stats
             self.bandwidths.observe("network", s.fetched, s.seconds)
             return result.tensors, TierLoad(
-                "remote", seconds, model.total_bytes, s.fetched, s.resumed
+                "remote", seconds, model.total_bytes, meta, s.fetched, s.resumed
             )
         if source.stats is not None:
             self.bandwidths.observe("disk", source.stats.nbytes, source.stats.seconds)
-        return result.tensors, TierLoad("nvme", seconds, model.total_bytes)
+        return result.tensors, TierLoad("nvme", seconds, model.total_bytes, meta)
 
     def evict_dram(self, model: PublishedModel) -> bool:
         """Drop the model's DRAM copy when nothing uses it."""

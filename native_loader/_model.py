@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,34 @@ from ._errors import FormatError
 from ._load import load
 from ._pool import HostPool
 from ._read import DEFAULT_THREADS
+
+# Building a skeleton patches process-wide functions (Module.register_parameter,
+# torch's init functions); two builds interleaving on different threads would
+# restore each other's patches, so builds take turns.
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def skeleton_build() -> Iterator[None]:
+    """Construct a model with meta parameters and no weight initialisation, one build at a time.
+
+    transformers initialises every weight after construction (`init_weights`);
+    on meta parameters that does nothing useful and costs as much as the rest
+    of the build, so it is switched off with transformers' own `no_init_weights`.
+    """
+    with _BUILD_LOCK, _no_init_weights(), parameters_on_meta():
+        yield
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager[None]:
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -99,7 +128,7 @@ def build_model(
         raise FormatError(f"{folder}: no config.json; a model needs its config")
     config = AutoConfig.from_pretrained(folder)
     cls = cls or model_class(config)
-    with parameters_on_meta():
+    with skeleton_build():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     state = _match_prefix(model, state)
     model.load_state_dict(state, strict=False, assign=True)
