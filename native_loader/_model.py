@@ -43,14 +43,17 @@ def skeleton_build() -> Iterator[None]:
 
 
 def _no_init_weights() -> contextlib.AbstractContextManager[None]:
-    try:  # transformers 5
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
+    import importlib
+
+    # transformers 5 has it in `initialization`, 4.x in `modeling_utils`.
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            factory = getattr(importlib.import_module(where), "no_init_weights", None)
         except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()  # type: ignore[no-any-return]
+            continue
+        if factory is not None:
+            return factory()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
