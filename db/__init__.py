@@ -1,1 +1,26 @@
-"""Database: SQLAlchemy models, migrations and session helpers."""
+"""Database: SQLAlchemy models, Alembic migrations and session helpers.
+
+Public API:
+
+- `database_url(env) -> str`: the database URL from SLLM_DATABASE_URL, else
+  SQLite under SLLM_HOME.
+- `Database(url, *, pool_size=10, echo=False)`: engine, `session(write=False)`,
+  `upgrade()`, `current_revision()`, `dispose()`, and `url`, `dialect`, `engine`.
+- Models (one table each): `Namespace`, `ApiKey`, `Function`, `Activation`,
+  `Invoker`, `Instance`; their declarative `Base` (`Base.metadata`).
+"""
+
+from sllm.db._database import Database, database_url
+from sllm.db._models import Activation, ApiKey, Base, Function, Instance, Invoker, Namespace
+
+__all__ = [
+    "Activation",
+    "ApiKey",
+    "Base",
+    "Database",
+    "Function",
+    "Instance",
+    "Invoker",
+    "Namespace",
+    "database_url",
+]

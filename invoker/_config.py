@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,10 @@ class InvokerConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 4 * MiB
     measure_bandwidth: bool = True
+    controller_url: str = ""  # where to register and heartbeat (none: standalone)
+    name: str = ""  # this invoker's name at the controller (default host:port)
+    advertise_url: str = ""  # how the controller reaches this invoker (default http://host:port)
+    heartbeat_interval: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -49,6 +54,9 @@ class InvokerConfig:
             "store_uri": env.get("SLLM_STORE_URI") or f"file://{home / 'store'}",
             "device": env.get("SLLM_INVOKER_DEVICE", "auto"),
             "store_settings": StoreSettings.from_env(env),
+            "controller_url": env.get("SLLM_CONTROLLER_URL", ""),
+            "name": env.get("SLLM_INVOKER_NAME", ""),
+            "advertise_url": env.get("SLLM_INVOKER_URL", ""),
         }
         ints = {
             "port": "SLLM_INVOKER_PORT",
@@ -88,6 +96,16 @@ class InvokerConfig:
             values["cache_dir"] = Path(os.path.expanduser(values["cache_dir"]))
         return cls(**values)
 
+    @property
+    def public_name(self) -> str:
+        """The name this invoker registers under."""
+        return self.name or f"{socket.gethostname()}:{self.port}"
+
+    @property
+    def public_url(self) -> str:
+        """The URL the controller calls this invoker at."""
+        return (self.advertise_url or f"http://{self.host}:{self.port}").rstrip("/")
+
     def replace(self, **changes: Any) -> InvokerConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -111,6 +129,7 @@ class InvokerConfig:
             ("queue_timeout", self.queue_timeout, 0, 3600),
             ("max_tokens_limit", self.max_tokens_limit, 1, 1 << 20),
             ("max_body_bytes", self.max_body_bytes, 1024, 1 << 30),
+            ("heartbeat_interval", self.heartbeat_interval, 0.05, 3600),
         ]
         for name, value, lo, hi in checks:
             if not lo <= value <= hi:
@@ -119,6 +138,8 @@ class InvokerConfig:
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.controller_url and not self.controller_url.startswith(("http://", "https://")):
+            raise ValueError(f"controller_url must be an http(s) URL, got {self.controller_url!r}")
         if not self.store_uri:
             raise ValueError("store_uri is empty: set SLLM_STORE_URI or --store")
         if self.store_uri.startswith("s3://"):

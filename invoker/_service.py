@@ -8,6 +8,7 @@ import time
 from collections.abc import Generator, Mapping
 from typing import Any
 
+import httpx
 import torch
 
 from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError, Unavailable
@@ -63,6 +64,7 @@ class Invoker:
         self.metrics = InvokerMetrics(self)
         self.started_at = time.time()
         self._ready = threading.Event()
+        self._closing = threading.Event()
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -70,6 +72,34 @@ class Invoker:
         if self.config.measure_bandwidth:
             self.measure_bandwidths()
         self._ready.set()
+        if self.config.controller_url:
+            threading.Thread(target=self._heartbeats, name="sllm-heartbeat", daemon=True).start()
+
+    def _heartbeats(self) -> None:
+        """Register with the controller and report status every heartbeat interval."""
+        url = self.config.controller_url.rstrip("/") + "/internal/v1/invokers/heartbeat"
+        headers = {"Authorization": f"Bearer {self.config.token}"}
+        warned = False
+        with httpx.Client(headers=headers, timeout=5.0) as client:
+            while not self._closing.is_set():
+                body = {
+                    "name": self.config.public_name,
+                    "url": self.config.public_url,
+                    "device": str(self.device),
+                    "capacity": {
+                        "nvme_bytes": self.config.nvme_capacity,
+                        "dram_bytes": self.config.dram_capacity,
+                    },
+                    "status": self.status(),
+                }
+                try:
+                    client.post(url, json=body).raise_for_status()
+                    warned = False
+                except httpx.HTTPError as exc:
+                    if not warned:
+                        log.warning("heartbeat to %s failed: %s", url, exc)
+                        warned = True
+                self._closing.wait(self.config.heartbeat_interval)
 
     def ready(self) -> bool:
         """Whether start-up finished."""
@@ -96,7 +126,8 @@ class Invoker:
         return len(self.store.get_range(biggest.key, 0, min(limit, biggest.size)))
 
     def close(self) -> None:
-        """Unload everything (shutdown)."""
+        """Stop heartbeating and unload everything (shutdown)."""
+        self._closing.set()
         self.instances.close()
 
     # ---------------------------------------------------------------- models

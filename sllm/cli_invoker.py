@@ -41,6 +41,16 @@ def invoker() -> None:
 @click.option("--part-size", callback=_size, help="Bytes per ranged GET, e.g. 16MiB.")
 @click.option("--threads", type=int, help="Request threads.")
 @click.option(
+    "--controller",
+    "controller_url",
+    help="Controller URL to register and heartbeat with [SLLM_CONTROLLER_URL].",
+)
+@click.option("--name", help="Name at the controller [SLLM_INVOKER_NAME, HOST:PORT].")
+@click.option(
+    "--advertise-url", help="URL the controller calls this invoker at [SLLM_INVOKER_URL]."
+)
+@click.option("--heartbeat-interval", type=float, help="Seconds between heartbeats [2].")
+@click.option(
     "--measure/--no-measure",
     "measure_bandwidth",
     default=None,

@@ -1,0 +1,111 @@
+"""The controller's configuration: defaults, a constructor from the environment, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sllm.core.config import parse_size
+from sllm.db import database_url
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class FunctionDefaults:
+    """Limits and scaling a function gets when its definition leaves them out."""
+
+    timeout_s: float = 120.0
+    max_tokens: int = 512
+    concurrency: int = 4
+    max_payload_bytes: int = 1 * MiB
+    min_instances: int = 0
+    max_instances: int = 1
+    keep_alive_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Everything a controller process needs; every field has a sane default."""
+
+    database_url: str = ""
+    internal_token: str = ""  # shared with the invokers
+    admin_key: str = ""  # bootstrap admin API key (optional; keys also live in the database)
+    host: str = "127.0.0.1"
+    port: int = 8700
+    workers: int = 2
+    threads: int = 32
+    domain: str = "sllm.local"  # Knative-style routing: Host {fn}.{ns}.{domain}
+    blocking_timeout: float = 60.0  # a blocking invocation answers 202 after this long
+    heartbeat_timeout: float = 10.0  # an invoker silent this long leaves the rotation
+    max_queue: int = 64  # requests waiting per function and controller process
+    max_body_bytes: int = 8 * MiB
+    max_tokens_limit: int = 4096  # the largest max_tokens a function may allow
+    maintenance_interval: float = 1.0
+    queue_workers: int = 8  # non-blocking activations run at once per controller process
+    lease_margin: float = 30.0  # a running activation's lease: its timeout plus this
+    functions: FunctionDefaults = dataclasses.field(default_factory=FunctionDefaults)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> ControllerConfig:
+        """Read SLLM_* variables; keyword overrides (CLI flags) win."""
+        values: dict[str, Any] = {
+            "database_url": database_url(env),
+            "internal_token": env.get("SLLM_INTERNAL_TOKEN", ""),
+            "admin_key": env.get("SLLM_ADMIN_KEY", ""),
+            "host": env.get("SLLM_HOST", "127.0.0.1"),
+            "domain": env.get("SLLM_DOMAIN", "sllm.local"),
+        }
+        for name, var in {
+            "port": "SLLM_PORT",
+            "workers": "SLLM_WORKERS",
+            "threads": "SLLM_THREADS",
+            "max_queue": "SLLM_MAX_QUEUE",
+            "max_tokens_limit": "SLLM_MAX_TOKENS_LIMIT",
+            "queue_workers": "SLLM_QUEUE_WORKERS",
+        }.items():
+            if var in env:
+                values[name] = _number(env, var, int)
+        for name, var in {
+            "blocking_timeout": "SLLM_BLOCKING_TIMEOUT",
+            "heartbeat_timeout": "SLLM_HEARTBEAT_TIMEOUT",
+            "maintenance_interval": "SLLM_MAINTENANCE_INTERVAL",
+            "lease_margin": "SLLM_LEASE_MARGIN",
+        }.items():
+            if var in env:
+                values[name] = _number(env, var, float)
+        if "SLLM_MAX_BODY" in env:
+            values["max_body_bytes"] = parse_size(env["SLLM_MAX_BODY"], name="SLLM_MAX_BODY")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if not self.internal_token:
+            raise ValueError("SLLM_INTERNAL_TOKEN: the controller needs the invokers' token")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("workers", "threads", "max_queue", "max_tokens_limit", "queue_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "blocking_timeout",
+            "heartbeat_timeout",
+            "maintenance_interval",
+            "lease_margin",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.domain or self.domain.startswith("."):
+            raise ValueError(f"domain must be a DNS name, got {self.domain!r}")
+
+
+def _number(env: Mapping[str, str], var: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(env[var])
+    except ValueError:
+        raise ValueError(f"{var}: expected a number, got {env[var]!r}") from None

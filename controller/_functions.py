@@ -1,0 +1,247 @@
+"""Function definitions: validation of what clients send, and the JSON the API returns.
+
+A function is a model deployment: the model it serves, its task, its limits
+(timeout, max tokens, concurrency per instance, payload size) and its scaling
+policy (min/max instances, target concurrency, keep-alive). Names are DNS
+labels, as Knative needs them for `{fn}.{ns}.{domain}` routing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sllm.core.errors import InvalidRequest
+from sllm.core.messages import TASKS, require_object
+from sllm.db import Function
+
+from ._config import FunctionDefaults
+
+DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+MAX_PARAMS_BYTES = 64 * 1024
+MAX_INSTANCES = 64
+MAX_CONCURRENCY = 256
+MAX_TIMEOUT = 3600.0
+MAX_KEEP_ALIVE = 7 * 86400.0
+
+_TOP = {"model", "task", "limits", "scaling", "params"}
+_LIMITS = {"timeout", "max_tokens", "concurrency", "max_payload"}
+_SCALING = {"min_instances", "max_instances", "target_concurrency", "keep_alive"}
+
+
+def check_name(value: Any, what: str) -> str:
+    """`value` as a DNS label (1-63 of a-z 0-9 -, alphanumeric at both ends), else 400."""
+    if not isinstance(value, str) or not DNS_LABEL.match(value):
+        raise InvalidRequest(
+            f"{what} must be a DNS label: 1-63 lowercase letters, digits or '-', "
+            f"starting and ending with a letter or digit; got {_show(value)}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FunctionDef:
+    """A validated function definition (without its identity and timestamps)."""
+
+    model: str
+    task: str = "generate"
+    timeout_s: float = 120.0
+    max_tokens: int = 512
+    concurrency: int = 4
+    max_payload_bytes: int = 1024 * 1024
+    min_instances: int = 0
+    max_instances: int = 1
+    target_concurrency: int = 4
+    keep_alive_s: float = 300.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls,
+        body: Any,
+        *,
+        defaults: FunctionDefaults,
+        max_tokens_limit: int,
+        max_payload_limit: int,
+        base: FunctionDef | None = None,
+    ) -> FunctionDef:
+        """Validate a create (base None) or update body; fields an update leaves out stay."""
+        doc = require_object(body, "function definition")
+        unknown = sorted(set(doc) - _TOP)
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) {unknown}; a function has {sorted(_TOP)}")
+        limits = _section(doc, "limits", _LIMITS)
+        scaling = _section(doc, "scaling", _SCALING)
+        if base is None:
+            if "model" not in doc:
+                raise InvalidRequest("'model' is required: the published model the function serves")
+            base = cls(
+                model="",
+                timeout_s=defaults.timeout_s,
+                max_tokens=defaults.max_tokens,
+                concurrency=defaults.concurrency,
+                max_payload_bytes=min(defaults.max_payload_bytes, max_payload_limit),
+                min_instances=defaults.min_instances,
+                max_instances=defaults.max_instances,
+                target_concurrency=defaults.concurrency,
+                keep_alive_s=defaults.keep_alive_s,
+            )
+        out = base
+        if "model" in doc:
+            model = doc["model"]
+            if not isinstance(model, str) or not MODEL_NAME.match(model) or ".." in model:
+                raise InvalidRequest(
+                    "'model' must be a published model name (1-128 letters, digits, . _ -, "
+                    f"alphanumeric at both ends); got {_show(model)}"
+                )
+            out = replace(out, model=model)
+        if "task" in doc:
+            if doc["task"] not in TASKS:
+                raise InvalidRequest(
+                    f"'task' must be one of {list(TASKS)}, got {_show(doc['task'])}"
+                )
+            out = replace(out, task=doc["task"])
+        if "timeout" in limits:
+            out = replace(out, timeout_s=_seconds(limits, "timeout", 0.0, MAX_TIMEOUT))
+        if "max_tokens" in limits:
+            out = replace(out, max_tokens=_int(limits, "max_tokens", 1, max_tokens_limit))
+        if "concurrency" in limits:
+            concurrency = _int(limits, "concurrency", 1, MAX_CONCURRENCY)
+            # target concurrency follows the concurrency unless it is set too
+            follows = base.target_concurrency == base.concurrency
+            out = replace(out, concurrency=concurrency)
+            if follows and "target_concurrency" not in scaling:
+                out = replace(out, target_concurrency=concurrency)
+        if "max_payload" in limits:
+            out = replace(out, max_payload_bytes=_int(limits, "max_payload", 1, max_payload_limit))
+        if "min_instances" in scaling:
+            out = replace(out, min_instances=_int(scaling, "min_instances", 0, MAX_INSTANCES))
+        if "max_instances" in scaling:
+            out = replace(out, max_instances=_int(scaling, "max_instances", 1, MAX_INSTANCES))
+        if "target_concurrency" in scaling:
+            out = replace(
+                out, target_concurrency=_int(scaling, "target_concurrency", 1, MAX_CONCURRENCY)
+            )
+        if "keep_alive" in scaling:
+            out = replace(out, keep_alive_s=_seconds(scaling, "keep_alive", -1.0, MAX_KEEP_ALIVE))
+        if "params" in doc:
+            out = replace(out, params=_params(doc["params"]))
+        if out.min_instances > out.max_instances:
+            raise InvalidRequest(
+                f"'scaling.min_instances' ({out.min_instances}) exceeds "
+                f"'scaling.max_instances' ({out.max_instances})"
+            )
+        if out.target_concurrency > out.concurrency:
+            raise InvalidRequest(
+                f"'scaling.target_concurrency' ({out.target_concurrency}) exceeds "
+                f"'limits.concurrency' ({out.concurrency})"
+            )
+        return out
+
+    @classmethod
+    def of(cls, row: Function) -> FunctionDef:
+        """The definition stored in a row."""
+        return cls(
+            model=row.model,
+            task=row.task,
+            timeout_s=row.timeout_s,
+            max_tokens=row.max_tokens,
+            concurrency=row.concurrency,
+            max_payload_bytes=row.max_payload_bytes,
+            min_instances=row.min_instances,
+            max_instances=row.max_instances,
+            target_concurrency=row.target_concurrency,
+            keep_alive_s=row.keep_alive_s,
+            params=dict(row.params or {}),
+        )
+
+    def columns(self) -> dict[str, Any]:
+        """The row's column values."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "timeout_s": self.timeout_s,
+            "max_tokens": self.max_tokens,
+            "concurrency": self.concurrency,
+            "max_payload_bytes": self.max_payload_bytes,
+            "min_instances": self.min_instances,
+            "max_instances": self.max_instances,
+            "target_concurrency": self.target_concurrency,
+            "keep_alive_s": self.keep_alive_s,
+            "params": self.params,
+        }
+
+
+def function_json(row: Function, namespace: str) -> dict[str, Any]:
+    """A function as the API shows it."""
+    return {
+        "namespace": namespace,
+        "name": row.name,
+        "model": row.model,
+        "task": row.task,
+        "limits": {
+            "timeout": row.timeout_s,
+            "max_tokens": row.max_tokens,
+            "concurrency": row.concurrency,
+            "max_payload": row.max_payload_bytes,
+        },
+        "scaling": {
+            "min_instances": row.min_instances,
+            "max_instances": row.max_instances,
+            "target_concurrency": row.target_concurrency,
+            "keep_alive": row.keep_alive_s,
+        },
+        "params": row.params or {},
+        "version": row.version,
+        "created": row.created_at,
+        "updated": row.updated_at,
+    }
+
+
+def _section(doc: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str, Any]:
+    value = doc.get(name)
+    if value is None:
+        return {}
+    section = require_object(value, f"'{name}'")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {unknown} in '{name}'; it has {sorted(allowed)}")
+    return section
+
+
+def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
+    value = doc[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {_show(value)}")
+    return value
+
+
+def _seconds(doc: Mapping[str, Any], name: str, above: float, hi: float) -> float:
+    value = doc[name]
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and above < value <= hi
+    )
+    if not ok:
+        low = "0 <" if above == 0.0 else "0 <="
+        raise InvalidRequest(f"{name!r} must be seconds, {low} x <= {hi:g}; got {_show(value)}")
+    return float(value)
+
+
+def _params(value: Any) -> dict[str, Any]:
+    params = dict(require_object(value, "'params'"))
+    if len(json.dumps(params)) > MAX_PARAMS_BYTES:
+        raise InvalidRequest(f"'params' must be at most {MAX_PARAMS_BYTES} bytes of JSON")
+    return params
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,982 @@
+"""The controller: namespaces and keys, functions, invocations, activations, invokers.
+
+One `Controller` lives in each controller process (each gunicorn worker).
+Everything shared lives in the database, so workers and replicas agree; what
+a process keeps is its connection pools, the requests it is serving, and two
+background threads (non-blocking activations, maintenance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from sllm.core.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PlatformError,
+    SllmError,
+    Unauthorized,
+)
+from sllm.core.messages import require_object
+from sllm.db import Activation, ApiKey, Database, Function, Instance, Invoker, Namespace
+from sllm.runtime import SamplingParams
+
+from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
+from ._auth import Principal, authenticate, hash_secret, new_key
+from ._config import ControllerConfig
+from ._dispatch import DeadlineExceeded, Dispatcher, Slot, rowcount
+from ._functions import FunctionDef, check_name, function_json
+from ._invokers import InvokerClient, InvokerLost
+from ._metrics import ControllerMetrics
+from ._scheduler import LocalityScheduler, Scheduler
+
+log = logging.getLogger("sllm.controller")
+
+GENERATE_KEYS = (
+    "prompt",
+    "messages",
+    "tokens",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+)
+EMBED_KEYS = ("input",)
+MAX_PAGE = 200
+
+
+class TimedOut(SllmError):
+    """The function ran past its time limit."""
+
+    status = 504
+    code = "timeout"
+
+
+class Controller:
+    """The controller's operations; the HTTP layer only parses and formats."""
+
+    def __init__(
+        self, config: ControllerConfig, db: Database, *, scheduler: Scheduler | None = None
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.name = f"{socket.gethostname()}:{threading.get_native_id()}:{id(self):x}"[:64]
+        self.invokers = InvokerClient(config.internal_token)
+        self.dispatcher = Dispatcher(
+            db, scheduler or LocalityScheduler(), max_queue=config.max_queue
+        )
+        self.metrics = ControllerMetrics()
+        self.dispatcher.gauge = self.metrics.queue
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(
+            max(config.queue_workers, 1) + config.threads, thread_name_prefix="sllm-run"
+        )
+        self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the background threads (queued activations, maintenance)."""
+        for target, name in ((self._queue_loop, "queue"), (self._maintenance_loop, "maint")):
+            t = threading.Thread(target=target, name=f"sllm-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        """Stop the background threads and drop connections."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.invokers.close()
+
+    # ------------------------------------------------------------ auth
+    def authenticate(self, key: str) -> Principal:
+        """The principal behind an API key."""
+        with self.db.session() as s:
+            return authenticate(s, key, self.config.admin_key)
+
+    def check_internal(self, token: str) -> None:
+        """Invokers' calls carry the internal token."""
+        if not hmac.compare_digest(token.encode(), self.config.internal_token.encode()):
+            raise Unauthorized("missing or wrong internal token")
+
+    # ------------------------------------------------------------ namespaces and keys
+    def create_namespace(self, name: Any) -> dict[str, Any]:
+        """A new namespace (409 if it exists)."""
+        name = check_name(name, "namespace name")
+        try:
+            with self.db.session(write=True) as s:
+                s.add(Namespace(name=name, created_at=time.time()))
+        except IntegrityError:
+            raise Conflict(f"namespace {name!r} already exists") from None
+        return {"name": name}
+
+    def ensure_namespace(self, name: str) -> int:
+        """The id of namespace `name`, created if missing (server start-up)."""
+        with self.db.session(write=True) as s:
+            found = s.execute(select(Namespace.id).where(Namespace.name == name)).scalar()
+            if found is not None:
+                return int(found)
+            row = Namespace(name=name, created_at=time.time())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def list_namespaces(self) -> list[dict[str, Any]]:
+        """Every namespace with its function count."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Namespace.name, Namespace.created_at, func.count(Function.id))
+                .outerjoin(Function, Function.namespace_id == Namespace.id)
+                .group_by(Namespace.id)
+                .order_by(Namespace.name)
+            ).all()
+        return [{"name": n, "created": c, "functions": k} for n, c, k in rows]
+
+    def delete_namespace(self, name: str) -> dict[str, Any]:
+        """Delete a namespace with its functions, keys and activations; unload its instances."""
+        with self.db.session(write=True) as s:
+            ns_id = self._namespace_id(s, name)
+            placements = s.execute(
+                select(Invoker.url, Function.name)
+                .join(Instance, Instance.invoker_id == Invoker.id)
+                .join(Function, Function.id == Instance.function_id)
+                .where(Function.namespace_id == ns_id)
+            ).all()
+            s.execute(delete(Namespace).where(Namespace.id == ns_id))
+        for url, fname in placements:
+            self._unload_on(url, f"{name}/{fname}")
+        return {"name": name, "deleted": True}
+
+    def create_key(self, namespace: str, body: Any) -> dict[str, Any]:
+        """A new API key for `namespace` (the secret is shown only here)."""
+        doc = require_object(body or {})
+        label = doc.get("label", "")
+        admin = doc.get("admin", False)
+        if not isinstance(label, str) or len(label) > 255:
+            raise InvalidRequest("'label' must be a string of at most 255 characters")
+        if not isinstance(admin, bool):
+            raise InvalidRequest("'admin' must be true or false")
+        key_id, secret, key = new_key()
+        with self.db.session(write=True) as s:
+            ns_id = self._namespace_id(s, namespace)
+            s.add(
+                ApiKey(
+                    key_id=key_id,
+                    secret_hash=hash_secret(secret),
+                    namespace_id=ns_id,
+                    admin=admin,
+                    label=label,
+                    created_at=time.time(),
+                )
+            )
+        return {"key": key, "key_id": key_id, "namespace": namespace, "admin": admin}
+
+    def install_key(self, namespace: str, key: str, *, admin: bool) -> None:
+        """Store a given key (server start-up with --api-key); replaces a key with its id."""
+        from ._auth import split_key
+
+        key_id, secret = split_key(key)
+        with self.db.session(write=True) as s:
+            ns_id = self._namespace_id(s, namespace)
+            s.execute(delete(ApiKey).where(ApiKey.key_id == key_id))
+            s.add(
+                ApiKey(
+                    key_id=key_id,
+                    secret_hash=hash_secret(secret),
+                    namespace_id=ns_id,
+                    admin=admin,
+                    label="server start",
+                    created_at=time.time(),
+                )
+            )
+
+    def list_keys(self, namespace: str) -> list[dict[str, Any]]:
+        """The keys of a namespace (ids and labels, never secrets)."""
+        with self.db.session() as s:
+            ns_id = self._namespace_id(s, namespace)
+            rows = s.execute(
+                select(ApiKey).where(ApiKey.namespace_id == ns_id).order_by(ApiKey.created_at)
+            ).scalars()
+            return [
+                {
+                    "key_id": k.key_id,
+                    "label": k.label,
+                    "admin": k.admin,
+                    "created": k.created_at,
+                    "revoked": k.revoked_at,
+                }
+                for k in rows
+            ]
+
+    def revoke_key(self, namespace: str, key_id: str) -> dict[str, Any]:
+        """Revoke a key of `namespace`."""
+        with self.db.session(write=True) as s:
+            ns_id = self._namespace_id(s, namespace)
+            done = rowcount(
+                s.execute(
+                    update(ApiKey)
+                    .where(ApiKey.key_id == key_id, ApiKey.namespace_id == ns_id)
+                    .values(revoked_at=time.time())
+                    .execution_options(synchronize_session=False)
+                )
+            )
+        if not done:
+            raise NotFound(f"no key {key_id!r} in namespace {namespace!r}")
+        return {"key_id": key_id, "revoked": True}
+
+    # ------------------------------------------------------------ functions
+    def put_function(
+        self, namespace: str, name: str, body: Any, *, overwrite: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Create (or, with overwrite, update) a function: (its JSON, created?)."""
+        check_name(name, "function name")
+        kwargs = {
+            "defaults": self.config.functions,
+            "max_tokens_limit": self.config.max_tokens_limit,
+            "max_payload_limit": self.config.max_body_bytes,
+        }
+        now = time.time()
+        with self.db.session(write=True) as s:
+            ns_id = self._namespace_id(s, namespace)
+            row = s.execute(
+                select(Function)
+                .where(Function.namespace_id == ns_id, Function.name == name)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if row is None:
+                spec = FunctionDef.parse(body, **kwargs)  # type: ignore[arg-type]
+                row = Function(
+                    namespace_id=ns_id,
+                    name=name,
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                    **spec.columns(),
+                )
+                s.add(row)
+                try:
+                    s.flush()
+                except IntegrityError:
+                    raise Conflict(
+                        f"function {name!r} was just created by another request"
+                    ) from None
+                created = True
+            else:
+                if not overwrite:
+                    raise Conflict(
+                        f"function {name!r} exists; update it with ?overwrite=true (sllm fn update)"
+                    )
+                old = FunctionDef.of(row)
+                spec = FunctionDef.parse(body, base=old, **kwargs)  # type: ignore[arg-type]
+                for key, value in spec.columns().items():
+                    setattr(row, key, value)
+                row.version += 1
+                row.updated_at = now
+                created = False
+                if (spec.model, spec.task, spec.concurrency) != (
+                    old.model,
+                    old.task,
+                    old.concurrency,
+                ):
+                    # Instances of the old definition drain: new requests place anew.
+                    s.execute(
+                        update(Instance)
+                        .where(Instance.function_id == row.id)
+                        .values(state="unloading")
+                        .execution_options(synchronize_session=False)
+                    )
+            doc = function_json(row, namespace)
+        if created and doc["scaling"]["min_instances"] > 0:
+            self._wake.set()
+        return doc, created
+
+    def get_function(self, namespace: str, name: str) -> dict[str, Any]:
+        """One function."""
+        with self.db.session() as s:
+            return function_json(self._function(s, namespace, name), namespace)
+
+    def list_functions(self, namespace: str, limit: int, skip: int) -> list[dict[str, Any]]:
+        """A page of functions, by name."""
+        with self.db.session() as s:
+            ns_id = self._namespace_id(s, namespace)
+            rows = s.execute(
+                select(Function)
+                .where(Function.namespace_id == ns_id)
+                .order_by(Function.name)
+                .offset(skip)
+                .limit(limit)
+            ).scalars()
+            return [function_json(r, namespace) for r in rows]
+
+    def delete_function(self, namespace: str, name: str) -> dict[str, Any]:
+        """Delete a function; its instances are unloaded."""
+        with self.db.session(write=True) as s:
+            row = self._function(s, namespace, name)
+            doc = function_json(row, namespace)
+            placements = s.execute(
+                select(Invoker.url)
+                .join(Instance, Instance.invoker_id == Invoker.id)
+                .where(Instance.function_id == row.id)
+            ).all()
+            s.execute(delete(Function).where(Function.id == row.id))
+        for (url,) in placements:
+            self._unload_on(url, f"{namespace}/{name}")
+        return doc
+
+    def function_for(self, namespace: str, name: str) -> Function:
+        """The function row an invocation runs (detached)."""
+        with self.db.session() as s:
+            return self._function(s, namespace, name)
+
+    # ------------------------------------------------------------ invocations
+    def new_run(
+        self,
+        namespace: str,
+        fn: Function,
+        body: Any,
+        *,
+        blocking: bool,
+        body_bytes: int = 0,
+    ) -> Run:
+        """Validate an invocation of `fn` and make its Run (nothing stored yet)."""
+        if body_bytes > fn.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"the request is {body_bytes} bytes; function {fn.name!r} takes at most "
+                f"{fn.max_payload_bytes}"
+            )
+        params = {**(fn.params or {}), **require_object(body, "invocation parameters")}
+        params.pop("stream", None)
+        allowed = GENERATE_KEYS if fn.task == "generate" else EMBED_KEYS
+        unknown = sorted(k for k in params if k not in allowed)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown parameter(s) {unknown} for a {fn.task} function; "
+                f"it takes {sorted(allowed)}"
+            )
+        if fn.task == "generate":
+            given = [k for k in ("prompt", "messages", "tokens") if params.get(k) is not None]
+            if len(given) != 1:
+                raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
+            if params.get("max_tokens") is None:
+                params["max_tokens"] = fn.max_tokens
+            SamplingParams.from_request(params, max_tokens_limit=fn.max_tokens)
+        elif params.get("input") is None:
+            raise InvalidRequest("'input' is required: a string or a list of strings to embed")
+        return Run(
+            id=new_activation_id(),
+            namespace_id=fn.namespace_id,
+            namespace=namespace,
+            function=fn.name,
+            function_version=fn.version,
+            model=fn.model,
+            task=fn.task,
+            request=params,
+            blocking=blocking,
+        )
+
+    def submit(self, run: Run) -> str:
+        """Queue a non-blocking invocation (stored before the 202) and return its id."""
+        run.status = "queued"
+        run.log("queued")
+        with self.db.session(write=True) as s:
+            s.add(Activation(**run.columns()))
+        self._wake.set()
+        return run.id
+
+    def invoke(self, run: Run, fn: Function) -> tuple[Run, bool]:
+        """Run a blocking invocation: (the run, finished?).
+
+        When the function may run longer than the blocking wait, it runs on a
+        worker thread; if the wait ends first, the activation is stored as
+        running and the caller answers 202 with its id.
+        """
+        if fn.timeout_s <= self.config.blocking_timeout:
+            self._drain(run, fn)
+            return run, True
+        done: Future[None] = self._pool.submit(self._drain, run, fn)
+        try:
+            done.result(timeout=self.config.blocking_timeout)
+            return run, True
+        except FutureTimeout:
+            self._persist_running(run, fn)
+            return run, False
+
+    def _drain(self, run: Run, fn: Function) -> None:
+        with contextlib.suppress(SllmError):  # the outcome is in the activation
+            for _ in self.execute(run, fn):
+                pass
+
+    def execute(self, run: Run, fn: Function) -> Generator[dict[str, Any], None, None]:
+        """Run `run` on an instance of `fn`, yielding the invoker's events; store the outcome.
+
+        Generation yields start, token... and done; embedding yields one
+        {"event": "result"}. The activation is stored when the generator
+        ends, also when the consumer closes it early (a client went away).
+        A failure raises its SllmError after the activation is stored.
+        """
+        deadline = time.monotonic() + fn.timeout_s
+        slot: Slot | None = None
+        text: list[str] = []
+        avoid: list[int] = []
+        try:
+            while True:
+                try:
+                    slot = self.dispatcher.acquire(fn, deadline, avoid)
+                except DeadlineExceeded as exc:
+                    raise TimedOut(f"{exc} (timeout {fn.timeout_s:g} s)") from None
+                run.dispatched(slot.invoker)
+                body = {
+                    "function": f"{run.namespace}/{fn.name}",
+                    "model": fn.model,
+                    "task": fn.task,
+                    "concurrency": fn.concurrency,
+                    **run.request,
+                }
+                try:
+                    remaining = max(0.1, deadline - time.monotonic())
+                    if fn.task == "embed":
+                        result = self.invokers.call(slot.url, "/v1/embed", body, remaining)
+                        self.dispatcher.loaded(slot, None, None)
+                        run.cold = slot.cold
+                        run.tokens_in = (result.get("usage") or {}).get("prompt_tokens")
+                        run.finish("success", result=result)
+                        yield {"event": "result", "result": result}
+                        return
+                    yield from self._relay(run, fn, slot, body, remaining, deadline, text)
+                    return
+                except InvokerLost as exc:
+                    if time.monotonic() >= deadline:
+                        raise TimedOut(
+                            f"function {fn.name!r} ran past its {fn.timeout_s:g} s limit"
+                        ) from exc
+                    if run.ttft_ms is not None:
+                        raise
+                    log.warning("%s; retrying %s elsewhere", exc.message, run.id)
+                    run.log(f"{exc.message}; retrying elsewhere")
+                    self.dispatcher.drop(slot)
+                    avoid.append(slot.invoker_id)
+                    slot = None  # its instance row is gone
+                except Overloaded:
+                    if time.monotonic() >= deadline:
+                        raise
+                    self._released(slot)  # the invoker is full: try again
+                    slot = None
+                    time.sleep(0.02)
+                except SllmError:
+                    if slot is not None and slot.cold:
+                        self.dispatcher.drop(slot)  # it never became ready
+                        slot = None
+                    raise
+        except GeneratorExit:
+            if run.end_at is None:
+                run.result = self._partial(run, text, "cancelled")
+                run.finish("success")
+            raise
+        except SllmError as exc:
+            if run.end_at is None:
+                run.finish(
+                    status_of(exc) if not isinstance(exc, TimedOut) else "timeout", error=exc
+                )
+            raise
+        except Exception as exc:
+            log.exception("activation %s failed", run.id)
+            if run.end_at is None:
+                run.finish("platform_error", error=PlatformError(f"internal error: {exc}"))
+            raise PlatformError(f"internal error: {exc}") from exc
+        finally:
+            self._store(run, slot)
+
+    def _relay(
+        self,
+        run: Run,
+        fn: Function,
+        slot: Slot,
+        body: dict[str, Any],
+        remaining: float,
+        deadline: float,
+        text: list[str],
+    ) -> Generator[dict[str, Any], None, None]:
+        events = self.invokers.stream(slot.url, body, remaining)
+        try:
+            for ev in events:
+                kind = ev.get("event")
+                if kind == "start":
+                    run.started(ev)
+                    self.dispatcher.loaded(
+                        slot, run.tier if run.cold else None, run.load_ms if run.cold else None
+                    )
+                    self.metrics.observe_start(run.tier or "gpu", run.cold or False)
+                elif kind == "token":
+                    run.first_token()
+                    text.append(ev.get("text", ""))
+                elif kind == "done":
+                    usage = ev.get("usage") or {}
+                    timing = ev.get("timing") or {}
+                    run.tokens_out = usage.get("completion_tokens")
+                    run.tpot_ms = float(timing.get("tpot_s", 0.0)) * 1000
+                    run.result = self._partial(run, text, ev.get("finish_reason"), usage)
+                    run.finish("success")
+                yield ev
+                if time.monotonic() > deadline and kind != "done":
+                    raise TimedOut(f"function {fn.name!r} ran past its {fn.timeout_s:g} s limit")
+        finally:
+            events.close()
+
+    @staticmethod
+    def _partial(
+        run: Run, text: list[str], reason: str | None, usage: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        tokens_out = run.tokens_out if run.tokens_out is not None else sum(1 for t in text if t)
+        return {
+            "text": "".join(text),
+            "finish_reason": reason,
+            "usage": dict(usage)
+            if usage
+            else {
+                "prompt_tokens": run.tokens_in or 0,
+                "completion_tokens": tokens_out,
+                "total_tokens": (run.tokens_in or 0) + tokens_out,
+            },
+        }
+
+    def _released(self, slot: Slot) -> None:
+        with self.db.session(write=True) as s:
+            self.dispatcher.release(s, slot)
+
+    def _store(self, run: Run, slot: Slot | None) -> None:
+        """Release the slot and write the activation, in one transaction."""
+        if run.end_at is None:
+            run.finish("platform_error", error=PlatformError("the invocation ended unexpectedly"))
+        cols = run.columns()
+        with self.db.session(write=True) as s:
+            if slot is not None:
+                self.dispatcher.release(s, slot)
+            stored = rowcount(
+                s.execute(
+                    update(Activation)
+                    .where(Activation.id == run.id)
+                    .values(**{k: v for k, v in cols.items() if k != "id"}, lease_until=None)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            if not stored:
+                s.add(Activation(**cols))
+        self.metrics.observe_activation(run)
+
+    def _persist_running(self, run: Run, fn: Function) -> None:
+        """Store a blocking invocation that outlived the blocking wait as running."""
+        cols = {**run.columns(), "status": "running"}
+        try:
+            with self.db.session(write=True) as s:
+                exists = s.execute(select(Activation.id).where(Activation.id == run.id)).scalar()
+                if exists is None:
+                    s.add(
+                        Activation(
+                            **cols,
+                            claimed_by=self.name,
+                            lease_until=time.time() + fn.timeout_s + self.config.lease_margin,
+                        )
+                    )
+        except IntegrityError:
+            pass  # it finished and stored itself meanwhile
+
+    # ------------------------------------------------------------ activations
+    def list_activations(
+        self,
+        namespace: str,
+        *,
+        name: str | None,
+        since: float | None,
+        upto: float | None,
+        status: str | None,
+        limit: int,
+        skip: int,
+    ) -> list[dict[str, Any]]:
+        """A page of activations, newest first."""
+        if status is not None and status not in STATUSES:
+            raise InvalidRequest(f"'status' must be one of {list(STATUSES)}, got {status!r}")
+        with self.db.session() as s:
+            ns_id = self._namespace_id(s, namespace)
+            q = select(Activation).where(Activation.namespace_id == ns_id)
+            if name is not None:
+                q = q.where(Activation.function_name == name)
+            if since is not None:
+                q = q.where(Activation.created_at >= since)
+            if upto is not None:
+                q = q.where(Activation.created_at <= upto)
+            if status is not None:
+                q = q.where(Activation.status == status)
+            rows = s.execute(
+                q.order_by(Activation.created_at.desc(), Activation.id).offset(skip).limit(limit)
+            ).scalars()
+            return [activation_json(r, namespace, full=False) for r in rows]
+
+    def get_activation(self, namespace: str, activation_id: str) -> dict[str, Any]:
+        """One activation with its request, result, error and logs."""
+        with self.db.session() as s:
+            ns_id = self._namespace_id(s, namespace)
+            row = s.execute(
+                select(Activation).where(
+                    Activation.id == activation_id, Activation.namespace_id == ns_id
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"no activation {activation_id!r} in namespace {namespace!r}")
+            return activation_json(row, namespace)
+
+    # ------------------------------------------------------------ invokers
+    def heartbeat(self, body: Any) -> dict[str, Any]:
+        """An invoker's registration or heartbeat, with its status; reconciles its instances."""
+        doc = require_object(body)
+        name, url, device = doc.get("name"), doc.get("url"), doc.get("device", "")
+        status = doc.get("status") or {}
+        capacity = doc.get("capacity") or {}
+        if not isinstance(name, str) or not 1 <= len(name) <= 128:
+            raise InvalidRequest("'name' must be a string of 1-128 characters")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InvalidRequest("'url' must be an http(s) URL")
+        if not isinstance(status, Mapping) or not isinstance(capacity, Mapping):
+            raise InvalidRequest("'status' and 'capacity' must be objects")
+        now = time.time()
+        with self.db.session(write=True) as s:
+            row = s.execute(select(Invoker).where(Invoker.name == name)).scalar_one_or_none()
+            if row is None:
+                row = Invoker(
+                    name=name,
+                    url=url.rstrip("/"),
+                    device=str(device)[:64],
+                    capacity=dict(capacity),
+                    status=dict(status),
+                    state="active",
+                    registered_at=now,
+                    last_heartbeat=now,
+                )
+                s.add(row)
+                s.flush()
+                log.info("invoker %s registered at %s", name, url)
+            else:
+                if row.state != "active":
+                    log.info("invoker %s is back", name)
+                row.url, row.device = url.rstrip("/"), str(device)[:64]
+                row.capacity, row.status = dict(capacity), dict(status)
+                row.state, row.last_heartbeat = "active", now
+            self._reconcile(s, row, status)
+        return {"name": name, "state": "active", "heartbeat_timeout": self.config.heartbeat_timeout}
+
+    def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> None:
+        """Make the instance rows of `invoker` match what it reports it holds."""
+        reported: dict[str, str | None] = {}
+        for inst in status.get("instances") or []:
+            if isinstance(inst, Mapping) and isinstance(inst.get("function"), str):
+                reported[inst["function"]] = None if inst.get("loading") else inst.get("model")
+        rows = s.execute(
+            select(Instance, Function.name, Namespace.name)
+            .join(Function, Function.id == Instance.function_id)
+            .join(Namespace, Namespace.id == Function.namespace_id)
+            .where(Instance.invoker_id == invoker.id)
+        ).all()
+        grace = time.time() - 2 * self.config.heartbeat_timeout
+        for inst, fname, ns in rows:
+            key = f"{ns}/{fname}"
+            if key in reported:
+                continue
+            # A ready instance the invoker no longer holds was unloaded there (under
+            # pressure); a load it never heard of failed on the way.
+            idle = inst.state == "ready" and inst.in_flight == 0
+            if idle or (inst.state == "loading" and inst.created_at < grace):
+                s.delete(inst)
+
+    def list_invokers(self) -> list[dict[str, Any]]:
+        """Every invoker with its state, last heartbeat and instances."""
+        with self.db.session() as s:
+            invokers = s.execute(select(Invoker).order_by(Invoker.name)).scalars().all()
+            counts = dict(
+                s.execute(
+                    select(Instance.invoker_id, func.count()).group_by(Instance.invoker_id)
+                ).all()
+            )
+            return [
+                {
+                    "name": v.name,
+                    "url": v.url,
+                    "device": v.device,
+                    "state": v.state,
+                    "last_heartbeat": v.last_heartbeat,
+                    "registered": v.registered_at,
+                    "capacity": v.capacity,
+                    "instances": counts.get(v.id, 0),
+                    "status": v.status,
+                }
+                for v in invokers
+            ]
+
+    # ------------------------------------------------------------ background: queue
+    def _queue_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                claimed = self._claim()
+            except Exception:
+                log.exception("claiming queued activations failed")
+                claimed = 0
+            if not claimed:
+                self._wake.wait(0.25)
+                self._wake.clear()
+
+    def _claim(self) -> int:
+        """Claim queued activations up to the free queue workers and start them."""
+        free = 0
+        while self._queue_slots.acquire(blocking=False):
+            free += 1
+        if not free:
+            return 0
+        try:
+            now = time.time()
+            with self.db.session(write=True) as s:
+                ids = list(
+                    s.execute(
+                        select(Activation.id)
+                        .where(Activation.status == "queued")
+                        .order_by(Activation.created_at)
+                        .limit(free)
+                        .with_for_update(skip_locked=True)
+                    ).scalars()
+                )
+                rows = []
+                for activation_id in ids:
+                    row = s.execute(
+                        select(Activation, Namespace.name, Function)
+                        .join(Namespace, Namespace.id == Activation.namespace_id)
+                        .outerjoin(
+                            Function,
+                            (Function.namespace_id == Activation.namespace_id)
+                            & (Function.name == Activation.function_name),
+                        )
+                        .where(Activation.id == activation_id)
+                    ).one()
+                    act, ns, fn = row
+                    timeout = fn.timeout_s if fn is not None else 0.0
+                    act.status, act.claimed_by = "running", self.name
+                    act.lease_until = now + timeout + self.config.lease_margin
+                    act.attempts += 1
+                    rows.append((Run.of(act, ns), fn))
+        except Exception:
+            for _ in range(free):
+                self._queue_slots.release()
+            raise
+        for _ in range(free - len(rows)):
+            self._queue_slots.release()
+        for run, fn in rows:
+            self._pool.submit(self._run_queued, run, fn)
+        return len(rows)
+
+    def _run_queued(self, run: Run, fn: Function | None) -> None:
+        try:
+            if fn is None:
+                run.finish(
+                    "function_error",
+                    error=NotFound(f"function {run.function!r} was deleted before it ran"),
+                )
+                self._store(run, None)
+                return
+            run.log(f"claimed by {self.name}")
+            self._drain(run, fn)
+        except Exception:
+            log.exception("queued activation %s failed", run.id)
+        finally:
+            self._queue_slots.release()
+            self._wake.set()
+
+    # ------------------------------------------------------------ background: maintenance
+    def _maintenance_loop(self) -> None:
+        while not self._stop.wait(self.config.maintenance_interval):
+            try:
+                self.maintain()
+            except Exception:
+                log.exception("maintenance pass failed")
+
+    def maintain(self) -> None:
+        """One pass: lost invokers, expired leases, keep-alive unloads, min instances."""
+        now = time.time()
+        with self.db.session(write=True) as s:
+            lost = list(
+                s.execute(
+                    select(Invoker.id, Invoker.name).where(
+                        Invoker.state == "active",
+                        Invoker.last_heartbeat < now - self.config.heartbeat_timeout,
+                    )
+                ).all()
+            )
+            for invoker_id, name in lost:
+                log.warning("invoker %s missed its heartbeats: out of rotation", name)
+                s.execute(
+                    update(Invoker)
+                    .where(Invoker.id == invoker_id)
+                    .values(state="lost")
+                    .execution_options(synchronize_session=False)
+                )
+                s.execute(delete(Instance).where(Instance.invoker_id == invoker_id))
+            s.execute(
+                update(Activation)
+                .where(Activation.status == "running", Activation.lease_until < now)
+                .values(
+                    status="platform_error",
+                    end_at=now,
+                    error={
+                        "code": "interrupted",
+                        "message": "the controller running this activation stopped; "
+                        "it is not run twice",
+                    },
+                    lease_until=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        self._expire_idle(now)
+        self._prewarm()
+
+    def _expire_idle(self, now: float) -> None:
+        with self.db.session(write=True) as s:
+            rows = s.execute(
+                select(Instance.id, Invoker.url, Namespace.name, Function.name)
+                .join(Function, Function.id == Instance.function_id)
+                .join(Namespace, Namespace.id == Function.namespace_id)
+                .join(Invoker, Invoker.id == Instance.invoker_id)
+                .where(
+                    (Instance.state == "unloading")
+                    | (
+                        (Instance.state == "ready")
+                        & (Instance.in_flight == 0)
+                        & (Instance.last_used_at < now - Function.keep_alive_s)
+                    )
+                )
+            ).all()
+            doomed = []
+            for instance_id, url, ns, fname in rows:
+                fn = s.execute(
+                    select(Function)
+                    .join(Instance, Instance.function_id == Function.id)
+                    .where(Instance.id == instance_id)
+                ).scalar_one()
+                live = s.execute(
+                    select(func.count())
+                    .select_from(Instance)
+                    .where(Instance.function_id == fn.id, Instance.state == "ready")
+                ).scalar_one()
+                state = s.execute(
+                    select(Instance.state).where(Instance.id == instance_id)
+                ).scalar_one()
+                if state == "ready" and live <= fn.min_instances:
+                    continue
+                taken = rowcount(
+                    s.execute(
+                        delete(Instance)
+                        .where(Instance.id == instance_id, Instance.in_flight == 0)
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+                if taken:
+                    doomed.append((url, f"{ns}/{fname}"))
+        for url, function in doomed:
+            self._unload_on(url, function)
+
+    def _prewarm(self) -> None:
+        with self.db.session() as s:
+            short = list(
+                s.execute(
+                    select(Function, Namespace.name)
+                    .join(Namespace, Namespace.id == Function.namespace_id)
+                    .where(
+                        Function.min_instances
+                        > select(func.count())
+                        .select_from(Instance)
+                        .where(
+                            Instance.function_id == Function.id,
+                            Instance.state.in_(("loading", "ready")),
+                        )
+                        .scalar_subquery()
+                    )
+                ).all()
+            )
+        for fn, ns in short:
+            slot = self.dispatcher.scale_out(fn, reserve=False)
+            if slot is not None:
+                self._pool.submit(self._load, slot, fn, ns)
+
+    def _load(self, slot: Slot, fn: Function, namespace: str) -> None:
+        body = {
+            "function": f"{namespace}/{fn.name}",
+            "model": fn.model,
+            "task": fn.task,
+            "concurrency": fn.concurrency,
+        }
+        try:
+            report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
+        except SllmError as exc:
+            log.warning("prewarm of %s on %s failed: %s", body["function"], slot.invoker, exc)
+            self.dispatcher.drop(slot)
+            return
+        tier = report.get("tier") if report.get("cold") else None
+        load_ms = float(report.get("load_seconds", 0.0)) * 1000
+        self.dispatcher.loaded(slot, tier, load_ms)
+
+    def _unload_on(self, url: str, function: str) -> None:
+        try:
+            self.invokers.call(url, "/v1/unload", {"function": function}, 10.0)
+        except SllmError as exc:
+            log.info("unload of %s on %s: %s", function, url, exc.message)
+
+    # ------------------------------------------------------------ lookups
+    @staticmethod
+    def _namespace_id(s: Session, name: str) -> int:
+        found = s.execute(select(Namespace.id).where(Namespace.name == name)).scalar()
+        if found is None:
+            raise NotFound(f"no namespace {name!r}")
+        return int(found)
+
+    @staticmethod
+    def _function(s: Session, namespace: str, name: str) -> Function:
+        row = s.execute(
+            select(Function)
+            .join(Namespace, Namespace.id == Function.namespace_id)
+            .where(Namespace.name == namespace, Function.name == name)
+        ).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"no function {name!r} in namespace {namespace!r}")
+        return row
+
+
+def page(args: Mapping[str, str]) -> tuple[int, int]:
+    """`limit` and `skip` query arguments, validated."""
+    out = []
+    for name, default, hi in (("limit", 30, MAX_PAGE), ("skip", 0, 10**9)):
+        raw = args.get(name)
+        if raw is None:
+            out.append(default)
+            continue
+        if not raw.isdigit() or not (1 if name == "limit" else 0) <= int(raw) <= hi:
+            raise InvalidRequest(
+                f"{name!r} must be an integer in [{1 if name == 'limit' else 0}, {hi}]"
+            )
+        out.append(int(raw))
+    return out[0], out[1]

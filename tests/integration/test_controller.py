@@ -1,0 +1,179 @@
+"""The controller end to end, on SQLite and PostgreSQL: a real invoker process registered by
+heartbeat, a local directory store with tiny published models, real HTTP clients."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.controller import api, client, make_fn
+
+pytestmark = [pytest.mark.invoker]
+
+
+def test_function_crud_and_validation(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    doc = make_fn(c, "crud", limits={"max_tokens": 64}, scaling={"keep_alive": 30})
+    assert doc["model"] == "llama" and doc["limits"]["max_tokens"] == 64
+    assert doc["version"] == 1 and doc["namespace"] == "alpha"
+    again = c.put("/api/v1/namespaces/_/functions/crud", json={"model": "llama"})
+    assert again.status_code == 409
+    up = c.put(
+        "/api/v1/namespaces/alpha/functions/crud?overwrite=true", json={"limits": {"timeout": 30}}
+    )
+    assert up.status_code == 200 and up.json()["version"] == 2
+    assert up.json()["limits"] == {**doc["limits"], "timeout": 30.0}
+    assert c.get("/api/v1/namespaces/_/functions/crud").json()["version"] == 2
+    names = [f["name"] for f in c.get("/api/v1/namespaces/_/functions").json()]
+    assert "crud" in names
+    bad = [
+        ("Bad_Name", {"model": "llama"}),
+        ("ok", {}),
+        ("ok", {"model": "../etc"}),
+        ("ok", {"model": "llama", "task": "dance"}),
+        ("ok", {"model": "llama", "limits": {"max_tokens": 0}}),
+        ("ok", {"model": "llama", "limits": {"timeout": -1}}),
+        ("ok", {"model": "llama", "scaling": {"min_instances": 3, "max_instances": 2}}),
+        ("ok", {"model": "llama", "colour": "red"}),
+        ("ok", {"model": "llama", "limits": {"speed": 1}}),
+        ("ok", [1, 2]),
+    ]
+    for name, body in bad:
+        r = c.put(f"/api/v1/namespaces/_/functions/{name}", json=body)
+        assert r.status_code == 400, (name, body, r.text)
+        assert r.json()["error"]["code"] == "invalid_request"
+        assert r.json()["error"]["message"]
+    assert c.delete("/api/v1/namespaces/_/functions/crud").status_code == 200
+    assert c.get("/api/v1/namespaces/_/functions/crud").status_code == 404
+
+
+def test_blocking_invocation_records_an_activation(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    make_fn(c, "gen")
+    body = {"prompt": "hello there", "max_tokens": 5, "temperature": 0}
+    r = c.post("/api/v1/namespaces/_/functions/gen/invocations?blocking=true", json=body)
+    assert r.status_code == 200, r.text
+    act = r.json()
+    assert act["status"] == "success" and act["success"] is True
+    assert act["result"]["usage"]["completion_tokens"] == act["tokens_out"] >= 1
+    assert act["cold"] is True and act["tier"] in ("remote", "nvme", "dram")
+    assert act["invoker"] == "inv-a" and act["ttft_ms"] > 0 and act["load_ms"] > 0
+    warm = c.post(
+        "/api/v1/namespaces/_/functions/gen/invocations?blocking=true&result=true", json=body
+    )
+    assert warm.status_code == 200
+    assert warm.json()["text"] == act["result"]["text"]  # greedy: the same text
+    activation_id = warm.headers["X-Activation-Id"]
+    stored = c.get(f"/api/v1/namespaces/_/activations/{activation_id}").json()
+    assert stored["cold"] is False and stored["tier"] == "gpu"
+    logs = c.get(f"/api/v1/namespaces/_/activations/{activation_id}/logs").json()["logs"]
+    assert any("warm" in line for line in logs)
+    listed = c.get("/api/v1/namespaces/_/activations?name=gen&limit=5").json()
+    assert [a["activationId"] for a in listed[:2]] == [activation_id, act["activationId"]]
+
+
+def test_non_blocking_invocation_runs_once(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    make_fn(c, "async")
+    r = c.post(
+        "/api/v1/namespaces/_/functions/async/invocations", json={"prompt": "hi", "max_tokens": 3}
+    )
+    assert r.status_code == 202
+    activation_id = r.json()["activationId"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        doc = c.get(f"/api/v1/namespaces/_/activations/{activation_id}/result").json()
+        if doc["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.1)
+    assert doc["status"] == "success", doc
+    assert doc["result"]["usage"]["completion_tokens"] >= 1
+
+
+def test_streaming_native(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    make_fn(c, "streamy")
+    body = {"prompt": "tell me", "max_tokens": 6, "temperature": 0}
+    with c.stream(
+        "POST", "/api/v1/namespaces/_/functions/streamy/invocations?stream=true", json=body
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in r.iter_lines() if line]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    text = "".join(e["text"] for e in events if e["event"] == "token")
+    blocking = c.post(
+        "/api/v1/namespaces/_/functions/streamy/invocations?blocking=true&result=true", json=body
+    ).json()
+    assert text == blocking["text"]
+
+
+def test_embeddings_function(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    make_fn(c, "embedder", task="embed")
+    c.put("/api/v1/namespaces/_/functions/embedder?overwrite=true", json={"model": "emb"})
+    r = c.post(
+        "/api/v1/namespaces/_/functions/embedder/invocations?blocking=true&result=true",
+        json={"input": ["a cat", "a dog"]},
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2
+
+
+def test_namespaces_are_isolated(stack: dict[str, Any]) -> None:
+    a, b = api(stack, "alpha"), api(stack, "beta")
+    make_fn(a, "private")
+    assert b.get("/api/v1/namespaces/alpha/functions/private").status_code == 403
+    assert b.get("/api/v1/namespaces/_/functions/private").status_code == 404
+    assert (
+        b.post("/api/v1/namespaces/alpha/functions/private/invocations", json={}).status_code == 403
+    )
+    assert b.get("/api/v1/namespaces/alpha/activations").status_code == 403
+    assert b.put("/api/v1/namespaces/gamma").status_code == 403  # not an admin
+    assert b.get("/api/v1/invokers").status_code == 403
+    bad = client(stack["ctl"].url, "nobody:nothing")
+    assert bad.get("/api/v1/namespaces/_/functions").status_code == 401
+    assert httpx.get(stack["ctl"].url + "/api/v1/namespaces/_/functions").status_code == 401
+
+
+def test_bad_invocations_are_4xx(stack: dict[str, Any]) -> None:
+    c = api(stack)
+    make_fn(c, "strict", limits={"max_tokens": 8, "max_payload": 2048})
+    base = "/api/v1/namespaces/_/functions/strict/invocations?blocking=true"
+    cases: list[tuple[Any, int]] = [
+        ({}, 400),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400),
+        ({"prompt": "x", "max_tokens": 9}, 400),
+        ({"prompt": "x", "temperature": 5}, 400),
+        ({"prompt": "x", "top_p": 0}, 400),
+        ({"prompt": "x", "colour": "red"}, 400),
+        ({"prompt": "x" * 4000}, 413),
+    ]
+    for body, status in cases:
+        r = c.post(base, json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["message"]
+    maybe = "/api/v1/namespaces/_/functions/strict/invocations?blocking=maybe"
+    assert c.post(maybe, json={"prompt": "x"}).status_code == 400
+    assert c.post("/api/v1/namespaces/_/functions/none/invocations", json={}).status_code == 404
+    raw = c.post(base, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400
+
+
+def test_openapi_health_metrics(stack: dict[str, Any]) -> None:
+    url = stack["ctl"].url
+    assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(url + "/readyz").status_code == 200
+    doc = httpx.get(url + "/api/v1/openapi.json").json()
+    assert doc["openapi"].startswith("3.") and "/v1/chat/completions" in doc["paths"]
+    assert "sllm_controller_requests" in httpx.get(url + "/metrics").text
+
+
+def test_invokers_list(stack: dict[str, Any]) -> None:
+    invokers = stack["admin"].get("/api/v1/invokers").json()
+    assert [i["name"] for i in invokers] == ["inv-a"]
+    assert invokers[0]["state"] == "active" and "tiers" in invokers[0]["status"]
