@@ -68,7 +68,12 @@ class Invoker:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Measure bandwidths (when configured) and become ready."""
+        """Import the model machinery, measure bandwidths (when configured), become ready."""
+        # transformers imports its model and tokenizer machinery lazily (about 2 s on a
+        # small CPU host): paid here, at start-up, not by the first cold start.
+        from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+        del AutoConfig, AutoTokenizer, PreTrainedModel
         if self.config.measure_bandwidth:
             self.measure_bandwidths()
         self._ready.set()

@@ -1,6 +1,21 @@
 #!/usr/bin/env bash
-# Install sllm, then run the main job on the embedded default (offline, CPU is enough).
+# Install sllm, then run the main job on the embedded default, offline (CPU is enough):
+# start the embedded server, publish a demo model, create a function, invoke it streaming.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-.venv/bin/sllm demo "$@"
+export SLLM_HOME="${SLLM_HOME:-$PWD/.sllm-demo}"  # database, store, caches, CLI config
+PORT="${SLLM_DEMO_PORT:-8700}"
+sllm() { .venv/bin/sllm "$@"; }
+rm -rf "$SLLM_HOME"
+sllm server start --detach --port "$PORT"
+trap 'sllm server stop' EXIT
+echo "== publish a demo model"
+sllm model demo "$SLLM_HOME/demo-model"
+sllm model push "$SLLM_HOME/demo-model" demo
+echo "== create a function and invoke it (tokens stream as they are generated)"
+sllm fn create demo --model demo --keep-alive 600
+sllm fn invoke demo -p prompt "Once upon a time" -p max_tokens 24 -p temperature 0 --stream
+sllm fn invoke demo -p prompt "Once upon a time" -p max_tokens 24 -p temperature 0 --stream
+echo "== activations"
+sllm activation list

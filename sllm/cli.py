@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sllm.cli_client import activation as activation_group
+from sllm.cli_client import fn as fn_group
+from sllm.cli_client import login as login_command
+from sllm.cli_controller import controller as controller_group
 from sllm.cli_invoker import invoker as invoker_group
+from sllm.cli_server import server as server_group
 
 if TYPE_CHECKING:
     from sllm.store import Store
@@ -198,6 +203,21 @@ def model_push(
         )
 
 
+@model.command("demo")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the random weights.")
+def model_demo(folder: Path, seed: int) -> None:
+    """Build a small demo Llama (random weights, a tokenizer trained on the spot) in FOLDER."""
+    from transformers.utils import logging as hf_logging
+
+    from sllm.tiny_models import build_tiny_model
+
+    hf_logging.disable_progress_bar()
+    src = build_tiny_model("llama", folder, seed=seed)
+    size = sum(p.stat().st_size for p in src.iterdir())
+    click.echo(f"built a demo Llama model in {src} ({size} bytes)")
+
+
 @model.command("list")
 @click.option("--store", "store_uri", metavar="URI", help=_STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the published records as JSON.")
@@ -270,12 +290,19 @@ def bench_load(
 
 
 main.add_command(invoker_group)
+main.add_command(fn_group)
+main.add_command(activation_group)
+main.add_command(login_command)
+main.add_command(controller_group)
+main.add_command(server_group)
 
 
 def _add_bench_commands() -> None:
     from sllm.bench.coldstart import command as coldstart
+    from sllm.bench.overhead import command as overhead
 
     bench.add_command(coldstart)
+    bench.add_command(overhead)
 
 
 _add_bench_commands()

@@ -1,0 +1,737 @@
+"""`sllm fn|activation|login` and `sllm invoker list`: the CLI as a client of the controller.
+
+Modelled on `wsk`: `-p KEY VALUE` parameters (JSON when they parse, else
+strings), `--blocking`, `--result`, `--stream`; readable tables by default and
+`--json` for the raw answers. Every command finds the controller through
+--apihost/--key, else SLLM_APIHOST/SLLM_API_KEY, else $SLLM_HOME/cli.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
+
+import click
+
+from sllm.cli_invoker import invoker
+
+if TYPE_CHECKING:
+    from sllm.client import Client
+
+P = ParamSpec("P")
+
+_META = "sllm.api."  # where the connection options wait in click's context meta
+
+
+# --------------------------------------------------------------------------- connection
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta[_META + str(param.name)] = value
+
+
+_API_OPTIONS = (
+    click.option(
+        "--apihost",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember,
+        help="Controller URL [SLLM_APIHOST, else the one saved by `sllm login`].",
+    ),
+    click.option(
+        "--key",
+        metavar="KEY",
+        expose_value=False,
+        callback=_remember,
+        help="API key KEY_ID:SECRET [SLLM_API_KEY, else the one saved by `sllm login`].",
+    ),
+    click.option(
+        "--namespace",
+        metavar="NS",
+        expose_value=False,
+        callback=_remember,
+        help="Namespace to act in [_: the key's own; an admin key must name one].",
+    ),
+)
+
+
+def _api_command(f: Callable[P, None]) -> Callable[P, None]:
+    """Add the connection options; an API error prints `error: MESSAGE (CODE)` and exits 1."""
+
+    @functools.wraps(f)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        from sllm.client import ApiError
+
+        try:
+            f(*args, **kwargs)
+        except ApiError as exc:
+            _fail(exc.message, exc.code, exc.activation_id)
+
+    for option in reversed(_API_OPTIONS):
+        run = option(run)
+    return run
+
+
+def _client() -> Client:
+    """A client for the controller named by the options, else the environment, else the file."""
+    from sllm.client import Client, load_cli_config
+
+    meta = click.get_current_context().meta
+    try:
+        config = load_cli_config(os.environ)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    apihost = meta.get(_META + "apihost") or config.apihost
+    api_key = meta.get(_META + "key") or config.api_key
+    if not apihost or not api_key:
+        missing = " and ".join(
+            what for what, value in (("controller URL", apihost), ("API key", api_key)) if not value
+        )
+        raise click.ClickException(
+            f"no {missing} configured: run `sllm login APIHOST --key KEY` "
+            "(or `sllm server start` for a local server), set SLLM_APIHOST and SLLM_API_KEY, "
+            "or pass --apihost and --key"
+        )
+    return Client(apihost, api_key, namespace=meta.get(_META + "namespace", "_"))
+
+
+def _fail(message: str, code: str, activation_id: str | None = None) -> NoReturn:
+    click.echo(f"error: {message} ({code})", err=True)
+    if activation_id:
+        click.echo(f"activation: {activation_id}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+# --------------------------------------------------------------------------- output
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+
+
+def _print_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Columns padded to their widest cell; the last one is not padded."""
+    lines = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        click.echo("  ".join([*cells, line[-1]]).rstrip())
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _fields(pairs: Iterable[tuple[str, str]]) -> None:
+    pairs = list(pairs)
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+# --------------------------------------------------------------------------- parameters
+def _json_or_string(value: str) -> Any:
+    """As wsk reads `-p` values: JSON when it parses, else the string itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _read_param_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc}", param_hint="'--param-file'"
+        ) from None
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{path} must hold a JSON object", param_hint="'--param-file'")
+    return doc
+
+
+def _params(pairs: Sequence[tuple[str, str]], param_file: Path | None) -> dict[str, Any]:
+    """--param-file's object, then each -p KEY VALUE over it."""
+    params = _read_param_file(param_file)
+    params.update((key, _json_or_string(value)) for key, value in pairs)
+    return params
+
+
+def _param_options(f: Callable[P, None]) -> Callable[P, None]:
+    f = click.option(
+        "--param-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A JSON object of parameters (-p entries override it).",
+    )(f)
+    return click.option(
+        "--param",
+        "-p",
+        "param",
+        nargs=2,
+        multiple=True,
+        metavar="KEY VALUE",
+        help="A parameter; VALUE is parsed as JSON when it parses, else taken as a string.",
+    )(f)
+
+
+# --------------------------------------------------------------------------- fn
+@click.group("fn")
+def fn() -> None:
+    """Create, update, inspect, delete and invoke functions."""
+
+
+def _function_options(f: Callable[P, None]) -> Callable[P, None]:
+    options = (
+        click.option("--task", type=click.Choice(["generate", "embed"]), help="What it computes."),
+        click.option("--timeout", type=float, metavar="SECONDS", help="Time limit per request."),
+        click.option(
+            "--max-tokens", type=int, metavar="N", help="Largest max_tokens a request gets."
+        ),
+        click.option("--concurrency", type=int, metavar="N", help="Requests per instance at once."),
+        click.option("--max-payload", metavar="SIZE", help="Largest request body, e.g. 1MiB."),
+        click.option("--min-instances", type=int, metavar="N", help="Instances kept warm."),
+        click.option("--max-instances", type=int, metavar="N", help="Most instances at once."),
+        click.option(
+            "--target-concurrency", type=int, metavar="N", help="Requests per instance to scale at."
+        ),
+        click.option(
+            "--keep-alive", type=float, metavar="SECONDS", help="Idle time before scaling down."
+        ),
+        click.option(
+            "--store",
+            "store_uri",
+            metavar="URI",
+            help="Where to push a local --model folder [SLLM_STORE_URI, file://$SLLM_HOME/store].",
+        ),
+        click.option(
+            "--push-as",
+            metavar="MODEL",
+            help="Publish a local --model folder under this name [the function's name].",
+        ),
+    )
+    for option in reversed(options):
+        f = option(f)
+    return _param_options(f)
+
+
+def _definition(
+    name: str,
+    model: str | None,
+    params: dict[str, Any],
+    params_given: bool,
+    flags: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The PUT body: only what was given (a local --model folder is pushed first)."""
+    body: dict[str, Any] = {}
+    if model is not None:
+        body["model"] = _pushed(model, flags["push_as"], flags["store_uri"], name)
+    elif flags["push_as"] or flags["store_uri"]:
+        raise click.UsageError("--push-as and --store go with a local --model folder")
+    if flags["task"] is not None:
+        body["task"] = flags["task"]
+    limits = {
+        "timeout": flags["timeout"],
+        "max_tokens": flags["max_tokens"],
+        "concurrency": flags["concurrency"],
+        "max_payload": _size(flags["max_payload"]),
+    }
+    scaling = {
+        key: flags[key]
+        for key in ("min_instances", "max_instances", "target_concurrency", "keep_alive")
+    }
+    for section, values in (("limits", limits), ("scaling", scaling)):
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            body[section] = given
+    if params_given:
+        body["params"] = params
+    return body
+
+
+def _size(value: str | None) -> int | None:
+    from sllm.core.config import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value, name="--max-payload")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--max-payload'") from None
+
+
+def _pushed(model: str, push_as: str | None, store_uri: str | None, fn_name: str) -> str:
+    """`model` itself, or, when it is a local path, the name it was just published under."""
+    if not Path(model).exists():
+        if push_as or store_uri:
+            raise click.UsageError(
+                f"--push-as and --store go with a local --model folder; {model!r} is not a path"
+            )
+        return model
+    from sllm.core.errors import SllmError
+    from sllm.store import StoreSettings, default_store_uri, open_store, push_model
+
+    name = push_as or fn_name
+    try:
+        store = open_store(
+            store_uri or default_store_uri(os.environ), StoreSettings.from_env(os.environ)
+        )
+        click.echo(f"pushing {model} to {store.uri} as model {name} ...", err=True)
+        pushed = push_model(str(model), name, store, progress=sys.stderr.isatty())
+    except SllmError as exc:
+        raise click.ClickException(f"cannot push {model}: {exc.message}") from None
+    published = pushed.model
+    if pushed.unchanged:
+        click.echo(f"model {published.name} unchanged (digest {published.digest})")
+    else:
+        click.echo(
+            f"pushed {published.name} digest={published.digest} ({published.total_bytes} bytes)"
+        )
+    return published.name
+
+
+@fn.command("create")
+@click.argument("name")
+@click.option(
+    "--model",
+    "-m",
+    required=True,
+    help="A published model name, or a local model folder or file to push first.",
+)
+@_function_options
+@_json_option
+@_api_command
+def fn_create(
+    name: str,
+    model: str,
+    param: tuple[tuple[str, str], ...],
+    param_file: Path | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Create function NAME serving a model; -p KEY VALUE sets default request parameters."""
+    params = _params(param, param_file)
+    body = _definition(name, model, params, bool(param or param_file), flags)
+    with _client() as api:
+        doc = api.put_function(name, body)
+    if as_json:
+        _print_json(doc)
+    else:
+        click.echo(f"ok: created function {doc['name']} (model {doc['model']}, {doc['task']})")
+
+
+@fn.command("update")
+@click.argument("name")
+@click.option(
+    "--model", "-m", help="A published model name, or a local model folder or file to push first."
+)
+@_function_options
+@_json_option
+@_api_command
+def fn_update(
+    name: str,
+    model: str | None,
+    param: tuple[tuple[str, str], ...],
+    param_file: Path | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Change function NAME: only the options given change; -p replaces all default parameters."""
+    params = _params(param, param_file)
+    params_given = bool(param or param_file)
+    body = _definition(name, model, params, params_given, flags)
+    if not body:
+        raise click.UsageError("nothing to update: give --model, -p or a limit or scaling option")
+    with _client() as api:
+        doc = api.put_function(name, body, overwrite=True)
+    if as_json:
+        _print_json(doc)
+    else:
+        click.echo(f"ok: updated function {doc['name']} (version {doc['version']})")
+
+
+@fn.command("get")
+@click.argument("name")
+@_json_option
+@_api_command
+def fn_get(name: str, as_json: bool) -> None:
+    """Show function NAME: its model, limits, scaling policy and default parameters."""
+    with _client() as api:
+        doc = api.get_function(name)
+    if as_json:
+        _print_json(doc)
+        return
+    limits, scaling = doc["limits"], doc["scaling"]
+    from sllm.core.config import format_bytes
+
+    _fields(
+        [
+            ("name", f"{doc['namespace']}/{doc['name']}"),
+            ("model", doc["model"]),
+            ("task", doc["task"]),
+            (
+                "limits",
+                f"timeout {_seconds(limits['timeout'])}, max_tokens {limits['max_tokens']}, "
+                f"concurrency {limits['concurrency']}, "
+                f"max_payload {format_bytes(limits['max_payload'])}",
+            ),
+            (
+                "scaling",
+                f"instances {scaling['min_instances']}-{scaling['max_instances']}, "
+                f"target concurrency {scaling['target_concurrency']}, "
+                f"keep-alive {_seconds(scaling['keep_alive'])}",
+            ),
+            ("params", json.dumps(doc["params"])),
+            ("version", str(doc["version"])),
+            ("created", _when(doc["created"])),
+            ("updated", _when(doc["updated"])),
+        ]
+    )
+
+
+@fn.command("list")
+@click.option("--limit", type=click.IntRange(1, 200), help="At most this many [30].")
+@click.option("--skip", type=click.IntRange(min=0), help="Skip this many first.")
+@_json_option
+@_api_command
+def fn_list(limit: int | None, skip: int | None, as_json: bool) -> None:
+    """List functions, by name."""
+    with _client() as api:
+        docs = api.list_functions(limit=limit, skip=skip)
+    if as_json:
+        _print_json(docs)
+        return
+    if not docs:
+        click.echo("no functions")
+        return
+    _table(
+        ("NAME", "MODEL", "TASK", "INSTANCES", "CONCURRENCY", "VERSION", "UPDATED"),
+        (
+            (
+                d["name"],
+                d["model"],
+                d["task"],
+                f"{d['scaling']['min_instances']}-{d['scaling']['max_instances']}",
+                str(d["limits"]["concurrency"]),
+                str(d["version"]),
+                _when(d["updated"]),
+            )
+            for d in docs
+        ),
+    )
+
+
+@fn.command("delete")
+@click.argument("name")
+@_json_option
+@_api_command
+def fn_delete(name: str, as_json: bool) -> None:
+    """Delete function NAME; its instances are unloaded."""
+    with _client() as api:
+        doc = api.delete_function(name)
+    if as_json:
+        _print_json(doc)
+    else:
+        click.echo(f"ok: deleted function {doc['name']}")
+
+
+@fn.command("invoke")
+@click.argument("name")
+@_param_options
+@click.option("--blocking", "-b", is_flag=True, help="Wait and print the activation.")
+@click.option("--result", "-r", is_flag=True, help="Wait and print only the result.")
+@click.option("--stream", "-s", is_flag=True, help="Print the generated text as it comes.")
+@_json_option
+@_api_command
+def fn_invoke(
+    name: str,
+    param: tuple[tuple[str, str], ...],
+    param_file: Path | None,
+    blocking: bool,
+    result: bool,
+    stream: bool,
+    as_json: bool,
+) -> None:
+    """Invoke function NAME with -p parameters (prompt, messages, max_tokens, ...; input to embed).
+
+    Without a flag it returns at once with the activation id; fetch the outcome
+    with `sllm activation result ID`.
+    """
+    if stream and (blocking or result):
+        raise click.UsageError("--stream cannot be combined with --blocking or --result")
+    params = _params(param, param_file)
+    with _client() as api:
+        if stream:
+            _stream(api, name, params, as_json)
+            return
+        doc = api.invoke(name, params, blocking=blocking, result=result)
+    if set(doc) == {"activationId"}:
+        if as_json:
+            _print_json(doc)
+        else:
+            click.echo(f"ok: invoked {name} with id {doc['activationId']}")
+        if blocking or result:
+            click.echo(
+                "it is still running; fetch its outcome with: "
+                f"sllm activation result {doc['activationId']}",
+                err=True,
+            )
+        return
+    if blocking and not result and not as_json:
+        click.echo(f"ok: invoked {name} with id {doc['activationId']}")
+    _print_json(doc)
+
+
+def _stream(api: Client, name: str, params: dict[str, Any], as_json: bool) -> None:
+    """Tokens to stdout as they come; a summary (or the error) to stderr."""
+    sent = time.monotonic()
+    ttft: float | None = None
+    tokens = 0
+    load: Mapping[str, Any] = {}
+    for event in api.invoke_stream(name, params):
+        kind = event.get("event")
+        if as_json:
+            click.echo(json.dumps(event, ensure_ascii=False))
+        if kind == "start":
+            load = event.get("load") or {}
+        elif kind == "token":
+            tokens += 1
+            if ttft is None:
+                ttft = (time.monotonic() - sent) * 1000
+            if not as_json:
+                click.echo(event.get("text", ""), nl=False)
+                sys.stdout.flush()
+        elif kind == "error":
+            error = event.get("error") or {}
+            if not as_json and tokens:
+                click.echo()
+            _fail(
+                str(error.get("message", "the stream failed")),
+                str(error.get("code", "error")),
+                event.get("activationId"),
+            )
+        elif kind == "done":
+            if as_json:
+                return
+            click.echo()
+            usage = event.get("usage") or {}
+            count = usage.get("completion_tokens", tokens)
+            how = "warm"
+            if load.get("cold"):
+                where = f" from {load['tier']}" if load.get("tier") else ""
+                how = f"cold start{where} in {float(load.get('load_seconds') or 0):.2f} s"
+            click.echo(
+                f"ok: activation {event.get('activationId')}: {count} tokens "
+                f"({event.get('finish_reason')}), ttft {_ms(ttft)}, {how}",
+                err=True,
+            )
+            return
+    _fail("the stream ended without a done event (only generate functions stream)", "incomplete")
+
+
+# --------------------------------------------------------------------------- activation
+@click.group("activation")
+def activation() -> None:
+    """Inspect activations: the records of invocations."""
+
+
+@activation.command("list")
+@click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(1, 200), help="At most this many [30].")
+@click.option("--skip", type=click.IntRange(min=0), help="Skip this many first.")
+@click.option("--since", type=float, metavar="EPOCH", help="Created at or after (epoch seconds).")
+@click.option("--upto", type=float, metavar="EPOCH", help="Created at or before (epoch seconds).")
+@click.option(
+    "--status",
+    type=click.Choice(
+        ["queued", "running", "success", "function_error", "platform_error", "timeout"]
+    ),
+    help="Only activations with this status.",
+)
+@_json_option
+@_api_command
+def activation_list(
+    name: str | None,
+    limit: int | None,
+    skip: int | None,
+    since: float | None,
+    upto: float | None,
+    status: str | None,
+    as_json: bool,
+) -> None:
+    """List activations (of function NAME if given), newest first."""
+    with _client() as api:
+        docs = api.list_activations(
+            name=name, since=since, upto=upto, status=status, limit=limit, skip=skip
+        )
+    if as_json:
+        _print_json(docs)
+        return
+    if not docs:
+        click.echo("no activations")
+        return
+    _table(
+        ("CREATED", "ACTIVATION ID", "NAME", "STATUS", "START", "DURATION", "TTFT", "TOKENS"),
+        (
+            (
+                _when(a["created"]),
+                a["activationId"],
+                a["name"],
+                a["status"],
+                _start(a),
+                _ms(a["duration_ms"]),
+                _ms(a["ttft_ms"]),
+                f"{a['tokens_in'] or 0}/{a['tokens_out'] or 0}",
+            )
+            for a in docs
+        ),
+    )
+
+
+def _start(doc: Mapping[str, Any]) -> str:
+    """warm, cold/TIER, or - before it ran."""
+    if doc.get("cold") is None:
+        return "-"
+    if not doc["cold"]:
+        return "warm"
+    return f"cold/{doc['tier']}" if doc.get("tier") else "cold"
+
+
+@activation.command("get")
+@click.argument("activation_id", metavar="ID")
+@_json_option
+@_api_command
+def activation_get(activation_id: str, as_json: bool) -> None:
+    """Show activation ID: its timings, where it ran, its result or error."""
+    with _client() as api:
+        doc = api.get_activation(activation_id)
+    if as_json:
+        _print_json(doc)
+        return
+    _fields(
+        [
+            ("activation", doc["activationId"]),
+            ("function", f"{doc['namespace']}/{doc['name']} (version {doc['version']})"),
+            ("model", doc["model"]),
+            ("status", doc["status"]),
+            ("created", _when(doc["created"])),
+            ("duration", _ms(doc["duration_ms"])),
+            ("wait", _ms(doc["wait_ms"])),
+            ("start", f"{_start(doc)}, load {_ms(doc['load_ms'])}"),
+            ("ttft", _ms(doc["ttft_ms"])),
+            ("tpot", _ms(doc["tpot_ms"])),
+            ("tokens", f"{doc['tokens_in'] or 0} in, {doc['tokens_out'] or 0} out"),
+            ("invoker", doc["invoker"] or "-"),
+        ]
+    )
+    if doc.get("error"):
+        click.echo(f"error: {doc['error'].get('message')} ({doc['error'].get('code')})")
+    if doc.get("result") is not None:
+        click.echo("result:")
+        _print_json(doc["result"])
+
+
+@activation.command("result")
+@click.argument("activation_id", metavar="ID")
+@_json_option
+@_api_command
+def activation_result(activation_id: str, as_json: bool) -> None:
+    """Print the result of activation ID (exit 1 if it failed or has not finished)."""
+    with _client() as api:
+        doc = api.activation_result(activation_id)
+    if as_json:
+        _print_json(doc)
+    elif doc["status"] in ("queued", "running"):
+        _fail(f"activation {activation_id} is {doc['status']}; try again later", doc["status"])
+    elif doc.get("error"):
+        _fail(str(doc["error"].get("message")), str(doc["error"].get("code")), activation_id)
+    else:
+        _print_json(doc["result"])
+
+
+@activation.command("logs")
+@click.argument("activation_id", metavar="ID")
+@_json_option
+@_api_command
+def activation_logs(activation_id: str, as_json: bool) -> None:
+    """Print the log lines of activation ID."""
+    with _client() as api:
+        doc = api.activation_logs(activation_id)
+    if as_json:
+        _print_json(doc)
+        return
+    for line in doc["logs"] or []:
+        click.echo(line)
+
+
+# --------------------------------------------------------------------------- invoker list
+@invoker.command("list")
+@_json_option
+@_api_command
+def invoker_list(as_json: bool) -> None:
+    """List the invokers registered with the controller (needs an admin key)."""
+    with _client() as api:
+        docs = api.list_invokers()
+    if as_json:
+        _print_json(docs)
+        return
+    if not docs:
+        click.echo("no invokers")
+        return
+    now = time.time()
+    _table(
+        ("NAME", "STATE", "DEVICE", "INSTANCES", "HEARTBEAT", "URL"),
+        (
+            (
+                v["name"],
+                v["state"],
+                v["device"] or "-",
+                str(v["instances"]),
+                "-" if v["last_heartbeat"] is None else f"{now - v['last_heartbeat']:.1f}s ago",
+                v["url"],
+            )
+            for v in docs
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- login
+@click.command("login")
+@click.argument("apihost")
+@click.option(
+    "--key", prompt="API key", hide_input=True, help="API key KEY_ID:SECRET (prompted if left out)."
+)
+def login(apihost: str, key: str) -> None:
+    """Save the controller's URL and an API key for later commands.
+
+    The key is checked against the controller at APIHOST first; the file
+    ($SLLM_HOME/cli.json) is readable by its owner only.
+    """
+    from sllm.client import ApiError, Client, normalize_apihost, save_cli_config
+
+    apihost = normalize_apihost(apihost)
+    try:
+        with Client(apihost, key) as api:
+            api.list_functions(limit=1)
+    except ApiError as exc:
+        if exc.status != 403:  # 403: a valid admin key, which has no namespace of its own
+            _fail(exc.message, exc.code)
+    path = save_cli_config(apihost, key, os.environ)
+    click.echo(f"ok: logged in to {apihost}; saved to {path}")

@@ -1,0 +1,101 @@
+"""`sllm server start|stop`: the embedded all-in-one server on this machine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+def _default_data_dir() -> Path:
+    from sllm.core.config import sllm_home
+
+    return sllm_home(os.environ) / "server"
+
+
+@click.group()
+def server() -> None:
+    """Run the embedded server: controller (SQLite), one invoker, a local folder store."""
+
+
+@server.command("start")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8700, show_default=True, help="Controller port.")
+@click.option("--invoker-port", type=int, default=0, help="Invoker port [PORT + 1].")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Database, store, caches and logs [$SLLM_HOME/server].",
+)
+@click.option("--api-key", default="", help="API key to use (KEY_ID:SECRET) [generated].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dram-capacity", default="", help="DRAM tier budget, e.g. 8GiB.")
+@click.option("--nvme-capacity", default="", help="NVMe tier budget, e.g. 100GiB.")
+@click.option(
+    "--store",
+    "store_uri",
+    help="Object store URI [SLLM_STORE_URI, $SLLM_HOME/store: where `sllm model push` goes].",
+)
+@click.option("--detach", is_flag=True, help="Run in the background; stop with `sllm server stop`.")
+def start(
+    host: str,
+    port: int,
+    invoker_port: int,
+    data_dir: Path | None,
+    api_key: str,
+    device: str,
+    dram_capacity: str,
+    nvme_capacity: str,
+    store_uri: str | None,
+    detach: bool,
+) -> None:
+    """Start the embedded server (foreground unless --detach); print its URL and API key.
+
+    It writes the CLI config, so `sllm fn ...` works right after.
+    """
+    from sllm import server as embedded
+
+    folder = (data_dir or _default_data_dir()).expanduser().resolve()
+    if api_key and ":" not in api_key:
+        raise click.BadParameter("expected KEY_ID:SECRET", param_hint="'--api-key'")
+    from sllm.store import default_store_uri
+
+    settings = embedded.ServerSettings(
+        folder,
+        host,
+        port,
+        invoker_port,
+        api_key,
+        device,
+        dram_capacity,
+        nvme_capacity,
+        store_uri or default_store_uri(os.environ),
+    )
+    try:
+        if detach:
+            embedded.detach(settings, click.echo)
+            return
+        status = embedded.run(settings, click.echo, os.environ)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
+
+
+@server.command("stop")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="The data folder it was started with [$SLLM_HOME/server].",
+)
+def stop(data_dir: Path | None) -> None:
+    """Stop a server started with --detach."""
+    from sllm import server as embedded
+
+    folder = (data_dir or _default_data_dir()).expanduser().resolve()
+    try:
+        if not embedded.stop(folder, click.echo):
+            raise click.ClickException(f"no server is running with data folder {folder}")
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
