@@ -70,6 +70,7 @@ class Run:
     tokens_out: int | None = None
     invoker: str | None = None
     attempts: int = 0
+    persisted: bool = False  # a row exists (queued, or stored as running)
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the activation's log."""
@@ -160,6 +161,7 @@ class Run:
             created_at=row.created_at,
             logs=list(row.logs or []),
             attempts=row.attempts,
+            persisted=True,
         )
 
 

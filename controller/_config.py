@@ -17,7 +17,7 @@ MiB = 1024**2
 class FunctionDefaults:
     """Limits and scaling a function gets when its definition leaves them out."""
 
-    timeout_s: float = 120.0
+    timeout_s: float = 60.0  # as OpenWhisk's default; blocking calls then run inline
     max_tokens: int = 512
     concurrency: int = 4
     max_payload_bytes: int = 1 * MiB

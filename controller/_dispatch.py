@@ -44,6 +44,7 @@ class Slot:
     invoker: str  # name
     url: str
     cold: bool  # this request's dispatch created the instance
+    loading: bool = True  # the instance was not ready yet when the slot was taken
 
 
 class DeadlineExceeded(Exception):
@@ -96,9 +97,11 @@ class Dispatcher:
         )
 
     def _warm(self, fn: Function, cap: int, avoid: Sequence[int]) -> Slot | None:
-        with self.db.session() as s:
+        # One write transaction: pick the least-loaded candidates (rows other workers
+        # hold are skipped on PostgreSQL) and take a slot with a conditional UPDATE.
+        with self.db.session(write=True) as s:
             rows = s.execute(
-                select(Instance.id, Instance.invoker_id, Invoker.name, Invoker.url)
+                select(Instance.id, Instance.invoker_id, Invoker.name, Invoker.url, Instance.state)
                 .join(Invoker, Invoker.id == Instance.invoker_id)
                 .where(
                     Instance.function_id == fn.id,
@@ -109,9 +112,9 @@ class Dispatcher:
                 )
                 .order_by(case((Instance.state == "ready", 0), else_=1), Instance.in_flight)
                 .limit(4)
+                .with_for_update(of=Instance, skip_locked=True)
             ).all()
-        for instance_id, invoker_id, name, url in rows:
-            with self.db.session(write=True) as s:
+            for instance_id, invoker_id, name, url, state in rows:
                 taken = rowcount(
                     s.execute(
                         update(Instance)
@@ -124,8 +127,10 @@ class Dispatcher:
                         .execution_options(synchronize_session=False)
                     )
                 )
-            if taken:
-                return Slot(instance_id, invoker_id, name, url, cold=False)
+                if taken:
+                    return Slot(
+                        instance_id, invoker_id, name, url, cold=False, loading=state == "loading"
+                    )
         return None
 
     def scale_out(self, fn: Function, avoid: Sequence[int] = (), *, reserve: bool) -> Slot | None:

@@ -50,7 +50,7 @@ class FunctionDef:
 
     model: str
     task: str = "generate"
-    timeout_s: float = 120.0
+    timeout_s: float = 60.0
     max_tokens: int = 512
     concurrency: int = 4
     max_payload_bytes: int = 1024 * 1024

@@ -14,12 +14,12 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,7 @@ GENERATE_KEYS = (
 )
 EMBED_KEYS = ("input",)
 MAX_PAGE = 200
+AUTH_TTL = 5.0  # a revoked key stops working within this many seconds
 
 
 class TimedOut(SllmError):
@@ -92,6 +93,7 @@ class Controller:
             max(config.queue_workers, 1) + config.threads, thread_name_prefix="sllm-run"
         )
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
+        self._keys: dict[str, tuple[Principal, float]] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -112,9 +114,17 @@ class Controller:
 
     # ------------------------------------------------------------ auth
     def authenticate(self, key: str) -> Principal:
-        """The principal behind an API key."""
+        """The principal behind an API key (remembered for AUTH_TTL seconds per process)."""
+        now = time.monotonic()
+        cached = self._keys.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         with self.db.session() as s:
-            return authenticate(s, key, self.config.admin_key)
+            principal = authenticate(s, key, self.config.admin_key)
+        if len(self._keys) >= 4096:
+            self._keys.clear()
+        self._keys[key] = (principal, now + AUTH_TTL)
+        return principal
 
     def check_internal(self, token: str) -> None:
         """Invokers' calls carry the internal token."""
@@ -401,7 +411,8 @@ class Controller:
         run.status = "queued"
         run.log("queued")
         with self.db.session(write=True) as s:
-            s.add(Activation(**run.columns()))
+            s.execute(insert(Activation), [run.columns()])
+        run.persisted = True
         self._wake.set()
         return run.id
 
@@ -458,7 +469,8 @@ class Controller:
                     remaining = max(0.1, deadline - time.monotonic())
                     if fn.task == "embed":
                         result = self.invokers.call(slot.url, "/v1/embed", body, remaining)
-                        self.dispatcher.loaded(slot, None, None)
+                        if slot.loading:
+                            self.dispatcher.loaded(slot, None, None)
                         run.cold = slot.cold
                         run.tokens_in = (result.get("usage") or {}).get("prompt_tokens")
                         run.finish("success", result=result)
@@ -518,31 +530,41 @@ class Controller:
         deadline: float,
         text: list[str],
     ) -> Generator[dict[str, Any], None, None]:
-        events = self.invokers.stream(slot.url, body, remaining)
+        events = (
+            self.invokers.stream(slot.url, body, remaining)
+            if run.stream
+            else _blocking_events(self.invokers.call(slot.url, "/v1/invoke", body, remaining))
+        )
         try:
             for ev in events:
                 kind = ev.get("event")
                 if kind == "start":
                     run.started(ev)
-                    self.dispatcher.loaded(
-                        slot, run.tier if run.cold else None, run.load_ms if run.cold else None
-                    )
+                    if slot.loading:
+                        self.dispatcher.loaded(
+                            slot, run.tier if run.cold else None, run.load_ms if run.cold else None
+                        )
                     self.metrics.observe_start(run.tier or "gpu", run.cold or False)
                 elif kind == "token":
-                    run.first_token()
+                    if run.stream:
+                        run.first_token()
                     text.append(ev.get("text", ""))
                 elif kind == "done":
                     usage = ev.get("usage") or {}
                     timing = ev.get("timing") or {}
                     run.tokens_out = usage.get("completion_tokens")
                     run.tpot_ms = float(timing.get("tpot_s", 0.0)) * 1000
+                    if run.ttft_ms is None:  # a blocking call: the invoker timed the first token
+                        run.ttft_ms = (run.wait_ms or 0.0) + float(timing.get("ttft_s", 0.0)) * 1000
                     run.result = self._partial(run, text, ev.get("finish_reason"), usage)
                     run.finish("success")
                 yield ev
                 if time.monotonic() > deadline and kind != "done":
                     raise TimedOut(f"function {fn.name!r} ran past its {fn.timeout_s:g} s limit")
         finally:
-            events.close()
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
     @staticmethod
     def _partial(
@@ -570,20 +592,30 @@ class Controller:
         if run.end_at is None:
             run.finish("platform_error", error=PlatformError("the invocation ended unexpectedly"))
         cols = run.columns()
-        with self.db.session(write=True) as s:
-            if slot is not None:
-                self.dispatcher.release(s, slot)
-            stored = rowcount(
-                s.execute(
-                    update(Activation)
-                    .where(Activation.id == run.id)
-                    .values(**{k: v for k, v in cols.items() if k != "id"}, lease_until=None)
-                    .execution_options(synchronize_session=False)
-                )
-            )
-            if not stored:
-                s.add(Activation(**cols))
+        try:
+            with self.db.session(write=True) as s:
+                if slot is not None:
+                    self.dispatcher.release(s, slot)
+                    slot = None
+                if run.persisted:
+                    self._update_activation(s, cols)
+                else:
+                    s.execute(insert(Activation), [cols])
+        except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
+            with self.db.session(write=True) as s:
+                if slot is not None:
+                    self.dispatcher.release(s, slot)
+                self._update_activation(s, cols)
         self.metrics.observe_activation(run)
+
+    @staticmethod
+    def _update_activation(s: Session, cols: Mapping[str, Any]) -> None:
+        s.execute(
+            update(Activation)
+            .where(Activation.id == cols["id"])
+            .values(**{k: v for k, v in cols.items() if k != "id"}, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
 
     def _persist_running(self, run: Run, fn: Function) -> None:
         """Store a blocking invocation that outlived the blocking wait as running."""
@@ -599,6 +631,7 @@ class Controller:
                             lease_until=time.time() + fn.timeout_s + self.config.lease_margin,
                         )
                     )
+            run.persisted = True
         except IntegrityError:
             pass  # it finished and stored itself meanwhile
 
@@ -752,6 +785,14 @@ class Controller:
         if not free:
             return 0
         try:
+            with self.db.session() as s:  # a plain read first: no write lock when idle
+                waiting = s.execute(
+                    select(Activation.id).where(Activation.status == "queued").limit(1)
+                ).first()
+            if waiting is None:
+                for _ in range(free):
+                    self._queue_slots.release()
+                return 0
             now = time.time()
             with self.db.session(write=True) as s:
                 ids = list(
@@ -964,6 +1005,23 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+def _blocking_events(doc: Any) -> Iterator[dict[str, Any]]:
+    """The events of a whole generation answered in one JSON document (no streaming)."""
+    usage = doc.get("usage") or {}
+    yield {
+        "event": "start",
+        "load": doc.get("load") or {},
+        "prompt_tokens": usage.get("prompt_tokens"),
+    }
+    yield {"event": "token", "token": None, "text": doc.get("text", ""), "index": 0}
+    yield {
+        "event": "done",
+        "finish_reason": doc.get("finish_reason"),
+        "usage": usage,
+        "timing": doc.get("timing") or {},
+    }
 
 
 def page(args: Mapping[str, str]) -> tuple[int, int]:
