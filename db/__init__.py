@@ -8,10 +8,13 @@ Public API:
   `upgrade()`, `current_revision()`, `dispose()`, and `url`, `dialect`, `engine`.
 - Models (one table each): `Namespace`, `ApiKey`, `Function`, `Activation`,
   `Invoker`, `Instance`; their declarative `Base` (`Base.metadata`).
+- `postgres_unreachable(admin_url)`, `scratch_postgres_database(admin_url, prefix)`:
+  throw-away databases for tests and benchmarks.
 """
 
 from sllm.db._database import Database, database_url
 from sllm.db._models import Activation, ApiKey, Base, Function, Instance, Invoker, Namespace
+from sllm.db._scratch import postgres_unreachable, scratch_postgres_database
 
 __all__ = [
     "Activation",
@@ -23,4 +26,6 @@ __all__ = [
     "Invoker",
     "Namespace",
     "database_url",
+    "postgres_unreachable",
+    "scratch_postgres_database",
 ]

@@ -18,9 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -353,39 +352,16 @@ def _ok(response: httpx.Response) -> Any:
 # ---------------------------------------------------------------------- PostgreSQL
 def postgres_unreachable(admin_url: str, timeout_s: int = 3) -> str | None:
     """None when `admin_url` accepts a connection, else why not (one line)."""
-    from sqlalchemy import create_engine, pool, text
-    from sqlalchemy.exc import OperationalError
+    from sllm.db import postgres_unreachable as unreachable
 
-    engine = create_engine(
-        admin_url, poolclass=pool.NullPool, connect_args={"connect_timeout": timeout_s}
-    )
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        return str(exc.orig or exc).strip().splitlines()[0]
-    finally:
-        engine.dispose()
-    return None
+    return unreachable(admin_url, timeout_s=timeout_s)
 
 
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database sllm_bench_<hex> on `admin_url`'s server: yields its URL, then drops it."""
-    from sqlalchemy import create_engine, make_url, pool, text
+def postgres_database(admin_url: str) -> AbstractContextManager[str]:
+    """A fresh database sllm_bench_<hex> on `admin_url`'s server: its URL, dropped after."""
+    from sllm.db import scratch_postgres_database
 
-    name = f"sllm_bench_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(admin_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    return scratch_postgres_database(admin_url, "sllm_bench")
 
 
 def hide_password(url: str) -> str:

@@ -6,15 +6,13 @@ The fixtures built on these helpers live in tests/conftest.py: `sqlite_url`,
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from sqlalchemy import create_engine, make_url, pool, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import make_url
 
-from sllm.db import Database
+from sllm.db import Database, postgres_unreachable, scratch_postgres_database
 
 __all__ = [
     "DEFAULT_POSTGRES_URL",
@@ -41,35 +39,12 @@ def hide_password(url: str) -> str:
 
 def postgres_unreachable_reason(admin_url: str, *, timeout_s: int = 3) -> str | None:
     """None when `admin_url` accepts a connection, else why not (one line)."""
-    engine = create_engine(
-        admin_url, poolclass=pool.NullPool, connect_args={"connect_timeout": timeout_s}
-    )
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        return str(exc.orig or exc).strip().splitlines()[0]
-    finally:
-        engine.dispose()
-    return None
+    return postgres_unreachable(admin_url, timeout_s=timeout_s)
 
 
-@contextmanager
-def fresh_postgres_database(admin_url: str) -> Iterator[str]:
+def fresh_postgres_database(admin_url: str) -> AbstractContextManager[str]:
     """Create an empty database sllm_test_<hex> on `admin_url`'s server, yield its URL, drop it."""
-    name = f"sllm_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(admin_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                # FORCE: a test that leaked a connection must not leak the database too.
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    return scratch_postgres_database(admin_url, "sllm_test")
 
 
 def sqlite_database_url(folder: Path) -> str:
