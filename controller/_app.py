@@ -33,7 +33,7 @@ from flask import Flask, Response, g, request
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
-from sllm.core.errors import Forbidden, InvalidRequest, SllmError, Unavailable
+from sllm.core.errors import Forbidden, InvalidRequest, SllmError, Unavailable, error_class
 
 from . import _cloudevents as ce
 from . import _openai as oai
@@ -195,7 +195,7 @@ def create_app(controller: Controller) -> Flask:
             return _json({"activationId": run.id}, 202)
         if run.status != "success":
             err = run.error or {"code": "error", "message": run.status}
-            status = _STATUS_OF_CODE.get(err.get("code", ""), 502)
+            status = _status_of(err)
             return _json({"error": err, "activationId": run.id}, status)
         if result_only:
             return _json(run.result, headers={"X-Activation-Id": run.id})
@@ -354,7 +354,7 @@ def create_app(controller: Controller) -> Flask:
                 source=source,
                 result={"error": err},
                 ok=False,
-                status=_STATUS_OF_CODE.get(err.get("code", ""), 502),
+                status=_status_of(err),
             )
         response = Response(body, status=status, headers=headers)
         response.headers["X-Activation-Id"] = run.id
@@ -364,20 +364,10 @@ def create_app(controller: Controller) -> Flask:
 
 
 # --------------------------------------------------------------------------- helpers
-_STATUS_OF_CODE = {
-    "invalid_request": 400,
-    "not_found": 404,
-    "conflict": 409,
-    "payload_too_large": 413,
-    "overloaded": 429,
-    "timeout": 504,
-    "insufficient_capacity": 507,
-    "unavailable": 503,
-    "invoker_lost": 503,
-    "store_error": 503,
-    "function_error": 502,
-    "corrupt_object": 502,
-}
+def _status_of(error: dict[str, Any]) -> int:
+    """The HTTP status of a failed activation: its error class's (502 for codes without one)."""
+    cls = error_class(error.get("code"))
+    return cls.status if cls is not None else 502
 
 
 def _principal() -> Principal:
@@ -443,17 +433,7 @@ def _raise_if_failed(run: Run) -> None:
     if run.status == "success":
         return
     err = run.error or {"code": "error", "message": run.status}
-    exc = _error_class(err.get("code", ""))(err.get("message", run.status))
-    raise exc
-
-
-def _error_class(code: str) -> type[SllmError]:
-    from ._invokers import _BY_CODE
-    from ._service import TimedOut
-
-    if code == "timeout":
-        return TimedOut
-    return _BY_CODE.get(code, SllmError)
+    raise (error_class(err.get("code")) or SllmError)(err.get("message", run.status))
 
 
 def _json(

@@ -14,41 +14,7 @@ from typing import Any
 
 import httpx
 
-from sllm.core.errors import (
-    Conflict,
-    CorruptObject,
-    Forbidden,
-    FunctionError,
-    InsufficientCapacity,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    PlatformError,
-    SllmError,
-    StoreError,
-    Unauthorized,
-    Unavailable,
-)
-
-_BY_CODE: dict[str, type[SllmError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequest,
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        Conflict,
-        PayloadTooLarge,
-        Overloaded,
-        FunctionError,
-        PlatformError,
-        StoreError,
-        CorruptObject,
-        InsufficientCapacity,
-        Unavailable,
-    )
-}
+from sllm.core.errors import PlatformError, SllmError, Unauthorized, error_class
 
 
 class InvokerLost(PlatformError):
@@ -63,7 +29,7 @@ def error_from(doc: Any, status: int, retry_after: str | None = None) -> SllmErr
     err = doc.get("error") if isinstance(doc, Mapping) else None
     code = err.get("code") if isinstance(err, Mapping) else None
     message = err.get("message") if isinstance(err, Mapping) else None
-    cls = _BY_CODE.get(code if isinstance(code, str) else "", PlatformError)
+    cls = error_class(code) or PlatformError
     if cls is Unauthorized:  # the controller's token was refused: that is our fault
         cls = PlatformError
     text = message if isinstance(message, str) else f"invoker answered {status}"

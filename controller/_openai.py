@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sllm.core.errors import InvalidRequest, PlatformError, SllmError
+from sllm.core.errors import InvalidRequest, PlatformError, SllmError, error_class
 from sllm.core.messages import require_object
 
 MAX_INT = 2**31 - 1
@@ -465,12 +465,7 @@ def error_from_event(event: Mapping[str, Any]) -> SllmError:
     error = event.get("error")
     detail = error if isinstance(error, Mapping) else {}
     message = str(detail.get("message") or "the invoker reported an error without a message")
-    classes = SllmError.__subclasses__()
-    for cls in classes:  # breadth first, so a base class wins over a subclass reusing its code
-        if cls.code == detail.get("code"):
-            return cls(message)
-        classes.extend(cls.__subclasses__())
-    return PlatformError(message)
+    return (error_class(detail.get("code")) or PlatformError)(message)
 
 
 # --------------------------------------------------------------------------- SSE

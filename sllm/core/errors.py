@@ -40,6 +40,21 @@ class SllmError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
+def error_class(code: object) -> type[SllmError] | None:
+    """The SllmError subclass whose `code` is `code` (None when no class has it).
+
+    Subclasses defined elsewhere (a controller's timeout, say) count once their
+    module is imported. Breadth first, so a base class wins over a subclass
+    reusing its code.
+    """
+    classes = SllmError.__subclasses__()
+    for cls in classes:
+        if cls.code == code:
+            return cls
+        classes.extend(cls.__subclasses__())
+    return None
+
+
 class ClientError(SllmError):
     """The request is at fault."""
 
