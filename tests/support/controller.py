@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +16,7 @@ from werkzeug.serving import make_server
 from sllm.controller import Controller, ControllerConfig, create_app
 from sllm.db import Database
 from tests.support.invoker import TOKEN
+from tests.support.process import ServiceProcess
 from tests.support.s3 import free_port
 
 ADMIN_KEY = "admin0000000000:test-admin-secret"
@@ -64,8 +63,10 @@ class ControllerThread:
         return client(self.url, ADMIN_KEY, timeout)
 
 
-class ControllerProcess:
+class ControllerProcess(ServiceProcess):
     """`sllm controller start` as a real process (gunicorn workers)."""
+
+    name = "controller"
 
     def __init__(
         self,
@@ -76,57 +77,20 @@ class ControllerProcess:
         port: int | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"controller-{self.port}.log"
-        self.args = [sys.executable, "-m", "sllm", "controller", "start", "--port", str(self.port)]
-        self.env = {
-            **os.environ,
-            "SLLM_INTERNAL_TOKEN": TOKEN,
-            "SLLM_ADMIN_KEY": ADMIN_KEY,
-            "SLLM_DATABASE_URL": database_url,
-            "SLLM_HEARTBEAT_TIMEOUT": "3",
-            "SLLM_MAINTENANCE_INTERVAL": "0.2",
-            **(env or {}),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> ControllerProcess:
-        """Start and wait until /readyz answers 200."""
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it
-        self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        super().__init__(
+            [sys.executable, "-m", "sllm", "controller", "start", "--port", str(self.port)],
+            {
+                **os.environ,
+                "SLLM_INTERNAL_TOKEN": TOKEN,
+                "SLLM_ADMIN_KEY": ADMIN_KEY,
+                "SLLM_DATABASE_URL": database_url,
+                "SLLM_HEARTBEAT_TIMEOUT": "3",
+                "SLLM_MAINTENANCE_INTERVAL": "0.2",
+                **(env or {}),
+            },
+            f"http://127.0.0.1:{self.port}",
+            log_dir / f"controller-{self.port}.log",
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"controller did not become ready in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        """The process's output so far (last 4000 characters)."""
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the process group, bounded in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
 
     def admin(self, timeout: float = 60.0) -> httpx.Client:
         """A client with the admin key."""
