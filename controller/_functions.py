@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sllm.core.errors import InvalidRequest
-from sllm.core.messages import TASKS, require_object
+from sllm.core.messages import TASKS, require_object, show_value
 from sllm.db import Function
 
 from ._config import FunctionDefaults
@@ -39,7 +39,7 @@ def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not DNS_LABEL.match(value):
         raise InvalidRequest(
             f"{what} must be a DNS label: 1-63 lowercase letters, digits or '-', "
-            f"starting and ending with a letter or digit; got {_show(value)}"
+            f"starting and ending with a letter or digit; got {show_value(value)}"
         )
     return value
 
@@ -97,13 +97,13 @@ class FunctionDef:
             if not isinstance(model, str) or not MODEL_NAME.match(model) or ".." in model:
                 raise InvalidRequest(
                     "'model' must be a published model name (1-128 letters, digits, . _ -, "
-                    f"alphanumeric at both ends); got {_show(model)}"
+                    f"alphanumeric at both ends); got {show_value(model)}"
                 )
             out = replace(out, model=model)
         if "task" in doc:
             if doc["task"] not in TASKS:
                 raise InvalidRequest(
-                    f"'task' must be one of {list(TASKS)}, got {_show(doc['task'])}"
+                    f"'task' must be one of {list(TASKS)}, got {show_value(doc['task'])}"
                 )
             out = replace(out, task=doc["task"])
         if "timeout" in limits:
@@ -217,7 +217,9 @@ def _section(doc: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[st
 def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
     value = doc[name]
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {_show(value)}")
+        raise InvalidRequest(
+            f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}"
+        )
     return value
 
 
@@ -231,7 +233,9 @@ def _seconds(doc: Mapping[str, Any], name: str, above: float, hi: float) -> floa
     )
     if not ok:
         low = "0 <" if above == 0.0 else "0 <="
-        raise InvalidRequest(f"{name!r} must be seconds, {low} x <= {hi:g}; got {_show(value)}")
+        raise InvalidRequest(
+            f"{name!r} must be seconds, {low} x <= {hi:g}; got {show_value(value)}"
+        )
     return float(value)
 
 
@@ -240,8 +244,3 @@ def _params(value: Any) -> dict[str, Any]:
     if len(json.dumps(params)) > MAX_PARAMS_BYTES:
         raise InvalidRequest(f"'params' must be at most {MAX_PARAMS_BYTES} bytes of JSON")
     return params
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

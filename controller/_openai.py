@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sllm.core.errors import InvalidRequest, PlatformError, SllmError, error_class
-from sllm.core.messages import require_object
+from sllm.core.messages import require_object, show_value
 
 MAX_INT = 2**31 - 1
 MAX_SEED = 2**63 - 1
@@ -50,10 +50,6 @@ class OpenAIRequest:
 
 
 # ------------------------------------------------------------------ field checks
-def _show(value: Any) -> str:
-    """The bad value for an error message, cut short so a huge body cannot bloat it."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -68,7 +64,9 @@ def _is_number(value: Any) -> bool:
 def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     value = body.get(name)
     if value is not None and (not _is_int(value) or not lo <= value <= hi):
-        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {_show(value)}")
+        raise InvalidRequest(
+            f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}"
+        )
     return value
 
 
@@ -79,14 +77,16 @@ def _number(body: Mapping[str, Any], name: str, hi: int, *, open_lo: bool) -> fl
         return None
     if not _is_number(value) or value > hi or value < 0 or (open_lo and value == 0):
         bracket = "(" if open_lo else "["
-        raise InvalidRequest(f"{name!r} must be a number in {bracket}0, {hi}], got {_show(value)}")
+        raise InvalidRequest(
+            f"{name!r} must be a number in {bracket}0, {hi}], got {show_value(value)}"
+        )
     return float(value)
 
 
 def _bool(body: Mapping[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise InvalidRequest(f"{name!r} must be a boolean, got {_show(value)}")
+        raise InvalidRequest(f"{name!r} must be a boolean, got {show_value(value)}")
     return bool(value)
 
 
@@ -102,7 +102,7 @@ def _stop(body: Mapping[str, Any]) -> list[str] | None:
     ):
         raise InvalidRequest(
             f"'stop' must be a string or a list of up to {MAX_STOPS} strings, "
-            f"each 1-{MAX_STOP_CHARS} characters, got {_show(value)}"
+            f"each 1-{MAX_STOP_CHARS} characters, got {show_value(value)}"
         )
     return stops
 
@@ -175,16 +175,18 @@ _CHAT_RULES: tuple[_Rule, ...] = (
 def _check_rules(body: Mapping[str, Any], rules: tuple[_Rule, ...]) -> None:
     for name, allowed, rule in rules:
         if not allowed(body.get(name)):
-            raise InvalidRequest(f"{name!r} {rule}, got {_show(body[name])}")
+            raise InvalidRequest(f"{name!r} {rule}, got {show_value(body[name])}")
 
 
 def _model_and_user(body: Mapping[str, Any]) -> tuple[str, str | None]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise InvalidRequest(f"'model' must be a non-empty string (a function), got {_show(model)}")
+        raise InvalidRequest(
+            f"'model' must be a non-empty string (a function), got {show_value(model)}"
+        )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise InvalidRequest(f"'user' must be a string, got {_show(user)}")
+        raise InvalidRequest(f"'user' must be a string, got {show_value(user)}")
     return model, user
 
 
@@ -196,7 +198,7 @@ def _generation(body: Mapping[str, Any], kind: str, params: dict[str, Any]) -> O
     if options is not None and not stream:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true")
     if options is not None and not isinstance(options, dict):
-        raise InvalidRequest(f"'stream_options' must be an object, got {_show(options)}")
+        raise InvalidRequest(f"'stream_options' must be an object, got {show_value(options)}")
     include_usage = _bool(options or {}, "include_usage")
     return OpenAIRequest(
         model, kind, {**params, **_sampling(body)}, stream, include_usage, user=user
@@ -222,7 +224,7 @@ def parse_completion(body: Any) -> OpenAIRequest:
     else:
         raise InvalidRequest(
             "'prompt' must be a non-empty string, a list holding one such string, or a "
-            f"non-empty list of token ids, got {_show(doc.get('prompt'))}"
+            f"non-empty list of token ids, got {show_value(doc.get('prompt'))}"
         )
     return _generation(doc, "completion", params)
 
@@ -234,7 +236,7 @@ def parse_chat(body: Any) -> OpenAIRequest:
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(
-            f"'messages' must be a non-empty list of message objects, got {_show(messages)}"
+            f"'messages' must be a non-empty list of message objects, got {show_value(messages)}"
         )
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
     return _generation(doc, "chat", {"messages": checked})
@@ -243,7 +245,7 @@ def parse_chat(body: Any) -> OpenAIRequest:
 def _message(message: Any, where: str) -> dict[str, str]:
     """One chat message as `{"role", "content"}`; developer is the newer name of system."""
     if not isinstance(message, dict):
-        raise InvalidRequest(f"{where!r} must be an object, got {_show(message)}")
+        raise InvalidRequest(f"{where!r} must be an object, got {show_value(message)}")
     role = message.get("role")
     if role in ("tool", "function"):
         raise InvalidRequest(f"'{where}.role' is {role!r}: tools are not supported")
@@ -251,13 +253,15 @@ def _message(message: Any, where: str) -> dict[str, str]:
         if message.get(name):
             raise InvalidRequest(f"'{where}.{name}': tools are not supported")
     if role not in _ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {list(_ROLES)}, got {_show(role)}")
+        raise InvalidRequest(
+            f"'{where}.role' must be one of {list(_ROLES)}, got {show_value(role)}"
+        )
     content = message.get("content")
     if isinstance(content, str):
         return {"role": _ROLES[role], "content": content}
     if not isinstance(content, list):
         raise InvalidRequest(
-            f"'{where}.content' must be a string or a list of text parts, got {_show(content)}"
+            f"'{where}.content' must be a string or a list of text parts, got {show_value(content)}"
         )
     texts = []
     for j, part in enumerate(content):
@@ -265,7 +269,7 @@ def _message(message: Any, where: str) -> dict[str, str]:
         if kind != "text" or not isinstance(part.get("text"), str):
             raise InvalidRequest(
                 f"'{where}.content[{j}]': only text content is supported "
-                f"({{'type': 'text', 'text': str}}), got {_show(part)}"
+                f"({{'type': 'text', 'text': str}}), got {show_value(part)}"
             )
         texts.append(part["text"])
     return {"role": _ROLES[role], "content": "".join(texts)}
@@ -285,17 +289,17 @@ def parse_embedding(body: Any) -> OpenAIRequest:
     ):
         raise InvalidRequest(
             f"'input' must be a non-empty string or a list of 1-{MAX_EMBED_INPUTS} non-empty "
-            f"strings, got {_show(value)}"
+            f"strings, got {show_value(value)}"
         )
     encoding = doc.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise InvalidRequest(
-            f"'encoding_format' must be 'float' or 'base64', got {_show(encoding)}"
+            f"'encoding_format' must be 'float' or 'base64', got {show_value(encoding)}"
         )
     if doc.get("dimensions") is not None:
         raise InvalidRequest(
             f"'dimensions' must be null: shortening embeddings is not supported, "
-            f"got {_show(doc['dimensions'])}"
+            f"got {show_value(doc['dimensions'])}"
         )
     model, user = _model_and_user(doc)
     return OpenAIRequest(model, "embedding", {"input": texts}, encoding_format=encoding, user=user)

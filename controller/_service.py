@@ -899,7 +899,15 @@ class Controller:
     def _expire_idle(self, now: float) -> None:
         with self.db.session(write=True) as s:
             rows = s.execute(
-                select(Instance.id, Invoker.url, Namespace.name, Function.name)
+                select(
+                    Instance.id,
+                    Instance.state,
+                    Instance.function_id,
+                    Function.min_instances,
+                    Invoker.url,
+                    Namespace.name,
+                    Function.name,
+                )
                 .join(Function, Function.id == Instance.function_id)
                 .join(Namespace, Namespace.id == Function.namespace_id)
                 .join(Invoker, Invoker.id == Instance.invoker_id)
@@ -913,22 +921,15 @@ class Controller:
                 )
             ).all()
             doomed = []
-            for instance_id, url, ns, fname in rows:
-                fn = s.execute(
-                    select(Function)
-                    .join(Instance, Instance.function_id == Function.id)
-                    .where(Instance.id == instance_id)
-                ).scalar_one()
-                live = s.execute(
-                    select(func.count())
-                    .select_from(Instance)
-                    .where(Instance.function_id == fn.id, Instance.state == "ready")
-                ).scalar_one()
-                state = s.execute(
-                    select(Instance.state).where(Instance.id == instance_id)
-                ).scalar_one()
-                if state == "ready" and live <= fn.min_instances:
-                    continue
+            for instance_id, state, function_id, min_instances, url, ns, fname in rows:
+                if state == "ready":  # keep min_instances ready (counted now: earlier rows went)
+                    live = s.execute(
+                        select(func.count())
+                        .select_from(Instance)
+                        .where(Instance.function_id == function_id, Instance.state == "ready")
+                    ).scalar_one()
+                    if live <= min_instances:
+                        continue
                 taken = rowcount(
                     s.execute(
                         delete(Instance)

@@ -8,17 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sllm.core.errors import InvalidRequest
+from sllm.core.messages import show_value
 
 MAX_SEED = 2**63 - 1
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 16
-
-
-def _show(value: Any) -> str:
-    """The bad value for an error message, cut short so a huge body cannot bloat it."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -35,7 +30,9 @@ def _int_field(body: Mapping[str, Any], name: str, default: int, lo: int, hi: in
     if value is None:
         return default
     if not _is_int(value) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name!r} must be an integer in [{lo}, {hi}], got {_show(value)}")
+        raise InvalidRequest(
+            f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}"
+        )
     return int(value)
 
 
@@ -49,7 +46,7 @@ def _float_field(
     if not low_ok or value > hi:
         bracket = "(" if open_lo else "["
         raise InvalidRequest(
-            f"{name!r} must be a number in {bracket}{lo}, {hi}], got {_show(value)}"
+            f"{name!r} must be a number in {bracket}{lo}, {hi}], got {show_value(value)}"
         )
     return float(value)
 
@@ -61,10 +58,12 @@ def _stop_field(body: Mapping[str, Any]) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     rule = f"a string or a list of up to {MAX_STOPS} strings, each 1-{MAX_STOP_CHARS} characters"
     if not isinstance(stops, list) or len(stops) > MAX_STOPS:
-        raise InvalidRequest(f"'stop' must be {rule}, got {_show(value)}")
+        raise InvalidRequest(f"'stop' must be {rule}, got {show_value(value)}")
     for stop in stops:
         if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
-            raise InvalidRequest(f"'stop' must be {rule}, got {_show(stop)} in {_show(value)}")
+            raise InvalidRequest(
+                f"'stop' must be {rule}, got {show_value(stop)} in {show_value(value)}"
+            )
     return tuple(stops)
 
 
@@ -101,7 +100,9 @@ class SamplingParams:
         )
         seed = body.get("seed")
         if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-            raise InvalidRequest(f"'seed' must be an integer in [0, {MAX_SEED}], got {_show(seed)}")
+            raise InvalidRequest(
+                f"'seed' must be an integer in [0, {MAX_SEED}], got {show_value(seed)}"
+            )
         return cls(
             max_tokens=_int_field(body, max_tokens_key, min(DEFAULT_MAX_TOKENS, limit), 1, limit),
             temperature=_float_field(body, "temperature", 1.0, 0.0, 2.0, open_lo=False),

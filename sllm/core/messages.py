@@ -20,6 +20,12 @@ _FUNCTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
 
 
+def show_value(value: Any) -> str:
+    """A bad value for an error message, cut short so a huge body cannot bloat it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def require_object(doc: Any, what: str = "request body") -> Mapping[str, Any]:
     """`doc` as a JSON object, or InvalidRequest."""
     if not isinstance(doc, Mapping):
