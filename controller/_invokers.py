@@ -70,14 +70,6 @@ class InvokerClient:
             raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
         return _answer(response)
 
-    def get(self, url: str, path: str, timeout: float = 5.0) -> Any:
-        """GET a JSON document from an invoker."""
-        try:
-            response = self._http.get(url + path, timeout=timeout)
-        except httpx.TransportError as exc:
-            raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
-        return _answer(response)
-
     def stream(
         self, url: str, body: Mapping[str, Any], timeout: float
     ) -> Generator[dict[str, Any], None, None]:

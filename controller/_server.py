@@ -22,9 +22,8 @@ log = logging.getLogger("sllm.controller")
 class ControllerServer(BaseApplication):
     """A gunicorn application serving the controller's Flask app from gthread workers."""
 
-    def __init__(self, config: ControllerConfig, *, setup: Any = None) -> None:
+    def __init__(self, config: ControllerConfig) -> None:
         self.controller_config = config
-        self.setup = setup  # called with the Controller once, in the master, after migrating
         super().__init__()
 
     def load_config(self) -> None:
@@ -56,14 +55,6 @@ class ControllerServer(BaseApplication):
         db = Database(self.controller_config.database_url)
         try:
             db.upgrade()
-            if self.setup is not None:
-                from ._service import Controller
-
-                controller = Controller(self.controller_config, db)
-                try:
-                    self.setup(controller)
-                finally:
-                    controller.close()
         finally:
             db.dispose()
 
@@ -88,7 +79,7 @@ def _child_exit(_server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-def serve(config: ControllerConfig, *, setup: Any = None) -> None:
+def serve(config: ControllerConfig) -> None:
     """Run the controller until SIGTERM / SIGINT."""
     config.validate()
-    ControllerServer(config, setup=setup).run()
+    ControllerServer(config).run()

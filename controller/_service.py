@@ -38,7 +38,7 @@ from sllm.db import Activation, ApiKey, Database, Function, Instance, Invoker, N
 from sllm.runtime import SamplingParams
 
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
-from ._auth import Principal, authenticate, hash_secret, new_key
+from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._config import ControllerConfig
 from ._dispatch import DeadlineExceeded, Dispatcher, Slot, rowcount
 from ._functions import FunctionDef, check_name, function_json
@@ -205,8 +205,6 @@ class Controller:
 
     def install_key(self, namespace: str, key: str, *, admin: bool) -> None:
         """Store a given key (server start-up with --api-key); replaces a key with its id."""
-        from ._auth import split_key
-
         key_id, secret = split_key(key)
         with self.db.session(write=True) as s:
             ns_id = self._namespace_id(s, namespace)
