@@ -7,13 +7,24 @@ sessions, BEGIN IMMEDIATE for write sessions. A write session therefore takes
 SQLite's write lock up front and waits for it (busy timeout) instead of failing
 with "database is locked" when it upgrades from reading to writing while
 another process writes.
+
+SQLite's busy handler waits for the write lock by sleeping and polling (1 ms,
+then 2, 5, 10 ... up to 100 ms), so under load writers spend most of their
+time asleep while the lock is free. Write transactions therefore queue first
+on a lock of our own: a thread lock within the process, then `flock` on
+<dbfile>.write.lock across processes. Both wake the next writer the moment
+the holder lets go; the busy handler stays as the fallback for writers that
+are not ours.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
+import threading
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +32,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sllm.core.config import sllm_home
@@ -36,6 +48,10 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK_KEY = 0x5E11_DB_0001
 # Execution option that marks the engine behind write sessions (SQLite: BEGIN IMMEDIATE).
 _WRITE = "sllm_write"
+# Execution option of the engine behind `autocommit()` on SQLite: no BEGIN at all.
+_AUTOCOMMIT = "sllm_autocommit"
+# A pooled PostgreSQL connection idle this long is pinged before use.
+IDLE_PING_S = 10.0
 _SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout=30000",  # first: the journal-mode switch below may wait for a lock
     "PRAGMA journal_mode=WAL",
@@ -73,10 +89,28 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
         url = normalise_url(url)
         self._engine: Engine
+        self._writers: _WriterLock | None = None
+        # Behind autocommit(): each statement commits by itself.
+        self._autocommit_engine: Engine
+        self._relaxed_engine: Engine  # the same, with commits that do not wait for the disk
         if url.startswith("sqlite"):
             self._engine = _sqlite_engine(url, echo=echo)
+            self._writers = _WriterLock(self._engine.url.database)
+            # SQLite connections already run in driver autocommit (see _sqlite_engine):
+            # the option only tells the begin listener not to open a transaction. In WAL
+            # mode with synchronous=NORMAL no commit waits for the disk anyway.
+            self._autocommit_engine = self._engine.execution_options(**{_AUTOCOMMIT: True})
+            self._relaxed_engine = self._autocommit_engine
         else:
-            self._engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True, echo=echo)
+            self._engine = create_engine(url, pool_size=pool_size, echo=echo)
+            _ping_idle_connections(self._engine)
+            self._autocommit_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+            # Its own pool: synchronous_commit is a setting of the connection.
+            self._relaxed_engine = create_engine(
+                url, pool_size=pool_size, echo=echo, isolation_level="AUTOCOMMIT"
+            )
+            _ping_idle_connections(self._relaxed_engine)
+            event.listen(self._relaxed_engine, "connect", _no_commit_wait)
         # Shares the pool and event listeners; only its execution options differ.
         self._write_engine = self._engine.execution_options(**{_WRITE: True})
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
@@ -105,8 +139,42 @@ class Database:
         starts with BEGIN IMMEDIATE (see the module docstring).
         """
         factory = self._write_sessions if write else self._sessions
-        with factory.begin() as session:
+        with self._writer(write), factory.begin() as session:
             yield session
+
+    @contextmanager
+    def connect(self, write: bool = False) -> Iterator[Connection]:
+        """A Core connection in one transaction (committed on success, else rolled back).
+
+        The lighter sibling of `session()` for hot paths that run prepared Core
+        statements; `write` means the same.
+        """
+        engine = self._write_engine if write else self._engine
+        with self._writer(write), engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def autocommit(self, write: bool = False, *, durable: bool = True) -> Iterator[Connection]:
+        """A Core connection on which each statement commits by itself.
+
+        For single statements on the hot path: on PostgreSQL a statement is
+        then one round trip, where a transaction adds its COMMIT. `write`
+        means the same as for `session()`.
+
+        durable=False: on PostgreSQL the commit does not wait for the WAL to
+        reach the disk (synchronous_commit off), which the hot path's many
+        small commits would otherwise queue on. A crash of the database server
+        can lose the last fraction of a second of such writes (never half of
+        one, never corrupt); for writes that are cheap to lose only: slot
+        counters, the records of finished blocking calls. SQLite commits are
+        like this already (WAL, synchronous=NORMAL).
+        """
+        engine = self._autocommit_engine if durable else self._relaxed_engine
+        with self._writer(write), engine.connect() as conn:
+            yield conn
+
+    def _writer(self, write: bool) -> _WriterLock | nullcontext[None]:
+        return self._writers if write and self._writers is not None else nullcontext()
 
     def upgrade(self) -> None:
         """Migrate the schema to the newest revision; safe when several processes call it at once."""
@@ -130,6 +198,7 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+        self._relaxed_engine.dispose()
 
     @contextmanager
     def _sqlite_migration_lock(self) -> Iterator[None]:
@@ -144,6 +213,90 @@ class Database:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _no_commit_wait(dbapi_connection: Any, _record: Any) -> None:
+    """A new PostgreSQL connection whose commits return before the WAL is flushed."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET synchronous_commit = off")
+    finally:
+        cursor.close()
+    dbapi_connection.commit()  # a SET rolled back would be undone
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Check a pooled PostgreSQL connection on checkout only when it sat idle a while.
+
+    SQLAlchemy's pool_pre_ping costs a round trip on every checkout, that is
+    on every transaction of the hot path. A connection in steady use is known
+    good; one idle for IDLE_PING_S may have been dropped (server restart,
+    idle timeout) and is pinged first, replaced if dead. A connection that
+    dies while in use still fails its statement, and the pool then discards
+    every connection older than the failure.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["sllm_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("sllm_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+
+class _WriterLock:
+    """SQLite writers take turns: a thread lock, then flock on <dbfile>.write.lock.
+
+    Re-entrant within a thread. The lock file is opened once per process
+    (after a fork the child opens its own: a shared open file would share the
+    flock). An in-memory database has only the thread lock.
+    """
+
+    def __init__(self, database: str | None) -> None:
+        self._path = f"{database}.write.lock" if database and database != ":memory:" else None
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd = -1
+        self._pid = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            if self._depth == 0 and self._path is not None:
+                fcntl.flock(self._file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._path is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def _file(self) -> int:
+        if self._pid != os.getpid():
+            assert self._path is not None
+            if self._fd >= 0:  # inherited across a fork: the parent's, not ours
+                os.close(self._fd)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
 
 
 @contextmanager
@@ -182,9 +335,10 @@ def _sqlite_engine(url: str, *, echo: bool) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(
-            "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN"
-        )
+        options = conn.get_execution_options()
+        if options.get(_AUTOCOMMIT):
+            return  # each statement is its own transaction (pysqlite's isolation_level None)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE) else "BEGIN")
 
     return engine
 

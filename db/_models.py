@@ -8,7 +8,7 @@ exists twice, in Python and as a server default, so raw INSERTs get it too.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     String,
+    Table,
     UniqueConstraint,
     false,
     text,
@@ -184,3 +185,8 @@ class Instance(Base):
     created_at: Mapped[float]
     ready_at: Mapped[float | None]
     last_used_at: Mapped[float]
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model, for prepared statements (typed: `__table__` is a FromClause)."""
+    return cast(Table, model.__table__)
