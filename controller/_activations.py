@@ -71,6 +71,7 @@ class Run:
     invoker: str | None = None
     attempts: int = 0
     persisted: bool = False  # a row exists (queued, or stored as running)
+    body: dict[str, Any] | None = None  # the caller's parameters as sent (not stored)
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the activation's log."""

@@ -23,16 +23,93 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import case, delete, func, select, true, update
+from sqlalchemy import Connection, bindparam, case, delete, func, select, true, update
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session
 
 from sllm.core.errors import Overloaded
-from sllm.db import Database, Function, Instance, Invoker
+from sllm.db import Database, Function, Instance, Invoker, table
 
 from ._scheduler import Candidate, Scheduler
 
 LIVE_STATES = ("loading", "ready")
+
+# The warm path's statements, built once (Core, on the tables): building and
+# caching a statement per request cost more CPU than running it.
+_I, _V, _F = table(Instance), table(Invoker), table(Function)
+
+
+def _warm_candidates(avoiding: bool) -> Any:
+    return (
+        select(_I.c.id, _I.c.invoker_id, _V.c.name, _V.c.url, _I.c.state, _F.c.version)
+        .join(_V, _V.c.id == _I.c.invoker_id)
+        .join(_F, _F.c.id == _I.c.function_id)
+        .where(
+            _I.c.function_id == bindparam("fn"),
+            _I.c.state.in_(LIVE_STATES),
+            _I.c.in_flight < bindparam("cap"),
+            _V.c.state == "active",
+            _V.c.id.not_in(bindparam("avoid", expanding=True)) if avoiding else true(),
+        )
+        .order_by(case((_I.c.state == "ready", 0), else_=1), _I.c.in_flight)
+        .limit(4)
+    )
+
+
+def _take_least_loaded(avoiding: bool) -> Any:
+    # One statement, committed by itself: pick the least-loaded candidate and take a
+    # slot in it. PostgreSQL re-checks `in_flight < cap` after waiting on a concurrent
+    # holder of the row; no row back means it filled meanwhile (or there was none).
+    c = _I.alias("candidate")
+    pick = (
+        select(c.c.id)
+        .join(_V, _V.c.id == c.c.invoker_id)
+        .where(
+            c.c.function_id == bindparam("fn"),
+            c.c.state.in_(LIVE_STATES),
+            c.c.in_flight < bindparam("cap"),
+            _V.c.state == "active",
+            _V.c.id.not_in(bindparam("avoid", expanding=True)) if avoiding else true(),
+        )
+        .order_by(case((c.c.state == "ready", 0), else_=1), c.c.in_flight)
+        .limit(1)
+        .scalar_subquery()
+    )
+    invoker = select(_V.c.name, _V.c.url).where(_V.c.id == _I.c.invoker_id)
+    return (
+        update(_I)
+        .where(_I.c.id == pick, _I.c.state.in_(LIVE_STATES), _I.c.in_flight < bindparam("cap"))
+        .values(in_flight=_I.c.in_flight + 1, last_used_at=bindparam("now"))
+        .returning(
+            _I.c.id,
+            _I.c.invoker_id,
+            invoker.with_only_columns(_V.c.name).scalar_subquery(),
+            invoker.with_only_columns(_V.c.url).scalar_subquery(),
+            _I.c.state,
+            select(_F.c.version).where(_F.c.id == _I.c.function_id).scalar_subquery(),
+        )
+    )
+
+
+_WARM = {False: _warm_candidates(False), True: _warm_candidates(True)}
+_TAKE_LEAST_LOADED = {False: _take_least_loaded(False), True: _take_least_loaded(True)}
+_TAKE = (
+    update(_I)
+    .where(
+        _I.c.id == bindparam("instance"),
+        _I.c.state.in_(LIVE_STATES),
+        _I.c.in_flight < bindparam("cap"),
+    )
+    .values(in_flight=_I.c.in_flight + 1, last_used_at=bindparam("now"))
+)
+RELEASE = (  # a slot back: params instance, now
+    update(_I)
+    .where(_I.c.id == bindparam("instance"))
+    .values(
+        in_flight=case((_I.c.in_flight > 0, _I.c.in_flight - 1), else_=0),
+        last_used_at=bindparam("now"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +128,10 @@ class DeadlineExceeded(Exception):
     """No slot came free before the request's deadline."""
 
 
+class StaleFunction(Exception):
+    """The function changed (or went) since the definition a request was validated against."""
+
+
 class Dispatcher:
     """Slots on instances: warm first, then a scale-out, else wait."""
 
@@ -61,6 +142,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._waiting: dict[int, int] = defaultdict(int)
         self.gauge: Any = None  # a Prometheus gauge of the waiting requests, when set
+        self._returning = bool(db.engine.dialect.update_returning)
 
     def waiting(self) -> dict[int, int]:
         """Requests waiting for a slot in this process, by function id."""
@@ -68,7 +150,11 @@ class Dispatcher:
             return {k: v for k, v in self._waiting.items() if v}
 
     def acquire(self, fn: Function, deadline: float, avoid: Sequence[int] = ()) -> Slot:
-        """A slot for one request of `fn`; DeadlineExceeded when none came free in time."""
+        """A slot for one request of `fn`; DeadlineExceeded when none came free in time.
+
+        The slot is for `fn` as given: StaleFunction when the function has
+        changed or gone since (its definition came from a cache).
+        """
         slot = self._try(fn, avoid)
         if slot is not None:
             return slot
@@ -97,35 +183,35 @@ class Dispatcher:
         )
 
     def _warm(self, fn: Function, cap: int, avoid: Sequence[int]) -> Slot | None:
-        # One write transaction: pick the least-loaded candidates (rows other workers
-        # hold are skipped on PostgreSQL) and take a slot with a conditional UPDATE.
-        with self.db.session(write=True) as s:
-            rows = s.execute(
-                select(Instance.id, Instance.invoker_id, Invoker.name, Invoker.url, Instance.state)
-                .join(Invoker, Invoker.id == Instance.invoker_id)
-                .where(
-                    Instance.function_id == fn.id,
-                    Instance.state.in_(LIVE_STATES),
-                    Instance.in_flight < cap,
-                    Invoker.state == "active",
-                    Invoker.id.not_in(avoid) if avoid else true(),
+        # The one-statement take first (UPDATE ... RETURNING, where the database has it).
+        # If it got nothing (no candidate, or its pick filled meanwhile), one write
+        # transaction: read the least-loaded candidates (a plain read, no row locks) and
+        # take a slot in the first that still has one with a conditional UPDATE. On
+        # PostgreSQL that UPDATE waits for another request's hold on the row, then
+        # re-checks `in_flight < cap` on the row as that request left it. (Not FOR UPDATE
+        # SKIP LOCKED: with one hot instance, concurrent requests would find no row and
+        # fall back to polling.)
+        params: dict[str, Any] = {"fn": fn.id, "cap": cap}
+        if avoid:
+            params["avoid"] = list(avoid)
+        if self._returning:
+            with self.db.autocommit(write=True, durable=False) as conn:
+                row = conn.execute(
+                    _TAKE_LEAST_LOADED[bool(avoid)], {**params, "now": time.time()}
+                ).first()
+            if row is not None:
+                instance_id, invoker_id, name, url, state, version = row
+                slot = Slot(
+                    instance_id, invoker_id, name, url, cold=False, loading=state == "loading"
                 )
-                .order_by(case((Instance.state == "ready", 0), else_=1), Instance.in_flight)
-                .limit(4)
-                .with_for_update(of=Instance, skip_locked=True)
-            ).all()
-            for instance_id, invoker_id, name, url, state in rows:
+                return self._current(fn, slot, version)
+        with self.db.connect(write=True) as conn:
+            rows = conn.execute(_WARM[bool(avoid)], params).all()
+            for instance_id, invoker_id, name, url, state, version in rows:
+                if version != fn.version:
+                    raise StaleFunction(fn.name)
                 taken = rowcount(
-                    s.execute(
-                        update(Instance)
-                        .where(
-                            Instance.id == instance_id,
-                            Instance.state.in_(LIVE_STATES),
-                            Instance.in_flight < cap,
-                        )
-                        .values(in_flight=Instance.in_flight + 1, last_used_at=time.time())
-                        .execution_options(synchronize_session=False)
-                    )
+                    conn.execute(_TAKE, {"instance": instance_id, "cap": cap, "now": time.time()})
                 )
                 if taken:
                     return Slot(
@@ -133,21 +219,34 @@ class Dispatcher:
                     )
         return None
 
+    def _current(self, fn: Function, slot: Slot, version: int | None) -> Slot:
+        # A slot taken for a definition that is no longer the function's goes back.
+        if version == fn.version:
+            return slot
+        with self.db.autocommit(write=True, durable=False) as conn:
+            self.release(conn, slot)
+        raise StaleFunction(fn.name)
+
     def scale_out(self, fn: Function, avoid: Sequence[int] = (), *, reserve: bool) -> Slot | None:
-        """Place a new instance of `fn` when below max_instances (a slot in it if `reserve`)."""
+        """Place a new instance of `fn` when below max_instances (a slot in it if `reserve`).
+
+        StaleFunction when `fn` is not the function's current definition.
+        """
         now = time.time()
         with self.db.session(write=True) as s:
             locked = s.execute(
-                select(Function.max_instances).where(Function.id == fn.id).with_for_update()
-            ).scalar_one_or_none()
-            if locked is None:  # deleted meanwhile
-                return None
+                select(Function.max_instances, Function.version)
+                .where(Function.id == fn.id)
+                .with_for_update()
+            ).first()
+            if locked is None or locked.version != fn.version:  # deleted or changed meanwhile
+                raise StaleFunction(fn.name)
             count = s.execute(
                 select(func.count())
                 .select_from(Instance)
                 .where(Instance.function_id == fn.id, Instance.state.in_(LIVE_STATES))
             ).scalar_one()
-            if count >= locked:
+            if count >= locked.max_instances:
                 return None
             candidates = self.candidates(s, fn, avoid)
             choice = self.scheduler.place(fn.model, candidates)
@@ -187,34 +286,22 @@ class Dispatcher:
 
     def loaded(self, slot: Slot, tier: str | None, load_ms: float | None) -> None:
         """The instance answered: it is ready (recording how it loaded, if it just did)."""
-        with self.db.session(write=True) as s:
-            s.execute(
-                update(Instance)
-                .where(Instance.id == slot.instance_id, Instance.state == "loading")
+        with self.db.connect(write=True) as conn:
+            conn.execute(
+                update(_I)
+                .where(_I.c.id == slot.instance_id, _I.c.state == "loading")
                 .values(state="ready", ready_at=time.time(), tier=tier, load_ms=load_ms)
-                .execution_options(synchronize_session=False)
             )
 
-    def release(self, s: Session, slot: Slot) -> None:
+    @staticmethod
+    def release(conn: Connection | Session, slot: Slot) -> None:
         """Give the slot back (inside the caller's write transaction)."""
-        s.execute(
-            update(Instance)
-            .where(Instance.id == slot.instance_id)
-            .values(
-                in_flight=case((Instance.in_flight > 0, Instance.in_flight - 1), else_=0),
-                last_used_at=time.time(),
-            )
-            .execution_options(synchronize_session=False)
-        )
+        conn.execute(RELEASE, {"instance": slot.instance_id, "now": time.time()})
 
     def drop(self, slot: Slot) -> None:
         """Forget the slot's instance (it failed to load, or its invoker is gone)."""
-        with self.db.session(write=True) as s:
-            s.execute(
-                delete(Instance)
-                .where(Instance.id == slot.instance_id)
-                .execution_options(synchronize_session=False)
-            )
+        with self.db.connect(write=True) as conn:
+            conn.execute(delete(_I).where(_I.c.id == slot.instance_id))
 
     @contextmanager
     def _queued(self, function_id: int) -> Iterator[None]:

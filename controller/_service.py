@@ -9,6 +9,7 @@ background threads (non-blocking activations, maintenance).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import socket
@@ -19,9 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Connection, Insert, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from sllm.core.errors import (
     Conflict,
@@ -34,13 +36,13 @@ from sllm.core.errors import (
     Unauthorized,
 )
 from sllm.core.messages import require_object
-from sllm.db import Activation, ApiKey, Database, Function, Instance, Invoker, Namespace
+from sllm.db import Activation, ApiKey, Database, Function, Instance, Invoker, Namespace, table
 from sllm.runtime import SamplingParams
 
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._config import ControllerConfig
-from ._dispatch import DeadlineExceeded, Dispatcher, Slot, rowcount
+from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_name, function_json
 from ._invokers import InvokerClient, InvokerLost
 from ._metrics import ControllerMetrics
@@ -62,6 +64,16 @@ GENERATE_KEYS = (
 EMBED_KEYS = ("input",)
 MAX_PAGE = 200
 AUTH_TTL = 5.0  # a revoked key stops working within this many seconds
+FUNCTION_TTL = 2.0  # a cached function definition is read again after this many seconds
+MAX_REBASES = 3  # a function that changes more often under one request: 409
+
+_ACTIVATIONS, _FUNCTIONS, _NAMESPACES = table(Activation), table(Function), table(Namespace)
+# Built once: an invocation's one read (see Dispatcher for why).
+_FUNCTION_BY_NAME = (
+    select(_FUNCTIONS)
+    .join(_NAMESPACES, _NAMESPACES.c.id == _FUNCTIONS.c.namespace_id)
+    .where(_NAMESPACES.c.name == bindparam("ns"), _FUNCTIONS.c.name == bindparam("name"))
+)
 
 
 class TimedOut(SllmError):
@@ -94,6 +106,7 @@ class Controller:
         )
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
         self._keys: dict[str, tuple[Principal, float]] = {}
+        self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -175,6 +188,7 @@ class Controller:
                 .where(Function.namespace_id == ns_id)
             ).all()
             s.execute(delete(Namespace).where(Namespace.id == ns_id))
+        self._functions.clear()
         for url, fname in placements:
             self._unload_on(url, f"{name}/{fname}")
         return {"name": name, "deleted": True}
@@ -316,6 +330,7 @@ class Controller:
                         .execution_options(synchronize_session=False)
                     )
             doc = function_json(row, namespace)
+        self._functions.pop((namespace, name), None)
         if created and doc["scaling"]["min_instances"] > 0:
             self._wake.set()
         return doc, created
@@ -349,14 +364,42 @@ class Controller:
                 .where(Instance.function_id == row.id)
             ).all()
             s.execute(delete(Function).where(Function.id == row.id))
+        self._functions.pop((namespace, name), None)
         for (url,) in placements:
             self._unload_on(url, f"{namespace}/{name}")
         return doc
 
     def function_for(self, namespace: str, name: str) -> Function:
-        """The function row an invocation runs (detached)."""
-        with self.db.session() as s:
-            return self._function(s, namespace, name)
+        """The function an invocation runs: from a per-process cache, checked at dispatch.
+
+        A cached definition is used for up to FUNCTION_TTL seconds. Dispatch
+        checks its version in the same statement that takes a slot (see
+        Dispatcher.acquire); a request validated against an old definition is
+        validated again against the current one before it runs, so a stale
+        cache costs a re-read, never a run of an old definition.
+        """
+        key = (namespace, name)
+        now = time.monotonic()
+        hit = self._functions.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        with self.db.autocommit(durable=False) as conn:
+            row = conn.execute(_FUNCTION_BY_NAME, {"ns": namespace, "name": name}).first()
+        if row is None:
+            self._functions.pop(key, None)
+            raise NotFound(f"no function {name!r} in namespace {namespace!r}")
+        fn = Function(**row._mapping)
+        if len(self._functions) >= 4096:
+            self._functions.clear()
+        self._functions[key] = (fn, now + FUNCTION_TTL)
+        return fn
+
+    def _current_function(self, run: Run) -> Function:
+        """The function of `run` read afresh (its cached definition was stale), `run` rebased."""
+        self._functions.pop((run.namespace, run.function), None)
+        fn = self.function_for(run.namespace, run.function)
+        self._rebase(run, fn)
+        return fn
 
     # ------------------------------------------------------------ invocations
     def new_run(
@@ -374,7 +417,24 @@ class Controller:
                 f"the request is {body_bytes} bytes; function {fn.name!r} takes at most "
                 f"{fn.max_payload_bytes}"
             )
-        params = {**(fn.params or {}), **require_object(body, "invocation parameters")}
+        body = require_object(body, "invocation parameters")
+        return Run(
+            id=new_activation_id(),
+            namespace_id=fn.namespace_id,
+            namespace=namespace,
+            function=fn.name,
+            function_version=fn.version,
+            model=fn.model,
+            task=fn.task,
+            request=self._params(fn, body),
+            blocking=blocking,
+            body=dict(body),
+        )
+
+    @staticmethod
+    def _params(fn: Function, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The invocation parameters: `fn`'s defaults under the caller's, validated."""
+        params = {**(fn.params or {}), **body}
         params.pop("stream", None)
         allowed = GENERATE_KEYS if fn.task == "generate" else EMBED_KEYS
         unknown = sorted(k for k in params if k not in allowed)
@@ -392,24 +452,20 @@ class Controller:
             SamplingParams.from_request(params, max_tokens_limit=fn.max_tokens)
         elif params.get("input") is None:
             raise InvalidRequest("'input' is required: a string or a list of strings to embed")
-        return Run(
-            id=new_activation_id(),
-            namespace_id=fn.namespace_id,
-            namespace=namespace,
-            function=fn.name,
-            function_version=fn.version,
-            model=fn.model,
-            task=fn.task,
-            request=params,
-            blocking=blocking,
-        )
+        return params
+
+    def _rebase(self, run: Run, fn: Function) -> None:
+        """Make `run` one of `fn`, a newer definition than it was validated against."""
+        run.log(f"function changed to version {fn.version}: parameters checked again")
+        run.request = self._params(fn, run.body if run.body is not None else run.request)
+        run.function_version, run.model, run.task = fn.version, fn.model, fn.task
 
     def submit(self, run: Run) -> str:
         """Queue a non-blocking invocation (stored before the 202) and return its id."""
         run.status = "queued"
         run.log("queued")
-        with self.db.session(write=True) as s:
-            s.execute(insert(Activation), [run.columns()])
+        with self.db.connect(write=True) as conn:
+            conn.execute(_ACTIVATIONS.insert(), run.columns())
         run.persisted = True
         self._wake.set()
         return run.id
@@ -449,12 +505,24 @@ class Controller:
         slot: Slot | None = None
         text: list[str] = []
         avoid: list[int] = []
+        rebases = 0
         try:
+            if run.function_version != fn.version:  # queued under an older definition
+                self._rebase(run, fn)
             while True:
                 try:
                     slot = self.dispatcher.acquire(fn, deadline, avoid)
                 except DeadlineExceeded as exc:
                     raise TimedOut(f"{exc} (timeout {fn.timeout_s:g} s)") from None
+                except StaleFunction:
+                    rebases += 1
+                    if rebases > MAX_REBASES:
+                        raise Conflict(
+                            f"function {fn.name!r} changed {rebases} times while this request "
+                            "was dispatched; retry"
+                        ) from None
+                    fn = self._current_function(run)
+                    continue
                 run.dispatched(slot.invoker)
                 body = {
                     "function": f"{run.namespace}/{fn.name}",
@@ -582,8 +650,8 @@ class Controller:
         }
 
     def _released(self, slot: Slot) -> None:
-        with self.db.session(write=True) as s:
-            self.dispatcher.release(s, slot)
+        with self.db.connect(write=True) as conn:
+            self.dispatcher.release(conn, slot)
 
     def _store(self, run: Run, slot: Slot | None) -> None:
         """Release the slot and write the activation, in one transaction."""
@@ -591,28 +659,35 @@ class Controller:
             run.finish("platform_error", error=PlatformError("the invocation ended unexpectedly"))
         cols = run.columns()
         try:
-            with self.db.session(write=True) as s:
-                if slot is not None:
-                    self.dispatcher.release(s, slot)
-                    slot = None
-                if run.persisted:
-                    self._update_activation(s, cols)
-                else:
-                    s.execute(insert(Activation), [cols])
+            self._write_outcome(cols, slot, insert=not run.persisted)
         except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
-            with self.db.session(write=True) as s:
-                if slot is not None:
-                    self.dispatcher.release(s, slot)
-                self._update_activation(s, cols)
+            self._write_outcome(cols, slot, insert=False)
         self.metrics.observe_activation(run)
 
+    def _write_outcome(self, cols: Mapping[str, Any], slot: Slot | None, *, insert: bool) -> None:
+        if insert and slot is not None and self.db.dialect == "postgresql":
+            # The common case in one statement: one round trip.
+            params = {f"a_{k}": v for k, v in cols.items()}
+            with self.db.autocommit(write=True, durable=False) as conn:
+                conn.execute(
+                    _release_and_insert(tuple(cols)),
+                    {**params, "instance": slot.instance_id, "now": time.time()},
+                )
+            return
+        with self.db.connect(write=True) as conn:
+            if slot is not None:
+                self.dispatcher.release(conn, slot)
+            if insert:
+                conn.execute(_ACTIVATIONS.insert(), cols)
+            else:
+                self._update_activation(conn, cols)
+
     @staticmethod
-    def _update_activation(s: Session, cols: Mapping[str, Any]) -> None:
-        s.execute(
-            update(Activation)
-            .where(Activation.id == cols["id"])
+    def _update_activation(conn: Connection, cols: Mapping[str, Any]) -> None:
+        conn.execute(
+            update(_ACTIVATIONS)
+            .where(_ACTIVATIONS.c.id == cols["id"])
             .values(**{k: v for k, v in cols.items() if k != "id"}, lease_until=None)
-            .execution_options(synchronize_session=False)
         )
 
     def _persist_running(self, run: Run, fn: Function) -> None:
@@ -959,7 +1034,10 @@ class Controller:
                 ).all()
             )
         for fn, ns in short:
-            slot = self.dispatcher.scale_out(fn, reserve=False)
+            try:
+                slot = self.dispatcher.scale_out(fn, reserve=False)
+            except StaleFunction:
+                continue  # changed since the read above: the next pass sees it
             if slot is not None:
                 self._pool.submit(self._load, slot, fn, ns)
 
@@ -1004,6 +1082,20 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+@functools.cache
+def _release_and_insert(keys: tuple[str, ...]) -> Insert:
+    """PostgreSQL: give a slot back and insert an activation (columns `keys`) in one statement.
+
+    Params: instance, now (the slot), a_<column> (the activation).
+    """
+    values: dict[str, Any] = {k: bindparam(f"a_{k}", type_=_ACTIVATIONS.c[k].type) for k in keys}
+    for column in _ACTIVATIONS.c:  # defaults are not filled in for a statement built like this
+        default = column.default
+        if column.name not in values and isinstance(default, ScalarElementColumnDefault):
+            values[column.name] = default.arg
+    return insert(_ACTIVATIONS).values(values).add_cte(RELEASE.cte("released"))
 
 
 def _blocking_events(doc: Any) -> Iterator[dict[str, Any]]:

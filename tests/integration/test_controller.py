@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sllm.controller import Controller
+from sllm.db import Database
 from tests.support.controller import api, client, make_fn
 
 pytestmark = [pytest.mark.invoker]
@@ -74,6 +76,42 @@ def test_blocking_invocation_records_an_activation(stack: dict[str, Any]) -> Non
     assert any("warm" in line for line in logs)
     listed = c.get("/api/v1/namespaces/_/activations?name=gen&limit=5").json()
     assert [a["activationId"] for a in listed[:2]] == [activation_id, act["activationId"]]
+
+
+def test_a_worker_with_a_cached_definition_never_runs_the_old_one(stack: dict[str, Any]) -> None:
+    """Another worker's cache holds version 1 when version 2 lands: dispatch notices."""
+    c = api(stack)
+    make_fn(c, "cached", limits={"max_tokens": 3})
+    other = Controller(stack["ctl"].config, Database(stack["ctl"].config.database_url))
+    try:
+        body = {"prompt": "tell me a long story", "temperature": 0}
+        fn = other.function_for("alpha", "cached")
+        run, finished = other.invoke(other.new_run("alpha", fn, body, blocking=True), fn)
+        assert finished and run.status == "success" and run.tokens_out == 3
+        up = c.put(
+            "/api/v1/namespaces/_/functions/cached?overwrite=true",
+            json={"limits": {"max_tokens": 1}},
+        )
+        assert up.json()["version"] == 2
+        stale = other.function_for("alpha", "cached")
+        assert stale.version == 1, "the other worker's cache should still hold version 1"
+        run = other.new_run("alpha", stale, body, blocking=True)
+        assert run.request["max_tokens"] == 3  # validated against version 1
+        run, finished = other.invoke(run, stale)
+        assert finished and run.status == "success", run.error
+        assert run.function_version == 2 and run.tokens_out == 1
+        assert any("changed to version 2" in line for line in run.logs)
+        stored = c.get(f"/api/v1/namespaces/_/activations/{run.id}").json()
+        assert stored["version"] == 2 and stored["tokens_out"] == 1
+
+        assert c.delete("/api/v1/namespaces/_/functions/cached").status_code == 200
+        gone = other.function_for("alpha", "cached")  # still cached here
+        run, finished = other.invoke(other.new_run("alpha", gone, body, blocking=True), gone)
+        assert finished and run.status != "success"
+        assert run.error is not None and run.error["code"] == "not_found"
+    finally:
+        other.close()
+        other.db.dispose()
 
 
 def test_non_blocking_invocation_runs_once(stack: dict[str, Any]) -> None:
