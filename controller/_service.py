@@ -459,6 +459,7 @@ class Controller:
         run.log(f"function changed to version {fn.version}: parameters checked again")
         run.request = self._params(fn, run.body if run.body is not None else run.request)
         run.function_version, run.model, run.task = fn.version, fn.model, fn.task
+        run.namespace_id = fn.namespace_id  # the namespace may have been made anew
 
     def submit(self, run: Run) -> str:
         """Queue a non-blocking invocation (stored before the 202) and return its id."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -21,6 +22,7 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 import sllm.db
+import sllm.db._database
 from sllm.db import (
     Activation,
     ApiKey,
@@ -271,4 +273,95 @@ def test_sqlite_write_sessions_from_two_threads_serialise(sqlite_url: str) -> No
     assert errors == []
     with db.session() as s:
         assert s.get_one(Function, fn.id).version == 1 + 2 * 50
+    db.dispose()
+
+
+def _bump_in_process(url: str, rounds: int, strict_sqlite: bool) -> None:
+    """Add 1 to functions.version `rounds` times per thread, from two threads, two ways."""
+    db = Database(url)
+    if strict_sqlite:
+        _no_busy_wait(db)
+    errors: list[BaseException] = []
+
+    def bump() -> None:
+        try:
+            for i in range(rounds):
+                if i % 2:  # one statement, committed by itself
+                    with db.autocommit(write=True) as conn:
+                        conn.execute(text("UPDATE functions SET version = version + 1"))
+                else:  # read, then write, in one transaction (the row locked on PostgreSQL)
+                    with db.connect(write=True) as conn:
+                        v = conn.execute(select(Function.version).with_for_update()).scalar_one()
+                        conn.execute(text("UPDATE functions SET version = :v"), {"v": v + 1})
+        except BaseException as exc:  # reported by the exit code
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bump) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db.dispose()
+    if errors:
+        raise errors[0]
+
+
+def _no_busy_wait(db: Database) -> None:
+    """SQLite fails at once on a locked database: only sllm's writer lock may make writers wait."""
+
+    @sqlalchemy.event.listens_for(db.engine, "connect")
+    def _strict(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=0")
+
+
+def test_writers_from_processes_and_threads_queue_and_lose_nothing(db_url: str) -> None:
+    upgrade_database(db_url)
+    db = Database(db_url)
+    with db.session(write=True) as s:
+        s.add(_function(_namespace(s, "ns").id, "chat"))
+    # On SQLite with no busy timeout, any writer that found the lock taken would fail
+    # with "database is locked": they must queue on the writer lock (threads, then flock).
+    strict = db.dialect == "sqlite"
+    rounds, procs = 40, 3
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=_bump_in_process, args=(db_url, rounds, strict)) for _ in range(procs)
+    ]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+    assert [p.exitcode for p in workers] == [0] * procs
+    with db.session() as s:
+        assert s.scalars(select(Function.version)).one() == 1 + procs * 2 * rounds
+    db.dispose()
+
+
+def test_autocommit_statements_commit_by_themselves(db: Database) -> None:
+    with db.autocommit(write=True) as conn:
+        conn.execute(text("INSERT INTO namespaces (name, created_at) VALUES ('now', 1)"))
+        with db.connect() as other:  # another connection sees it before this block ends
+            assert other.execute(select(func.count()).select_from(Namespace)).scalar_one() == 1
+    if db.dialect == "postgresql":
+        with db.autocommit(durable=False) as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+        with db.autocommit() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+        with db.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+
+
+def test_an_idle_pooled_connection_that_died_is_replaced(
+    pg_url: str, postgres_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(pg_url, pool_size=1)
+    with db.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    admin = Database(postgres_admin_url)
+    with admin.autocommit() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+    monkeypatch.setattr(sllm.db._database, "IDLE_PING_S", 0.0)  # every checkout is "idle"
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    admin.dispose()
     db.dispose()
