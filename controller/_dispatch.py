@@ -39,21 +39,31 @@ LIVE_STATES = ("loading", "ready")
 _I, _V, _F = table(Instance), table(Invoker), table(Function)
 
 
-def _warm_candidates(avoiding: bool) -> Any:
+def _candidates(i: Any, columns: Sequence[Any], avoiding: bool, limit: int) -> Any:
+    """Instances (table or alias `i`) of one function with a free slot below `cap`, least
+    loaded first (ready before loading), on active invokers (not `avoid`)."""
     return (
-        select(_I.c.id, _I.c.invoker_id, _V.c.name, _V.c.url, _I.c.state, _F.c.version)
-        .join(_V, _V.c.id == _I.c.invoker_id)
-        .join(_F, _F.c.id == _I.c.function_id)
+        select(*columns)
+        .select_from(i)
+        .join(_V, _V.c.id == i.c.invoker_id)
         .where(
-            _I.c.function_id == bindparam("fn"),
-            _I.c.state.in_(LIVE_STATES),
-            _I.c.in_flight < bindparam("cap"),
+            i.c.function_id == bindparam("fn"),
+            i.c.state.in_(LIVE_STATES),
+            i.c.in_flight < bindparam("cap"),
             _V.c.state == "active",
             _V.c.id.not_in(bindparam("avoid", expanding=True)) if avoiding else true(),
         )
-        .order_by(case((_I.c.state == "ready", 0), else_=1), _I.c.in_flight)
-        .limit(4)
+        .order_by(case((i.c.state == "ready", 0), else_=1), i.c.in_flight)
+        .limit(limit)
     )
+
+
+_VERSION = select(_F.c.version).where(_F.c.id == _I.c.function_id).scalar_subquery()
+
+
+def _warm_candidates(avoiding: bool) -> Any:
+    columns = (_I.c.id, _I.c.invoker_id, _V.c.name, _V.c.url, _I.c.state, _VERSION)
+    return _candidates(_I, columns, avoiding, 4)
 
 
 def _take_least_loaded(avoiding: bool) -> Any:
@@ -61,20 +71,10 @@ def _take_least_loaded(avoiding: bool) -> Any:
     # slot in it. PostgreSQL re-checks `in_flight < cap` after waiting on a concurrent
     # holder of the row; no row back means it filled meanwhile (or there was none).
     c = _I.alias("candidate")
-    pick = (
-        select(c.c.id)
-        .join(_V, _V.c.id == c.c.invoker_id)
-        .where(
-            c.c.function_id == bindparam("fn"),
-            c.c.state.in_(LIVE_STATES),
-            c.c.in_flight < bindparam("cap"),
-            _V.c.state == "active",
-            _V.c.id.not_in(bindparam("avoid", expanding=True)) if avoiding else true(),
-        )
-        .order_by(case((c.c.state == "ready", 0), else_=1), c.c.in_flight)
-        .limit(1)
-        .scalar_subquery()
-    )
+    pick = _candidates(c, (c.c.id,), avoiding, 1).scalar_subquery()
+    # SQLite's RETURNING names the updated table's columns bare; inside these subqueries
+    # a bare `invoker_id` / `function_id` still means the updated row's (the subqueried
+    # tables have no such column), so the correlation holds on both databases.
     invoker = select(_V.c.name, _V.c.url).where(_V.c.id == _I.c.invoker_id)
     return (
         update(_I)
@@ -86,7 +86,7 @@ def _take_least_loaded(avoiding: bool) -> Any:
             invoker.with_only_columns(_V.c.name).scalar_subquery(),
             invoker.with_only_columns(_V.c.url).scalar_subquery(),
             _I.c.state,
-            select(_F.c.version).where(_F.c.id == _I.c.function_id).scalar_subquery(),
+            _VERSION,
         )
     )
 
