@@ -71,7 +71,10 @@ class Run:
     invoker: str | None = None
     attempts: int = 0
     persisted: bool = False  # a row exists (queued, or stored as running)
-    body: dict[str, Any] | None = None  # the caller's parameters as sent (not stored)
+    # The caller's parameters as sent; `request` is them validated and merged with the
+    # function's defaults. A queued activation stores `body` as its request until it runs.
+    body: dict[str, Any] | None = None
+    validated: bool = True  # `request` was made from `body` for `function_version`
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the activation's log."""
@@ -163,6 +166,8 @@ class Run:
             logs=list(row.logs or []),
             attempts=row.attempts,
             persisted=True,
+            body=dict(row.request),  # as sent: validated again when it runs
+            validated=False,
         )
 
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import threading
+import time
 from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from sllm.core.errors import PlatformError, SllmError, Unauthorized, error_class
+
+# A reused connection that fails this soon after the request went out was closed by the
+# invoker before it read the request: the request is sent again on a fresh connection.
+STALE_CLOSE_WINDOW_S = 0.05
 
 
 class InvokerLost(PlatformError):
@@ -48,9 +54,12 @@ class InvokerClient:
 
     http.client rather than a richer client: this is the controller's hot
     path, and it costs a third of the CPU per call. A connection is used by
-    one thread at a time; an idle one that the invoker closed meanwhile is
-    noticed on reuse and the call goes again on a fresh connection (the
-    invoker never saw it).
+    one thread at a time and goes back to the pool only when its response was
+    read to the end. An idle one the invoker closed meanwhile is noticed
+    before reuse (it polls readable) and dropped; one that fails at once after
+    the request went out was closed before the invoker read the request, and
+    the request goes again on a fresh connection. A request is never sent
+    twice otherwise.
     """
 
     MAX_IDLE = 128  # idle connections kept per invoker
@@ -127,6 +136,7 @@ class InvokerClient:
             except OSError as exc:
                 conn.close()
                 raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
+            sent = time.monotonic()
             try:
                 conn.request("POST", path, body=payload, headers=self._headers)
                 return conn, conn.getresponse()
@@ -135,18 +145,26 @@ class InvokerClient:
                 raise InvokerLost(f"invoker {url} did not answer within {timeout:.0f} s") from exc
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
                 conn.close()
-                if reused:  # the invoker had closed this idle connection: go again, fresh
+                # A reused connection the invoker closed just as it was taken (the check in
+                # _take came too early): refused at once, nothing ran. Anything later may
+                # have run, and is not sent again.
+                if reused and time.monotonic() - sent < STALE_CLOSE_WINDOW_S:
                     continue
-                raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
+                raise InvokerLost(f"invoker {url} broke the connection: {exc}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
+                raise InvokerLost(f"invoker {url} broke the connection: {exc}") from exc
 
     def _take(self, url: str) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get(url)
-            if idle:
-                return idle.pop(), True
+        while True:
+            with self._lock:
+                idle = self._idle.get(url)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if _usable(conn):
+                return conn, True
+            conn.close()  # closed by the invoker while idle (keep-alive timeout, restart)
         parts = urlsplit(url)
         if parts.scheme == "https":
             return http.client.HTTPSConnection(
@@ -159,7 +177,8 @@ class InvokerClient:
     def _put(
         self, url: str, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
     ) -> None:
-        if response.will_close:
+        # Only a response read to its end leaves the connection ready for the next request.
+        if response.will_close or not response.isclosed():
             conn.close()
             return
         with self._lock:
@@ -168,6 +187,19 @@ class InvokerClient:
                 idle.append(conn)
                 return
         conn.close()
+
+
+def _usable(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection is usable while nothing waits to be read on it.
+
+    Readable while idle means the invoker closed it (or sent something it
+    should not have): either way it cannot carry the next request.
+    """
+    if conn.sock is None:
+        return False
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return not poller.poll(0)
 
 
 def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
@@ -182,6 +214,7 @@ def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
         if not data:
             if response.length:  # a length-delimited body cut short
                 raise http.client.IncompleteRead(pending, response.length)
+            response.read()  # b"": marks a length-delimited body finished (closes it)
             if pending.strip():
                 yield pending
             return

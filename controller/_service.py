@@ -15,13 +15,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from sqlalchemy import Connection, Insert, bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -68,7 +68,8 @@ FUNCTION_TTL = 2.0  # a cached function definition is read again after this many
 MAX_REBASES = 3  # a function that changes more often under one request: 409
 
 _ACTIVATIONS, _FUNCTIONS, _NAMESPACES = table(Activation), table(Function), table(Namespace)
-# Built once: an invocation's one read (see Dispatcher for why).
+# Built once (see Dispatcher for why): an invocation's one read; the queue's idle poll.
+_ANY_QUEUED = select(_ACTIVATIONS.c.id).where(_ACTIVATIONS.c.status == "queued").limit(1)
 _FUNCTION_BY_NAME = (
     select(_FUNCTIONS)
     .join(_NAMESPACES, _NAMESPACES.c.id == _FUNCTIONS.c.namespace_id)
@@ -455,18 +456,23 @@ class Controller:
         return params
 
     def _rebase(self, run: Run, fn: Function) -> None:
-        """Make `run` one of `fn`, a newer definition than it was validated against."""
-        run.log(f"function changed to version {fn.version}: parameters checked again")
+        """Validate `run` against `fn`: a newer definition, or the current one of a queued run."""
+        if fn.version != run.function_version:
+            run.log(f"function changed to version {fn.version}: parameters checked again")
         run.request = self._params(fn, run.body if run.body is not None else run.request)
         run.function_version, run.model, run.task = fn.version, fn.model, fn.task
         run.namespace_id = fn.namespace_id  # the namespace may have been made anew
+        run.validated = True
 
     def submit(self, run: Run) -> str:
         """Queue a non-blocking invocation (stored before the 202) and return its id."""
         run.status = "queued"
         run.log("queued")
+        cols = run.columns()
+        if run.body is not None:  # as sent: validated again against the function when it runs
+            cols["request"] = run.body
         with self.db.connect(write=True) as conn:
-            conn.execute(_ACTIVATIONS.insert(), run.columns())
+            conn.execute(_ACTIVATIONS.insert(), cols)
         run.persisted = True
         self._wake.set()
         return run.id
@@ -502,14 +508,15 @@ class Controller:
         ends, also when the consumer closes it early (a client went away).
         A failure raises its SllmError after the activation is stored.
         """
-        deadline = time.monotonic() + fn.timeout_s
+        started = time.monotonic()
+        deadline = started + fn.timeout_s
         slot: Slot | None = None
         text: list[str] = []
         avoid: list[int] = []
         rebases = 0
         try:
-            if run.function_version != fn.version:  # queued under an older definition
-                self._rebase(run, fn)
+            if not run.validated or run.function_version != fn.version:
+                self._rebase(run, fn)  # a queued run, or one validated against a cached definition
             while True:
                 try:
                     slot = self.dispatcher.acquire(fn, deadline, avoid)
@@ -523,6 +530,7 @@ class Controller:
                             "was dispatched; retry"
                         ) from None
                     fn = self._current_function(run)
+                    deadline = started + fn.timeout_s
                     continue
                 run.dispatched(slot.invoker)
                 body = {
@@ -651,18 +659,25 @@ class Controller:
         }
 
     def _released(self, slot: Slot) -> None:
-        with self.db.connect(write=True) as conn:
-            self.dispatcher.release(conn, slot)
+        def release() -> None:
+            with self.db.connect(write=True) as conn:
+                self.dispatcher.release(conn, slot)
+
+        _again_if_disconnected(release)
 
     def _store(self, run: Run, slot: Slot | None) -> None:
         """Release the slot and write the activation, in one transaction."""
         if run.end_at is None:
             run.finish("platform_error", error=PlatformError("the invocation ended unexpectedly"))
         cols = run.columns()
-        try:
-            self._write_outcome(cols, slot, insert=not run.persisted)
-        except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
-            self._write_outcome(cols, slot, insert=False)
+
+        def write() -> None:
+            try:
+                self._write_outcome(cols, slot, insert=not run.persisted)
+            except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
+                self._write_outcome(cols, slot, insert=False)
+
+        _again_if_disconnected(write)
         self.metrics.observe_activation(run)
 
     def _write_outcome(self, cols: Mapping[str, Any], slot: Slot | None, *, insert: bool) -> None:
@@ -859,10 +874,8 @@ class Controller:
         if not free:
             return 0
         try:
-            with self.db.session() as s:  # a plain read first: no write lock when idle
-                waiting = s.execute(
-                    select(Activation.id).where(Activation.status == "queued").limit(1)
-                ).first()
+            with self.db.autocommit() as conn:  # a plain read first: no write lock when idle
+                waiting = conn.execute(_ANY_QUEUED).first()
             if waiting is None:
                 for _ in range(free):
                     self._queue_slots.release()
@@ -952,6 +965,23 @@ class Controller:
                     .execution_options(synchronize_session=False)
                 )
                 s.execute(delete(Instance).where(Instance.invoker_id == invoker_id))
+            # A slot is held for at most its function's timeout. Counts on an instance untouched
+            # for longer were leaked (a controller killed mid-request; on PostgreSQL, a release
+            # lost with the database server's crash): give them back.
+            s.execute(
+                update(Instance)
+                .where(
+                    Instance.in_flight > 0,
+                    Instance.last_used_at
+                    < now
+                    - self.config.lease_margin
+                    - select(Function.timeout_s)
+                    .where(Function.id == Instance.function_id)
+                    .scalar_subquery(),
+                )
+                .values(in_flight=0)
+                .execution_options(synchronize_session=False)
+            )
             s.execute(
                 update(Activation)
                 .where(Activation.status == "running", Activation.lease_until < now)
@@ -1083,6 +1113,20 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+def _again_if_disconnected(write: Callable[[], None]) -> None:
+    """Run `write`; once more if its pooled connection turned out dead (the pool replaced it).
+
+    For the writes that end a request: losing them would leak a slot and the record.
+    """
+    try:
+        write()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("database connection lost; writing again: %s", exc.orig)
+        write()
 
 
 @functools.cache

@@ -6,6 +6,7 @@ Public API:
   SQLite under SLLM_HOME.
 - `Database(url, *, pool_size=10, echo=False)`: engine, `session(write=False)`,
   `connect(write=False)` (a Core connection in a transaction),
+  `autocommit(write=False, *, durable=True)` (each statement commits by itself),
   `upgrade()`, `current_revision()`, `dispose()`, and `url`, `dialect`, `engine`.
 - Models (one table each): `Namespace`, `ApiKey`, `Function`, `Activation`,
   `Invoker`, `Instance`; their declarative `Base` (`Base.metadata`);

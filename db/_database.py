@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -32,7 +34,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sllm.core.config import sllm_home
@@ -52,6 +54,8 @@ _WRITE = "sllm_write"
 _AUTOCOMMIT = "sllm_autocommit"
 # A pooled PostgreSQL connection idle this long is pinged before use.
 IDLE_PING_S = 10.0
+# The longest a SQLite writer waits for the other writers of its process.
+WRITE_LOCK_WAIT_S = 30.0
 _SQLITE_PRAGMAS = (
     "PRAGMA busy_timeout=30000",  # first: the journal-mode switch below may wait for a lock
     "PRAGMA journal_mode=WAL",
@@ -82,7 +86,8 @@ def normalise_url(url: str, *, name: str = "database URL") -> str:
 class Database:
     """An engine plus session and migration helpers for SQLite or PostgreSQL.
 
-    `pool_size` is how many PostgreSQL connections stay open. Call `dispose()`
+    `pool_size` sizes the PostgreSQL pools: up to 1.5 × `pool_size` stay open,
+    2.5 × `pool_size` at the most. Call `dispose()`
     in a process that forked after this object used its pool.
     """
 
@@ -102,12 +107,18 @@ class Database:
             self._autocommit_engine = self._engine.execution_options(**{_AUTOCOMMIT: True})
             self._relaxed_engine = self._autocommit_engine
         else:
-            self._engine = create_engine(url, pool_size=pool_size, echo=echo)
+            # Two pools: the hot path's (relaxed: synchronous_commit is a setting of the
+            # connection) gets most of `pool_size`; at most 2.5 × pool_size connections open.
+            half = max(pool_size // 2, 1)
+            self._engine = create_engine(url, pool_size=half, max_overflow=half, echo=echo)
             _ping_idle_connections(self._engine)
             self._autocommit_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
-            # Its own pool: synchronous_commit is a setting of the connection.
             self._relaxed_engine = create_engine(
-                url, pool_size=pool_size, echo=echo, isolation_level="AUTOCOMMIT"
+                url,
+                pool_size=pool_size,
+                max_overflow=half,
+                echo=echo,
+                isolation_level="AUTOCOMMIT",
             )
             _ping_idle_connections(self._relaxed_engine)
             event.listen(self._relaxed_engine, "connect", _no_commit_wait)
@@ -226,14 +237,15 @@ def _no_commit_wait(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _ping_idle_connections(engine: Engine) -> None:
-    """Check a pooled PostgreSQL connection on checkout only when it sat idle a while.
+    """Check a pooled PostgreSQL connection on checkout without a round trip when it can.
 
     SQLAlchemy's pool_pre_ping costs a round trip on every checkout, that is
-    on every transaction of the hot path. A connection in steady use is known
-    good; one idle for IDLE_PING_S may have been dropped (server restart,
-    idle timeout) and is pinged first, replaced if dead. A connection that
-    dies while in use still fails its statement, and the pool then discards
-    every connection older than the failure.
+    on every transaction of the hot path. Here a connection is pinged (and
+    replaced if dead) only when its socket has something to read while idle
+    (a server that shut down or restarted says so, or the connection closed)
+    or when it sat idle for IDLE_PING_S (a silent network drop). A connection
+    that dies while in use still fails its statement, and the pool then
+    discards every connection older than the failure.
     """
 
     @event.listens_for(engine, "checkin")
@@ -243,7 +255,8 @@ def _ping_idle_connections(engine: Engine) -> None:
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         since = record.info.get("sllm_idle_since")
-        if since is None or time.monotonic() - since < IDLE_PING_S:
+        idle = since is not None and time.monotonic() - since >= IDLE_PING_S
+        if not idle and not _readable(dbapi_connection.fileno()):
             return
         try:
             cursor = dbapi_connection.cursor()
@@ -256,23 +269,39 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _WriterLock:
     """SQLite writers take turns: a thread lock, then flock on <dbfile>.write.lock.
 
-    Re-entrant within a thread. The lock file is opened once per process
-    (after a fork the child opens its own: a shared open file would share the
-    flock). An in-memory database has only the thread lock.
+    Re-entrant within a thread. The lock file is opened once per process; a
+    forked child starts with a fresh lock and opens its own file (a shared
+    open file would share the flock). A thread waits at most WRITE_LOCK_WAIT_S
+    for the others in its process (SQLite's busy timeout, which it replaces);
+    across processes it waits for as long as the holder runs, and a holder
+    that dies lets go. An in-memory database has only the thread lock.
     """
 
     def __init__(self, database: str | None) -> None:
         self._path = f"{database}.write.lock" if database and database != ":memory:" else None
+        self._reset()
+        _WRITER_LOCKS.add(self)
+
+    def _reset(self) -> None:
         self._lock = threading.RLock()
         self._depth = 0
         self._fd = -1
         self._pid = 0
 
     def __enter__(self) -> None:
-        self._lock.acquire()
+        if not self._lock.acquire(timeout=WRITE_LOCK_WAIT_S):
+            raise OperationalError(
+                "BEGIN", None, TimeoutError(f"no write turn in {WRITE_LOCK_WAIT_S:g} s")
+            )
         try:
             if self._depth == 0 and self._path is not None:
                 fcntl.flock(self._file(), fcntl.LOCK_EX)
@@ -292,11 +321,26 @@ class _WriterLock:
     def _file(self) -> int:
         if self._pid != os.getpid():
             assert self._path is not None
-            if self._fd >= 0:  # inherited across a fork: the parent's, not ours
-                os.close(self._fd)
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._pid = os.getpid()
         return self._fd
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock state and open file are not this process's."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._reset()
+
+
+_WRITER_LOCKS: weakref.WeakSet[_WriterLock] = weakref.WeakSet()
+
+
+def _writer_locks_after_fork() -> None:
+    for lock in list(_WRITER_LOCKS):
+        lock.after_fork()
+
+
+os.register_at_fork(after_in_child=_writer_locks_after_fork)
 
 
 @contextmanager

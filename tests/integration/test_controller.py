@@ -9,9 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select, update
 
+import sllm.controller._service as controller_service
 from sllm.controller import Controller
-from sllm.db import Database
+from sllm.controller._activations import Run
+from sllm.db import Activation, Database, Instance
 from tests.support.controller import api, client, make_fn
 
 pytestmark = [pytest.mark.invoker]
@@ -78,8 +81,18 @@ def test_blocking_invocation_records_an_activation(stack: dict[str, Any]) -> Non
     assert [a["activationId"] for a in listed[:2]] == [activation_id, act["activationId"]]
 
 
-def test_a_worker_with_a_cached_definition_never_runs_the_old_one(stack: dict[str, Any]) -> None:
+def _in_flight(db: Database, function_id: int) -> list[int]:
+    with db.session() as s:
+        return list(
+            s.scalars(select(Instance.in_flight).where(Instance.function_id == function_id))
+        )
+
+
+def test_a_worker_with_a_cached_definition_never_runs_the_old_one(
+    stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another worker's cache holds version 1 when version 2 lands: dispatch notices."""
+    monkeypatch.setattr(controller_service, "FUNCTION_TTL", 600.0)  # no expiry mid-test
     c = api(stack)
     make_fn(c, "cached", limits={"max_tokens": 3})
     other = Controller(stack["ctl"].config, Database(stack["ctl"].config.database_url))
@@ -103,6 +116,7 @@ def test_a_worker_with_a_cached_definition_never_runs_the_old_one(stack: dict[st
         assert any("changed to version 2" in line for line in run.logs)
         stored = c.get(f"/api/v1/namespaces/_/activations/{run.id}").json()
         assert stored["version"] == 2 and stored["tokens_out"] == 1
+        assert _in_flight(other.db, stale.id) == [0], "the stale slot was not given back"
 
         assert c.delete("/api/v1/namespaces/_/functions/cached").status_code == 200
         gone = other.function_for("alpha", "cached")  # still cached here
@@ -112,6 +126,71 @@ def test_a_worker_with_a_cached_definition_never_runs_the_old_one(stack: dict[st
     finally:
         other.close()
         other.db.dispose()
+
+
+def test_a_queued_run_is_validated_against_the_definition_it_runs_under(
+    stack: dict[str, Any],
+) -> None:
+    """A queued activation keeps the caller's parameters; defaults come from the version that
+    runs it (here version 2 lowered max_tokens: version 1's default would be refused)."""
+    c = api(stack)
+    make_fn(c, "requeued", limits={"max_tokens": 8}, params={"temperature": 0})
+    other = Controller(stack["ctl"].config, Database(stack["ctl"].config.database_url))
+    try:
+        v1 = other.function_for("alpha", "requeued")
+        submitted = other.new_run("alpha", v1, {"prompt": "tell me a long story"}, blocking=False)
+        assert submitted.request["max_tokens"] == 8
+        # What the queue loop makes of the stored row (`submit` stores the body as sent).
+        row = Activation(**{**submitted.columns(), "request": submitted.body})
+        queued = Run.of(row, "alpha")
+        up = c.put(
+            "/api/v1/namespaces/_/functions/requeued?overwrite=true",
+            json={"limits": {"max_tokens": 2}},
+        )
+        assert up.json()["version"] == 2
+        other._functions.clear()
+        v2 = other.function_for("alpha", "requeued")
+        run, finished = other.invoke(queued, v2)
+        assert finished and run.status == "success", run.error
+        assert run.request == {"prompt": "tell me a long story", "temperature": 0, "max_tokens": 2}
+        assert run.function_version == 2 and run.tokens_out == 2
+    finally:
+        other.close()
+        other.db.dispose()
+
+
+def test_leaked_slots_come_back_after_the_function_timeout(stack: dict[str, Any]) -> None:
+    """Counts a dead controller left on an instance are reset; counts of live requests are not."""
+    c = api(stack)
+    make_fn(c, "leaky", limits={"timeout": 5})
+    body = {"prompt": "hi", "max_tokens": 1}
+    assert (
+        c.post(
+            url := "/api/v1/namespaces/_/functions/leaky/invocations?blocking=true", json=body
+        ).status_code
+        == 200
+    )
+    db: Database = stack["ctl"].db
+    fn_id = stack["ctl"].controller.function_for("alpha", "leaky").id
+
+    def set_slots(in_flight: int, last_used_at: float) -> None:
+        with db.session(write=True) as s:
+            s.execute(
+                update(Instance)
+                .where(Instance.function_id == fn_id)
+                .values(in_flight=in_flight, last_used_at=last_used_at)
+            )
+
+    set_slots(2, time.time())  # as if two requests were running now
+    time.sleep(1.0)  # maintenance passes every 0.2 s here
+    assert _in_flight(db, fn_id) == [2]
+    lease_margin = stack["ctl"].config.lease_margin
+    set_slots(2, time.time() - 5 - lease_margin - 1)  # nobody touched it for longer than allowed
+    deadline = time.monotonic() + 10
+    while _in_flight(db, fn_id) != [0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _in_flight(db, fn_id) == [0]
+    assert c.post(url, json=body).status_code == 200
 
 
 def test_non_blocking_invocation_runs_once(stack: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ Every test that takes `db_url` runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -351,17 +352,64 @@ def test_autocommit_statements_commit_by_themselves(db: Database) -> None:
             assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
 
 
-def test_an_idle_pooled_connection_that_died_is_replaced(
-    pg_url: str, postgres_admin_url: str, monkeypatch: pytest.MonkeyPatch
+def test_a_pooled_connection_the_server_closed_is_replaced_without_an_error(
+    pg_url: str, postgres_admin_url: str
 ) -> None:
-    db = Database(pg_url, pool_size=1)
-    with db.connect() as conn:
-        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-    admin = Database(postgres_admin_url)
-    with admin.autocommit() as conn:
-        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
-    monkeypatch.setattr(sllm.db._database, "IDLE_PING_S", 0.0)  # every checkout is "idle"
-    with db.connect() as conn:
-        assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
-    admin.dispose()
+    db = Database(pg_url, pool_size=2)
+    for durable in (True, False):  # both pools
+        with db.autocommit(durable=durable) as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        admin = Database(postgres_admin_url)
+        with admin.autocommit() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+        admin.dispose()
+        time.sleep(0.2)  # the server's goodbye reaches the idle socket
+        # Not idle for IDLE_PING_S: the readable socket alone tells the pool to replace it.
+        with db.autocommit(durable=durable) as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
     db.dispose()
+
+
+def test_sqlite_writer_lock_is_fresh_in_a_forked_child(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork while a thread holds the write turn must not leave the child locked out.
+
+    The holder takes only sllm's turn (no SQLite transaction: SQLite's own
+    state does not survive a fork with a lock held, which no server does).
+    """
+    monkeypatch.setattr(sllm.db._database, "WRITE_LOCK_WAIT_S", 5.0)
+    db = Database(sqlite_url)
+    db.upgrade()
+    turn = db._writer(True)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with turn:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its own turn, after the parent's holder lets go (flock)
+            code = 1
+            try:
+                db.engine.dispose(close=False)  # the parent's connections are not the child's
+                with db.connect(write=True) as conn:
+                    conn.execute(text("UPDATE namespaces SET name = name"))
+                code = 0
+            except BaseException as exc:
+                os.write(2, f"child: {exc!r}\n".encode())
+            finally:
+                os._exit(code)
+        time.sleep(0.5)
+        release.set()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join()
+        db.dispose()

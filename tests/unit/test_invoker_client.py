@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from controller._invokers import InvokerClient, InvokerLost
+from sllm.controller._invokers import InvokerClient, InvokerLost
 from sllm.core.errors import Overloaded, PlatformError
 
 
@@ -258,3 +258,69 @@ def test_closing_a_stream_early_drops_its_connection() -> None:
         assert len(list(client.stream(url, {}, 5.0))) == 3
         client.close()
     assert accepted == [0, 1], "a half-read connection must not go back to the pool"
+
+
+def test_a_length_delimited_stream_leaves_a_clean_connection() -> None:
+    accepted: list[int] = []
+
+    def script(peer: Peer) -> None:
+        accepted.append(peer.n)
+        while peer.read():
+            body = b'{"event": "start"}\n{"event": "done"}\n'
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    client = InvokerClient("tok")
+    with scripted_server(script) as (url, requests):
+        for _ in range(3):
+            assert [e["event"] for e in client.stream(url, {}, 5.0)] == ["start", "done"]
+        client.close()
+    assert accepted == [0] and len(requests) == 3
+
+
+def test_a_stream_refused_up_front_raises_its_error() -> None:
+    def script(peer: Peer) -> None:
+        if peer.read():
+            peer.send(
+                _json_answer(
+                    {"error": {"code": "overloaded", "message": "queue full"}},
+                    "429 Too Many Requests",
+                )
+            )
+
+    client = InvokerClient("tok")
+    with scripted_server(script) as (url, _):
+        with pytest.raises(Overloaded, match="queue full"):
+            list(client.stream(url, {}, 5.0))
+        client.close()
+
+
+def test_a_stream_that_goes_silent_is_lost_within_its_timeout() -> None:
+    def script(peer: Peer) -> None:
+        if peer.read():
+            peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            peer.send(_chunk(b'{"event": "start"}\n'))
+            time.sleep(2.0)
+
+    client = InvokerClient("tok")
+    with scripted_server(script) as (url, _):
+        started = time.monotonic()
+        with pytest.raises(InvokerLost, match="stopped answering"):
+            list(client.stream(url, {}, 0.3))
+        assert time.monotonic() - started < 1.5
+        client.close()
+
+
+def test_a_request_the_invoker_dropped_after_reading_is_not_sent_again() -> None:
+    def script(peer: Peer) -> None:
+        if peer.read():
+            peer.send(_json_answer({"ok": True}))  # keep-alive: the next call reuses this
+        if peer.read():
+            time.sleep(0.2)  # it ran a while, then the invoker died: no answer
+
+    client = InvokerClient("tok")
+    with scripted_server(script) as (url, requests):
+        assert client.call(url, "/v1/invoke", {}, 5.0) == {"ok": True}
+        with pytest.raises(InvokerLost, match="broke the connection"):
+            client.call(url, "/v1/invoke", {}, 5.0)
+        client.close()
+    assert len(requests) == 2, "the dropped request must not be sent again"
