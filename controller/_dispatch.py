@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, bindparam, case, delete, func, select, true, update
+from sqlalchemy import Connection, bindparam, case, delete, func, or_, select, true, update
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,12 @@ LIVE_STATES = ("loading", "ready")
 _I, _V, _F = table(Instance), table(Invoker), table(Function)
 
 
+def _live(state: Any) -> Any:
+    # Spelled out, not IN (...): an IN list is an expanding parameter, which a statement
+    # prepared for the driver (Database.prepare) cannot take.
+    return or_(*(state == s for s in LIVE_STATES))
+
+
 def _candidates(i: Any, columns: Sequence[Any], avoiding: bool, limit: int) -> Any:
     """Instances (table or alias `i`) of one function with a free slot below `cap`, least
     loaded first (ready before loading), on active invokers (not `avoid`)."""
@@ -48,7 +54,7 @@ def _candidates(i: Any, columns: Sequence[Any], avoiding: bool, limit: int) -> A
         .join(_V, _V.c.id == i.c.invoker_id)
         .where(
             i.c.function_id == bindparam("fn"),
-            i.c.state.in_(LIVE_STATES),
+            _live(i.c.state),
             i.c.in_flight < bindparam("cap"),
             _V.c.state == "active",
             _V.c.id.not_in(bindparam("avoid", expanding=True)) if avoiding else true(),
@@ -78,7 +84,7 @@ def _take_least_loaded(avoiding: bool) -> Any:
     invoker = select(_V.c.name, _V.c.url).where(_V.c.id == _I.c.invoker_id)
     return (
         update(_I)
-        .where(_I.c.id == pick, _I.c.state.in_(LIVE_STATES), _I.c.in_flight < bindparam("cap"))
+        .where(_I.c.id == pick, _live(_I.c.state), _I.c.in_flight < bindparam("cap"))
         .values(in_flight=_I.c.in_flight + 1, last_used_at=bindparam("now"))
         .returning(
             _I.c.id,
@@ -143,6 +149,11 @@ class Dispatcher:
         self._waiting: dict[int, int] = defaultdict(int)
         self.gauge: Any = None  # a Prometheus gauge of the waiting requests, when set
         self._returning = bool(db.engine.dialect.update_returning)
+        self._take = (  # the warm path's statement, prepared for the driver (no `avoid`)
+            db.prepare(_TAKE_LEAST_LOADED[False], write=True, durable=False)
+            if self._returning
+            else None
+        )
 
     def waiting(self) -> dict[int, int]:
         """Requests waiting for a slot in this process, by function id."""
@@ -195,10 +206,15 @@ class Dispatcher:
         if avoid:
             params["avoid"] = list(avoid)
         if self._returning:
-            with self.db.autocommit(write=True, durable=False) as conn:
-                row = conn.execute(
-                    _TAKE_LEAST_LOADED[bool(avoid)], {**params, "now": time.time()}
-                ).first()
+            row: Any = None
+            if not avoid and self._take is not None:
+                found = self._take.run({**params, "now": time.time()})
+                row = found[0] if found else None
+            else:
+                with self.db.autocommit(write=True, durable=False) as conn:
+                    row = conn.execute(
+                        _TAKE_LEAST_LOADED[True], {**params, "now": time.time()}
+                    ).first()
             if row is not None:
                 instance_id, invoker_id, name, url, state, version = row
                 slot = Slot(

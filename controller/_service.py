@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import socket
 import threading
@@ -20,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from sqlalchemy import Connection, Insert, bindparam, delete, func, insert, select, update
+from sqlalchemy import JSON, Connection, Insert, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
@@ -36,7 +37,17 @@ from sllm.core.errors import (
     Unauthorized,
 )
 from sllm.core.messages import require_object
-from sllm.db import Activation, ApiKey, Database, Function, Instance, Invoker, Namespace, table
+from sllm.db import (
+    Activation,
+    ApiKey,
+    Database,
+    Function,
+    Instance,
+    Invoker,
+    Namespace,
+    Prepared,
+    table,
+)
 from sllm.runtime import SamplingParams
 
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
@@ -68,6 +79,7 @@ FUNCTION_TTL = 2.0  # a cached function definition is read again after this many
 MAX_REBASES = 3  # a function that changes more often under one request: 409
 
 _ACTIVATIONS, _FUNCTIONS, _NAMESPACES = table(Activation), table(Function), table(Namespace)
+_JSON_COLUMNS = frozenset(c.name for c in _ACTIVATIONS.c if isinstance(c.type, JSON))
 # Built once (see Dispatcher for why): an invocation's one read; the queue's idle poll.
 _ANY_QUEUED = select(_ACTIVATIONS.c.id).where(_ACTIVATIONS.c.status == "queued").limit(1)
 _FUNCTION_BY_NAME = (
@@ -108,6 +120,7 @@ class Controller:
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
         self._keys: dict[str, tuple[Principal, float]] = {}
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
+        self._prepared: dict[tuple[str, ...], Prepared] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -682,13 +695,18 @@ class Controller:
 
     def _write_outcome(self, cols: Mapping[str, Any], slot: Slot | None, *, insert: bool) -> None:
         if insert and slot is not None and self.db.dialect == "postgresql":
-            # The common case in one statement: one round trip.
-            params = {f"a_{k}": v for k, v in cols.items()}
-            with self.db.autocommit(write=True, durable=False) as conn:
-                conn.execute(
-                    _release_and_insert(tuple(cols)),
-                    {**params, "instance": slot.instance_id, "now": time.time()},
+            # The common case in one statement (one round trip), prepared for the driver.
+            keys = tuple(cols)
+            prepared = self._prepared.get(keys)
+            if prepared is None:
+                prepared = self._prepared[keys] = self.db.prepare(
+                    _release_and_insert(keys), write=True, durable=False
                 )
+            params = {
+                f"a_{k}": json.dumps(v) if k in _JSON_COLUMNS and v is not None else v
+                for k, v in cols.items()
+            }
+            prepared.run({**params, "instance": slot.instance_id, "now": time.time()})
             return
         with self.db.connect(write=True) as conn:
             if slot is not None:

@@ -7,6 +7,8 @@ Public API:
 - `Database(url, *, pool_size=10, echo=False)`: engine, `session(write=False)`,
   `connect(write=False)` (a Core connection in a transaction),
   `autocommit(write=False, *, durable=True)` (each statement commits by itself),
+  `prepare(statement, *, write, durable=True)` -> `Prepared` (compiled once, `.run(params)`
+  on the driver: the hot path's statements),
   `upgrade()`, `current_revision()`, `dispose()`, and `url`, `dialect`, `engine`.
 - Models (one table each): `Namespace`, `ApiKey`, `Function`, `Activation`,
   `Invoker`, `Instance`; their declarative `Base` (`Base.metadata`);
@@ -15,7 +17,7 @@ Public API:
   throw-away databases for tests and benchmarks.
 """
 
-from sllm.db._database import Database, database_url
+from sllm.db._database import Database, Prepared, database_url
 from sllm.db._models import (
     Activation,
     ApiKey,
@@ -37,6 +39,7 @@ __all__ = [
     "Instance",
     "Invoker",
     "Namespace",
+    "Prepared",
     "database_url",
     "postgres_unreachable",
     "scratch_postgres_database",

@@ -19,6 +19,7 @@ are not ours.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -28,14 +29,15 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy import ClauseElement, Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from sllm.core.config import sllm_home
 
@@ -184,6 +186,11 @@ class Database:
         with self._writer(write), engine.connect() as conn:
             yield conn
 
+    def prepare(self, statement: ClauseElement, *, write: bool, durable: bool = True) -> Prepared:
+        """`statement` compiled once for this database, to run straight on the driver."""
+        engine = self._autocommit_engine if durable else self._relaxed_engine
+        return Prepared(statement, engine, self._writer(write))
+
     def _writer(self, write: bool) -> _WriterLock | nullcontext[None]:
         return self._writers if write and self._writers is not None else nullcontext()
 
@@ -224,6 +231,66 @@ class Database:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Prepared:
+    """A Core statement compiled once and run on the driver connection, committed by itself.
+
+    For the few statements of the hot path: SQLAlchemy's per-execution work
+    (execution context, parameter and result processing) costs about as much
+    CPU as the driver's. So parameters go to the driver as given: the caller
+    serialises JSON (`json.dumps`) and passes plain values; rows come back as
+    tuples. No expanding (IN) parameters. The pool, its checkout checks and
+    SQLite's writer lock apply as for `autocommit()`; driver errors come out
+    as SQLAlchemy's (IntegrityError, ...; a dead connection is dropped from
+    the pool and its DBAPIError says connection_invalidated).
+    """
+
+    def __init__(
+        self, statement: ClauseElement, engine: Engine, writer: _WriterLock | nullcontext[None]
+    ) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
+        if compiled.post_compile_params:
+            raise ValueError("a prepared statement cannot take expanding (IN) parameters")
+        self.sql = str(compiled)
+        self._defaults = dict(compiled.construct_params(_check=False))
+        self._order = compiled.positiontup  # qmark drivers (SQLite); None for named ones
+        self._engine = engine
+        self._writer = writer
+
+    def run(self, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Execute with `params` (over the statement's own literals); the rows it returns."""
+        values = {**self._defaults, **params}
+        bound: Any = [values[k] for k in self._order] if self._order is not None else values
+        dialect = self._engine.dialect
+        with self._writer:
+            fairy = self._engine.raw_connection()
+            cursor = None
+            try:
+                cursor = fairy.cursor()
+                cursor.execute(self.sql, bound)
+                rows = list(cursor.fetchall()) if cursor.description else []
+                # A no-op on a connection in autocommit (the relaxed pool, SQLite's driver
+                # mode); the durable PostgreSQL pool's connections start transactions.
+                fairy.commit()
+                return rows
+            except dialect.loaded_dbapi.Error as exc:
+                dead = dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
+                if dead:
+                    fairy.invalidate(exc)
+                raise DBAPIError.instance(
+                    self.sql,
+                    bound,
+                    exc,
+                    dialect.loaded_dbapi.Error,
+                    connection_invalidated=dead,
+                    dialect=dialect,
+                ) from exc
+            finally:
+                if cursor is not None:
+                    with contextlib.suppress(Exception):
+                        cursor.close()
+                fairy.close()
 
 
 def _no_commit_wait(dbapi_connection: Any, _record: Any) -> None:

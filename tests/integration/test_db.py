@@ -413,3 +413,29 @@ def test_sqlite_writer_lock_is_fresh_in_a_forked_child(
         release.set()
         t.join()
         db.dispose()
+
+
+def test_prepared_statements_run_on_the_driver(db: Database) -> None:
+    add = db.prepare(
+        sqlalchemy.insert(Namespace)
+        .values(name=sqlalchemy.bindparam("n"), created_at=sqlalchemy.bindparam("t"))
+        .returning(Namespace.name),
+        write=True,
+    )
+    assert add.run({"n": "first", "t": 1.0}) == [("first",)]
+    with pytest.raises(IntegrityError):  # the driver's error, as SQLAlchemy's
+        add.run({"n": "first", "t": 2.0})
+    rename = db.prepare(
+        sqlalchemy.update(Namespace)
+        .where(Namespace.name == sqlalchemy.bindparam("old"))
+        .values(name=sqlalchemy.bindparam("new"))
+        .returning(Namespace.name, Namespace.created_at),
+        write=True,
+        durable=False,
+    )
+    assert rename.run({"old": "first", "new": "second"}) == [("second", 1.0)]
+    assert rename.run({"old": "first", "new": "third"}) == []
+    with db.session() as s:  # committed by itself: another connection sees it
+        assert s.scalars(select(Namespace.name)).all() == ["second"]
+    with pytest.raises(ValueError, match="expanding"):
+        db.prepare(select(Namespace.id).where(Namespace.name.in_(["a", "b"])), write=False)
