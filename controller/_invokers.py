@@ -101,27 +101,20 @@ class InvokerClient:
         event ends the stream with the SllmError it carries.
         """
         conn, response = self._send(url, "/v1/invoke", {**body, "stream": True}, timeout)
-        drained = False
         try:
             if response.status != 200:
-                raw = response.read()
-                drained = True
-                _answer(response, raw)
+                _answer(response, response.read())
             for line in _lines(response):
                 event = json.loads(line)
                 if event.get("event") == "error":
                     raise error_from(event, 502)
                 yield event
-            drained = True
         except TimeoutError as exc:
             raise InvokerLost(f"invoker {url} stopped answering mid-stream") from exc
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             raise InvokerLost(f"invoker {url} broke the stream: {exc}") from exc
         finally:
-            if drained:
-                self._put(url, conn, response)
-            else:  # the rest of the response is still on the wire
-                conn.close()
+            self._put(url, conn, response)  # closed instead if the rest is still on the wire
 
     def _send(
         self, url: str, path: str, body: Mapping[str, Any], timeout: float

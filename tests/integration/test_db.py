@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,27 +254,36 @@ def test_sqlite_write_sessions_from_two_threads_serialise(sqlite_url: str) -> No
     with db.session(write=True) as s:
         fn = _function(_namespace(s, "ns").id, "chat")
         s.add(fn)
-    errors: list[BaseException] = []
 
     def bump_version() -> None:
+        for _ in range(50):
+            # Read, then write: after a deferred BEGIN the write could fail with
+            # "database is locked"; without serialisation an update could be lost.
+            with db.session(write=True) as s:
+                s.get_one(Function, fn.id).version += 1
+
+    assert _in_threads(bump_version, 2) == []
+    with db.session() as s:
+        assert s.get_one(Function, fn.id).version == 1 + 2 * 50
+    db.dispose()
+
+
+def _in_threads(target: Callable[[], None], count: int) -> list[BaseException]:
+    """Run `target` in `count` threads at once; what they raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
         try:
-            for _ in range(50):
-                # Read, then write: after a deferred BEGIN the write could fail with
-                # "database is locked"; without serialisation an update could be lost.
-                with db.session(write=True) as s:
-                    s.get_one(Function, fn.id).version += 1
-        except BaseException as exc:  # reported by the assertion below
+            target()
+        except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=bump_version) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
-    with db.session() as s:
-        assert s.get_one(Function, fn.id).version == 1 + 2 * 50
-    db.dispose()
+    return errors
 
 
 def _bump_in_process(url: str, rounds: int, strict_sqlite: bool) -> None:
@@ -282,28 +291,20 @@ def _bump_in_process(url: str, rounds: int, strict_sqlite: bool) -> None:
     db = Database(url)
     if strict_sqlite:
         _no_busy_wait(db)
-    errors: list[BaseException] = []
 
     def bump() -> None:
-        try:
-            for i in range(rounds):
-                if i % 2:  # one statement, committed by itself
-                    with db.autocommit(write=True) as conn:
-                        conn.execute(text("UPDATE functions SET version = version + 1"))
-                else:  # read, then write, in one transaction (the row locked on PostgreSQL)
-                    with db.connect(write=True) as conn:
-                        v = conn.execute(select(Function.version).with_for_update()).scalar_one()
-                        conn.execute(text("UPDATE functions SET version = :v"), {"v": v + 1})
-        except BaseException as exc:  # reported by the exit code
-            errors.append(exc)
+        for i in range(rounds):
+            if i % 2:  # one statement, committed by itself
+                with db.autocommit(write=True) as conn:
+                    conn.execute(text("UPDATE functions SET version = version + 1"))
+            else:  # read, then write, in one transaction (the row locked on PostgreSQL)
+                with db.connect(write=True) as conn:
+                    v = conn.execute(select(Function.version).with_for_update()).scalar_one()
+                    conn.execute(text("UPDATE functions SET version = :v"), {"v": v + 1})
 
-    threads = [threading.Thread(target=bump) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _in_threads(bump, 2)
     db.dispose()
-    if errors:
+    if errors:  # the process's exit code says so
         raise errors[0]
 
 
