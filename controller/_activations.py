@@ -75,6 +75,7 @@ class Run:
     # function's defaults. A queued activation stores `body` as its request until it runs.
     body: dict[str, Any] | None = None
     validated: bool = True  # `request` was made from `body` for `function_version`
+    body_bytes: int = 0  # the size of the request as received (0: not known)
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the activation's log."""

@@ -426,11 +426,7 @@ class Controller:
         body_bytes: int = 0,
     ) -> Run:
         """Validate an invocation of `fn` and make its Run (nothing stored yet)."""
-        if body_bytes > fn.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"the request is {body_bytes} bytes; function {fn.name!r} takes at most "
-                f"{fn.max_payload_bytes}"
-            )
+        _check_payload(fn, body_bytes)
         body = require_object(body, "invocation parameters")
         return Run(
             id=new_activation_id(),
@@ -443,6 +439,7 @@ class Controller:
             request=self._params(fn, body),
             blocking=blocking,
             body=dict(body),
+            body_bytes=body_bytes,
         )
 
     @staticmethod
@@ -472,6 +469,7 @@ class Controller:
         """Validate `run` against `fn`: a newer definition, or the current one of a queued run."""
         if fn.version != run.function_version:
             run.log(f"function changed to version {fn.version}: parameters checked again")
+        _check_payload(fn, run.body_bytes)
         run.request = self._params(fn, run.body if run.body is not None else run.request)
         run.function_version, run.model, run.task = fn.version, fn.model, fn.task
         run.namespace_id = fn.namespace_id  # the namespace may have been made anew
@@ -1131,6 +1129,14 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+def _check_payload(fn: Function, body_bytes: int) -> None:
+    if body_bytes > fn.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"the request is {body_bytes} bytes; function {fn.name!r} takes at most "
+            f"{fn.max_payload_bytes}"
+        )
 
 
 def _again_if_disconnected(write: Callable[[], None]) -> None:

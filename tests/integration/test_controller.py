@@ -118,6 +118,18 @@ def test_a_worker_with_a_cached_definition_never_runs_the_old_one(
         assert stored["version"] == 2 and stored["tokens_out"] == 1
         assert _in_flight(other.db, stale.id) == [0], "the stale slot was not given back"
 
+        # Version 3 takes smaller requests: one that version 2 took is refused when rebased.
+        c.put(
+            "/api/v1/namespaces/_/functions/cached?overwrite=true",
+            json={"limits": {"max_payload": 100}},
+        )
+        v2 = other.function_for("alpha", "cached")
+        assert v2.version == 2
+        run = other.new_run("alpha", v2, body, blocking=True, body_bytes=200)
+        run, finished = other.invoke(run, v2)
+        assert finished and run.error is not None and run.error["code"] == "payload_too_large"
+        assert _in_flight(other.db, stale.id) == [0]
+
         assert c.delete("/api/v1/namespaces/_/functions/cached").status_code == 200
         gone = other.function_for("alpha", "cached")  # still cached here
         run, finished = other.invoke(other.new_run("alpha", gone, body, blocking=True), gone)
