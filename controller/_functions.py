@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from sllm.core.errors import InvalidRequest
@@ -145,36 +145,14 @@ class FunctionDef:
 
     @classmethod
     def of(cls, row: Function) -> FunctionDef:
-        """The definition stored in a row."""
-        return cls(
-            model=row.model,
-            task=row.task,
-            timeout_s=row.timeout_s,
-            max_tokens=row.max_tokens,
-            concurrency=row.concurrency,
-            max_payload_bytes=row.max_payload_bytes,
-            min_instances=row.min_instances,
-            max_instances=row.max_instances,
-            target_concurrency=row.target_concurrency,
-            keep_alive_s=row.keep_alive_s,
-            params=dict(row.params or {}),
-        )
+        """The definition stored in a row (its columns are this class's fields)."""
+        values = {f.name: getattr(row, f.name) for f in fields(cls)}
+        values["params"] = dict(values["params"] or {})
+        return cls(**values)
 
     def columns(self) -> dict[str, Any]:
         """The row's column values."""
-        return {
-            "model": self.model,
-            "task": self.task,
-            "timeout_s": self.timeout_s,
-            "max_tokens": self.max_tokens,
-            "concurrency": self.concurrency,
-            "max_payload_bytes": self.max_payload_bytes,
-            "min_instances": self.min_instances,
-            "max_instances": self.max_instances,
-            "target_concurrency": self.target_concurrency,
-            "keep_alive_s": self.keep_alive_s,
-            "params": self.params,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def function_json(row: Function, namespace: str) -> dict[str, Any]:

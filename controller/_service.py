@@ -544,13 +544,7 @@ class Controller:
                     deadline = started + fn.timeout_s
                     continue
                 run.dispatched(slot.invoker)
-                body = {
-                    "function": f"{run.namespace}/{fn.name}",
-                    "model": fn.model,
-                    "task": fn.task,
-                    "concurrency": fn.concurrency,
-                    **run.request,
-                }
+                body = {**_instance_of(run.namespace, fn), **run.request}
                 try:
                     remaining = max(0.1, deadline - time.monotonic())
                     if fn.task == "embed":
@@ -1089,12 +1083,7 @@ class Controller:
                 self._pool.submit(self._load, slot, fn, ns)
 
     def _load(self, slot: Slot, fn: Function, namespace: str) -> None:
-        body = {
-            "function": f"{namespace}/{fn.name}",
-            "model": fn.model,
-            "task": fn.task,
-            "concurrency": fn.concurrency,
-        }
+        body = _instance_of(namespace, fn)
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
         except SllmError as exc:
@@ -1129,6 +1118,16 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+def _instance_of(namespace: str, fn: Function) -> dict[str, Any]:
+    """What names `fn`'s instance to an invoker (the start of every invoke and load body)."""
+    return {
+        "function": f"{namespace}/{fn.name}",
+        "model": fn.model,
+        "task": fn.task,
+        "concurrency": fn.concurrency,
+    }
 
 
 def _check_payload(fn: Function, body_bytes: int) -> None:
