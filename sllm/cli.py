@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -15,9 +15,7 @@ from sllm.cli_client import login as login_command
 from sllm.cli_controller import controller as controller_group
 from sllm.cli_invoker import invoker as invoker_group
 from sllm.cli_server import server as server_group
-
-if TYPE_CHECKING:
-    from sllm.store import Store
+from sllm.cli_store import echo_pushed, open_store_from_env
 
 
 def _parse_device_map(value: str | None) -> Any:
@@ -130,20 +128,6 @@ _STORE_HELP = (
 )
 
 
-def _open_store_from_env(uri: str | None) -> Store:
-    """The store named by --store (or the environment's default), with SLLM_S3_* settings."""
-    import os
-
-    from sllm.core.errors import SllmError
-    from sllm.store import StoreSettings, default_store_uri, open_store
-
-    try:
-        settings = StoreSettings.from_env(os.environ)
-        return open_store(uri or default_store_uri(os.environ), settings)
-    except SllmError as exc:
-        raise click.ClickException(exc.message) from None
-
-
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -182,7 +166,7 @@ def model_push(
     from sllm.store import push_model
 
     parsed = _parse_device_map(device_map)
-    store = _open_store_from_env(store_uri)
+    store = open_store_from_env(store_uri)
     try:
         result = push_model(
             src,
@@ -194,13 +178,7 @@ def model_push(
         )
     except SllmError as exc:
         raise click.ClickException(exc.message) from None
-    published = result.model
-    if result.unchanged:
-        click.echo(f"{published.name} unchanged (digest {published.digest})")
-    else:
-        click.echo(
-            f"pushed {published.name} digest={published.digest} ({published.total_bytes} bytes)"
-        )
+    echo_pushed(result)
 
 
 @model.command("demo")
@@ -226,7 +204,7 @@ def model_list(store_uri: str | None, as_json: bool) -> None:
     from sllm.core.errors import SllmError
     from sllm.store import list_models
 
-    store = _open_store_from_env(store_uri)
+    store = open_store_from_env(store_uri)
     try:
         models = list_models(store)
     except SllmError as exc:

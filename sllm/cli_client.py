@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 import click
 
 from sllm.cli_invoker import invoker
+from sllm.cli_store import echo_pushed, open_store_from_env
 
 if TYPE_CHECKING:
     from sllm.client import Client
@@ -286,25 +287,17 @@ def _pushed(model: str, push_as: str | None, store_uri: str | None, fn_name: str
             )
         return model
     from sllm.core.errors import SllmError
-    from sllm.store import StoreSettings, default_store_uri, open_store, push_model
+    from sllm.store import push_model
 
     name = push_as or fn_name
+    failure = f"cannot push {model}: "
+    store = open_store_from_env(store_uri, failure=failure)
+    click.echo(f"pushing {model} to {store.uri} as model {name} ...", err=True)
     try:
-        store = open_store(
-            store_uri or default_store_uri(os.environ), StoreSettings.from_env(os.environ)
-        )
-        click.echo(f"pushing {model} to {store.uri} as model {name} ...", err=True)
         pushed = push_model(str(model), name, store, progress=sys.stderr.isatty())
     except SllmError as exc:
-        raise click.ClickException(f"cannot push {model}: {exc.message}") from None
-    published = pushed.model
-    if pushed.unchanged:
-        click.echo(f"model {published.name} unchanged (digest {published.digest})")
-    else:
-        click.echo(
-            f"pushed {published.name} digest={published.digest} ({published.total_bytes} bytes)"
-        )
-    return published.name
+        raise click.ClickException(f"{failure}{exc.message}") from None
+    return echo_pushed(pushed, label="model ")
 
 
 @fn.command("create")

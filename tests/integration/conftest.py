@@ -12,9 +12,8 @@ import pytest
 
 from sllm.store import StoreSettings, open_store, push_model
 from sllm.tiny_models import build_tiny_embedder, build_tiny_model
-from tests.support.controller import ControllerThread, wait_for_invokers
+from tests.support.controller import ControllerThread, registered_invoker, wait_for_invokers
 from tests.support.databases import fresh_postgres_database, sqlite_database_url
-from tests.support.invoker import InvokerProcess
 from tests.support.s3 import S3Server
 
 _buckets = itertools.count()
@@ -64,11 +63,7 @@ def stack(
         db_cm = None
         url = sqlite_database_url(root / "db")
     ctl = ControllerThread(url).start()
-    inv = InvokerProcess(
-        root / "inv",
-        store_uri,
-        extra=("--controller", ctl.url, "--name", "inv-a", "--heartbeat-interval", "0.5"),
-    )
+    inv = registered_invoker(root / "inv", store_uri, ctl.url, "inv-a")
     try:
         inv.start()
         admin = ctl.admin()

@@ -27,9 +27,13 @@ from sllm.cli import main
 from sllm.client import Client
 from sllm.store import open_store, push_model, read_published
 from sllm.tiny_models import build_tiny_embedder, build_tiny_model
-from tests.support.controller import ADMIN_KEY, ControllerThread, wait_for_invokers
+from tests.support.controller import (
+    ADMIN_KEY,
+    ControllerThread,
+    registered_invoker,
+    wait_for_invokers,
+)
 from tests.support.databases import sqlite_database_url
-from tests.support.invoker import InvokerProcess
 
 pytestmark = [pytest.mark.invoker]
 
@@ -79,11 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     build_tiny_model("llama", root / "hf-local", seed=1)  # the CLI pushes this one
     (root / "db").mkdir()
     ctl = ControllerThread(sqlite_database_url(root / "db")).start()
-    inv = InvokerProcess(
-        root / "inv",
-        store_uri,
-        extra=("--controller", ctl.url, "--name", "inv-a", "--heartbeat-interval", "0.5"),
-    )
+    inv = registered_invoker(root / "inv", store_uri, ctl.url, "inv-a")
     try:
         inv.start()
         with ctl.admin() as admin:

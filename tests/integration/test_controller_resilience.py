@@ -21,6 +21,7 @@ from tests.support.controller import (
     ControllerProcess,
     ControllerThread,
     client,
+    registered_invoker,
     wait_for_invokers,
 )
 from tests.support.databases import fresh_postgres_database
@@ -41,11 +42,7 @@ def _store(root: Path) -> str:
 
 
 def _invoker(root: Path, name: str, store_uri: str, controller_url: str) -> InvokerProcess:
-    return InvokerProcess(
-        root / name,
-        store_uri,
-        extra=("--controller", controller_url, "--name", name, "--heartbeat-interval", "0.3"),
-    )
+    return registered_invoker(root / name, store_uri, controller_url, name, heartbeat=0.3)
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:

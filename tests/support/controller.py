@@ -15,7 +15,7 @@ from werkzeug.serving import make_server
 
 from sllm.controller import Controller, ControllerConfig, create_app
 from sllm.db import Database
-from tests.support.invoker import TOKEN
+from tests.support.invoker import TOKEN, InvokerProcess
 from tests.support.process import ServiceProcess
 from tests.support.s3 import free_port
 
@@ -100,6 +100,24 @@ class ControllerProcess(ServiceProcess):
 def client(url: str, key: str, timeout: float = 60.0) -> httpx.Client:
     """An HTTP client for the controller with an API key."""
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def registered_invoker(
+    cache_dir: Path, store_uri: str, controller_url: str, name: str, *, heartbeat: float = 0.5
+) -> InvokerProcess:
+    """An invoker process (not started) that registers with the controller as `name`."""
+    return InvokerProcess(
+        cache_dir,
+        store_uri,
+        extra=(
+            "--controller",
+            controller_url,
+            "--name",
+            name,
+            "--heartbeat-interval",
+            str(heartbeat),
+        ),
+    )
 
 
 def wait_for_invokers(api: httpx.Client, count: int, timeout: float = 30.0) -> list[Any]:
