@@ -365,8 +365,9 @@ class HostPool:
         if mem.exports:  # still viewed: unmapping would fail; retry once it is free
             self._orphans.append(mem)
             return
+        nbytes = mem.nbytes  # release() zeroes it: read first, or the capacity leaks
         mem.release()
-        self._mapped -= mem.nbytes
+        self._mapped -= nbytes
 
     @staticmethod
     def _idle(entry: _Entry) -> bool:

@@ -221,6 +221,27 @@ def test_eviction_hands_the_freed_buffer_to_the_next_load(
     assert allocations == []
 
 
+def test_alternating_sizes_never_leak_capacity(tmp_path: Path) -> None:
+    """Regression: an unmapped buffer once gave back 0 bytes, so the pool filled up while empty."""
+    folders = {}
+    for mib in (4, 8):
+        folders[mib] = tmp_path / f"m{mib}"
+        # A little under the size, so the partition rounds to exactly `mib` MiB.
+        save_state_dict({"w": torch.zeros(mib * MiB - 64 * 1024, dtype=torch.uint8)}, folders[mib])
+    pool = HostPool(10 * MiB, pin=False)
+
+    for mib in (4, 8) * 3:  # each load must unmap the other model's buffer to fit
+        tensors = load(folders[mib], pool=pool)
+        assert int(tensors["w"].sum()) == 0
+        del tensors
+        gc.collect()
+        assert [Path(r[0]).name for r in pool.resident()] == [f"m{mib}"]
+        assert pool.used_bytes == mib * MiB
+
+    pool.clear()
+    assert pool.used_bytes == 0
+
+
 def test_checkpoint_larger_than_the_pool_raises_capacity_error(
     make_ckpt: Callable[..., Path], slot: int
 ) -> None:
