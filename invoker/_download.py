@@ -7,6 +7,12 @@ partial NVMe folder and handed on (`on_chunk`) to the device copy, all while
 the next parts are still on the wire. When every part is in, the partial
 folder is published atomically as a complete NVMe entry.
 
+The NVMe copy is a by-product, never a condition: a model the NVMe tier
+cannot hold (larger than its budget, or the budget held by models being read)
+streams into host memory only, and a failed publish (fsync, rename) is logged
+and leaves a resumable partial folder while the verified bytes in memory are
+served.
+
 Resume: every chunk written is recorded in `.parts` in the partial folder
 (partition, chunk index: independent of the part size). A later attempt, in
 this process or another, re-reads those chunks from disk, re-checks their
@@ -21,6 +27,7 @@ wrong the load fails with CorruptObject and nothing is published or served.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from sllm.core.errors import CorruptObject
+from sllm.core.errors import CorruptObject, InsufficientCapacity
 from sllm.core.files import write_durably
 from sllm.native_loader import (
     Chunk,
@@ -47,6 +54,7 @@ from sllm.store import PublishedFile, PublishedModel, Store
 
 from ._nvme import NvmeTier
 
+log = logging.getLogger("sllm.invoker")
 JOURNAL = ".parts"
 PART_ATTEMPTS = 2
 
@@ -156,33 +164,58 @@ class RemoteSource:
         return self._manifest
 
     def read_into(self, buffers: Sequence[HostMemory], on_chunk: OnChunk | None) -> ReadStats:
-        """Download every partition into `buffers` and the NVMe tier; publish when complete."""
+        """Download every partition into `buffers` and, when it has room, the NVMe tier."""
         manifest = self.manifest()
         start = time.perf_counter()
-        partial = self.nvme.begin(self.key, self.model.total_bytes)
         try:
-            self._download(manifest, partial, buffers, on_chunk)
-            meta = self.nvme.meta_path(self.key)
-            for f in self.model.files:
-                if not _is_data(f.path):
-                    write_durably(partial / f.path, (meta / f.path).read_bytes())
-            (partial / JOURNAL).unlink(missing_ok=True)
-        except BaseException:
-            self.nvme.abandon(self.key)
-            raise
-        self.nvme.publish(self.key)
+            partial: Path | None = self.nvme.begin(self.key, self.model.total_bytes)
+        except InsufficientCapacity as exc:
+            log.info("%s: streaming %s to memory without an NVMe copy", exc, self.key)
+            partial = None
+        if partial is None:
+            self._download(manifest, None, buffers, on_chunk)
+        else:
+            self._download_and_persist(manifest, partial, buffers, on_chunk)
         self.stats.seconds = time.perf_counter() - start
         return ReadStats(manifest.total_bytes, self.stats.seconds, ())
 
     # --------------------------------------------------------------- internal
-    def _download(
+    def _download_and_persist(
         self,
         manifest: Manifest,
         partial: Path,
         buffers: Sequence[HostMemory],
         on_chunk: OnChunk | None,
     ) -> None:
+        try:
+            self._download(manifest, partial, buffers, on_chunk)
+            meta = self.nvme.meta_path(self.key)
+            for f in self.model.files:
+                if not _is_data(f.path):
+                    write_durably(partial / f.path, (meta / f.path).read_bytes())
+        except BaseException:
+            self.nvme.abandon(self.key)
+            raise
+        try:
+            published = self.nvme.publish(self.key)
+        except OSError as exc:  # publish abandoned it: the journal lets a later load resume
+            log.warning("NVMe copy of %s not published, serving it from memory: %s", self.key, exc)
+            return
+        # Kept until now so a failed publish resumes instead of fetching everything again.
+        (published / JOURNAL).unlink(missing_ok=True)
+
+    def _download(
+        self,
+        manifest: Manifest,
+        partial: Path | None,
+        buffers: Sequence[HostMemory],
+        on_chunk: OnChunk | None,
+    ) -> None:
+        """Fetch every part into `buffers`, also into the files in `partial` unless None."""
         parts = self._parts(manifest)
+        if partial is None:
+            self._run_parts(parts, set(), [], buffers, None, on_chunk)
+            return
         journal_path = partial / JOURNAL
         done = _read_journal(journal_path)
         fds = []
@@ -218,7 +251,7 @@ class RemoteSource:
         done: set[tuple[int, int]],
         fds: list[int],
         buffers: Sequence[HostMemory],
-        journal: TextIO,
+        journal: TextIO | None,
         on_chunk: OnChunk | None,
     ) -> None:
         stop = threading.Event()
@@ -246,6 +279,8 @@ class RemoteSource:
                             self._fetch(piece, files[part.partition], fds, sub)
                         finally:
                             sub.release()
+                        if journal is None:
+                            continue
                         with journal_lock:
                             journal.writelines(f"{c.partition} {c.index}\n" for c in run)
                             journal.flush()
@@ -295,6 +330,8 @@ class RemoteSource:
                     f"offset {bad.offset} (chunk {bad.index}); the object is corrupt and "
                     "will not be served"
                 )
+        if not fds:  # streaming to memory only
+            return
         written = os.pwrite(fds[part.partition], view, part.offset)
         while written < part.length:  # pwrite may write less on some filesystems
             written += os.pwrite(fds[part.partition], view[written:], part.offset + written)

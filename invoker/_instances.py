@@ -32,7 +32,7 @@ from sllm.native_loader import FormatError, build_model
 from sllm.runtime import Runtime, load_tokenizer, model_class_for
 from sllm.store import PublishedModel
 
-from ._tiers import TierCache, TierLoad
+from ._tiers import HostMemoryShort, TierCache, TierLoad
 
 GPU_HEADROOM = 1.15  # weights plus activations / KV cache for a few requests
 
@@ -204,12 +204,12 @@ class Instances:
 
         On the CPU an instance's weights are its DRAM copy, so an idle
         instance pins DRAM that a new model may need, as it pins device
-        memory on a GPU.
+        memory on a GPU. No other shortage is cured by unloading.
         """
         while True:
             try:
                 return self.tiers.load(model, self.device)
-            except InsufficientCapacity:
+            except HostMemoryShort:
                 if (
                     self.device.type != "cpu"
                     or model.total_bytes > self.tiers.pool.capacity

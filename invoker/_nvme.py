@@ -15,6 +15,13 @@ Data per complete entry: bytes on disk, last use, users (loads reading it).
 A complete entry with users is never evicted; a discarded one (found corrupt)
 disappears from lookups at once and from disk when its last user leaves.
 Partial folders count against the budget and are evicted like idle entries.
+
+The folder is not ours alone: an operator or a disk cleaner may delete it,
+or any entry in it, under a running invoker. Every lookup and every download
+first reconciles the bookkeeping with the disk (missing folders are made
+again, entries whose checkpoint is gone are forgotten), so the tier heals
+instead of failing every load until a restart. A publish that fails (fsync,
+rename) leaves the download resumable, never stuck "in progress".
 """
 
 from __future__ import annotations
@@ -54,12 +61,11 @@ class NvmeTier:
         self.complete_dir = root / "nvme"
         self.partial_dir = root / "partial"
         self.meta_dir = root / "meta"
-        for d in (self.complete_dir, self.partial_dir, self.meta_dir):
-            d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._partials: dict[str, int] = {}  # key -> bytes reserved on disk
         self._active: set[str] = set()  # partials being written now
+        self._make_dirs()
         for d in self.complete_dir.iterdir():
             if (d / "manifest.json").is_file():
                 self._entries[d.name] = _Entry(_folder_bytes(d), d.stat().st_mtime)
@@ -86,6 +92,7 @@ class NvmeTier:
     def contains(self, key: str) -> bool:
         """Whether a complete, usable copy of `key` is on this tier."""
         with self._lock:
+            self._reconcile()
             e = self._entries.get(key)
             return e is not None and not e.doomed
 
@@ -93,11 +100,13 @@ class NvmeTier:
     def used_bytes(self) -> int:
         """Bytes of complete and partial checkpoints on disk."""
         with self._lock:
+            self._reconcile()
             return sum(e.nbytes for e in self._entries.values()) + sum(self._partials.values())
 
     def contents(self) -> list[dict[str, object]]:
         """Every complete entry: key, bytes, in use, last used (epoch seconds)."""
         with self._lock:
+            self._reconcile()
             return [
                 {"key": k, "bytes": e.nbytes, "in_use": e.users > 0, "last_used": e.last_used}
                 for k, e in sorted(self._entries.items(), key=lambda kv: kv[1].last_used)
@@ -132,6 +141,7 @@ class NvmeTier:
         with self._lock:
             if key in self._active:
                 raise RuntimeError(f"download of {key} already in progress")
+            self._reconcile()
             have = self._partials.pop(key, 0)
             snapshot = [
                 CachedModel(k, e.nbytes, e.last_used, e.users > 0) for k, e in self._entries.items()
@@ -161,18 +171,28 @@ class NvmeTier:
         return folder
 
     def publish(self, key: str) -> Path:
-        """Atomically turn the finished partial folder of `key` into a complete entry."""
+        """Atomically turn the finished partial folder of `key` into a complete entry.
+
+        On an OSError (a failed fsync or rename) the download is abandoned as
+        after any failure: its partial folder stays for a resume and the next
+        `begin` of `key` may start again.
+        """
         src, dst = self.partial_path(key), self.path(key)
-        fsync_dir(src)
-        with self._lock:
-            self._active.discard(key)
-            nbytes = self._partials.pop(key, 0)
-            if dst.exists():  # a concurrent process won; keep theirs
-                shutil.rmtree(src, ignore_errors=True)
-            else:
-                os.rename(src, dst)
-                fsync_dir(self.complete_dir)
-            self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
+        try:
+            fsync_dir(src)  # the data files were fsynced; this makes their names durable
+            with self._lock:
+                self._make_dirs()
+                if dst.exists():  # an earlier publish of the same content won; keep it
+                    shutil.rmtree(src, ignore_errors=True)
+                else:
+                    os.rename(src, dst)
+                    fsync_dir(self.complete_dir)
+                self._active.discard(key)
+                nbytes = self._partials.pop(key, 0)
+                self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
+        except OSError:
+            self.abandon(key)
+            raise
         return dst
 
     def abandon(self, key: str) -> None:
@@ -203,6 +223,23 @@ class NvmeTier:
                 return False
             self._remove_complete(key)
             return True
+
+    def _make_dirs(self) -> None:
+        for d in (self.complete_dir, self.partial_dir, self.meta_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def _reconcile(self) -> None:
+        """Holds the lock. Bring the bookkeeping back in line with a folder changed under us.
+
+        A few stat calls per entry; entries are whole checkpoints, so there are few.
+        """
+        self._make_dirs()
+        for key in list(self._entries):
+            if not (self.path(key) / "manifest.json").is_file():
+                del self._entries[key]  # a load reading it fails its checks and goes remote
+        for key in list(self._partials):
+            if key not in self._active and not self.partial_path(key).is_dir():
+                del self._partials[key]
 
     def _remove_complete(self, key: str) -> None:
         """Holds the lock. The rename is instant; the slow delete runs in the background."""

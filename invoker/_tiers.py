@@ -91,6 +91,14 @@ class NvmeCopyFailed(Exception):
     """The NVMe copy vanished or failed verification; the store has the truth."""
 
 
+class HostMemoryShort(InsufficientCapacity):
+    """The DRAM tier cannot take the model now: what it holds is in use.
+
+    The one shortage that unloading idle instances can cure on a CPU host,
+    where an instance's weights are its DRAM copy.
+    """
+
+
 class TierCache:
     """Remote -> NVMe -> DRAM -> device, with single-flight loads and self-healing copies."""
 
@@ -160,7 +168,7 @@ class TierCache:
                 log.warning("%s; fetching it from the store again", exc)
                 self.nvme.discard(key)
             except CapacityError as exc:
-                raise InsufficientCapacity(str(exc)) from exc
+                raise HostMemoryShort(f"DRAM tier: {exc}") from exc
         else:  # unreachable: the second attempt always reads from the store
             raise RuntimeError(f"load of {key} found no source")
         seconds = time.perf_counter() - start

@@ -213,14 +213,24 @@ def test_nvme_eviction_is_lru_and_spares_models_in_use(store: Store, tmp_path: P
     assert cache.nvme.used_bytes <= cache.nvme.capacity
 
 
-def test_model_larger_than_a_tier_is_a_clear_error(store: Store, tmp_path: Path) -> None:
+def test_model_larger_than_dram_is_a_clear_error(store: Store, tmp_path: Path) -> None:
     model = publish(store, tmp_path)
     small_dram = make_cache(store, tmp_path / "c1", dram=model.total_bytes // 2)
     with pytest.raises(InsufficientCapacity, match="DRAM"):
         small_dram.load(model, torch.device("cpu"))
-    small_nvme = make_cache(store, tmp_path / "c2", nvme=model.total_bytes // 2)
-    with pytest.raises(InsufficientCapacity, match="NVMe"):
-        small_nvme.load(model, torch.device("cpu"))
+
+
+def test_model_larger_than_nvme_streams_to_memory_only(store: Store, tmp_path: Path) -> None:
+    model = publish(store, tmp_path)
+    cache = make_cache(store, tmp_path / "cache", nvme=model.total_bytes // 2)
+    tensors, how = cache.load(model, torch.device("cpu"))
+    assert how.tier == "remote" and how.fetched == model.total_bytes - _small_bytes(model)
+    assert cache.locate(model) == "dram"
+    assert cache.nvme.contents() == [] and cache.nvme.used_bytes == 0
+    assert not any(cache.nvme.partial_dir.iterdir())
+    roomy = make_cache(store, tmp_path / "roomy")
+    truth, _ = roomy.load(model, torch.device("cpu"))
+    assert all(torch.equal(tensors[k], truth[k]) for k in truth)
 
 
 def _small_bytes(model: PublishedModel) -> int:

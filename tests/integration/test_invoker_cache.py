@@ -1,0 +1,130 @@
+"""An invoker's cache folder under stress: too small, deleted, failing to publish."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import sllm.invoker._nvme as nvme_mod
+from sllm.core.messages import LoadReport
+from sllm.invoker import Invoker, InvokerConfig, cache_key
+from sllm.store import PublishedModel, open_store, push_model
+from sllm.tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A folder store with a small (fp16) and a large (fp32) tiny llama."""
+    root = tmp_path_factory.mktemp("cache-store")
+    uri = f"file://{root / 'store'}"
+    store = open_store(uri)
+    models: dict[str, PublishedModel] = {}
+    for name, dtype, seed in (("small", torch.float16, 0), ("large", torch.float32, 1)):
+        src = build_tiny_model("llama", root / f"hf-{name}", seed=seed, dtype=dtype)
+        models[name] = push_model(str(src), name, store, progress=False).model
+    assert models["small"].total_bytes < models["large"].total_bytes
+    return {"uri": uri, "models": models}
+
+
+@pytest.fixture
+def make_invoker(published: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
+    """Build in-process CPU invokers over `tmp_path/cache`; all closed at the end."""
+    made: list[Invoker] = []
+
+    def make(**overrides: Any) -> Invoker:
+        config = InvokerConfig(
+            token="t",
+            cache_dir=tmp_path / "cache",
+            store_uri=published["uri"],
+            device="cpu",
+            measure_bandwidth=False,
+        ).replace(**overrides)
+        invoker = Invoker(config)
+        made.append(invoker)
+        return invoker
+
+    yield make
+    for invoker in made:
+        invoker.close()
+
+
+def load(invoker: Invoker, function: str, model: str) -> LoadReport:
+    return invoker.load({"function": function, "model": model})
+
+
+def nvme_models(invoker: Invoker) -> list[str]:
+    return [str(m["key"]).split("@")[0] for m in invoker.status()["tiers"]["nvme"]["models"]]
+
+
+def to_remote(invoker: Invoker, function: str, model: str) -> None:
+    """Unload `function` and drop `model`'s DRAM copy, so the next load reads a lower tier."""
+    invoker.unload(function)
+    invoker.evict({"model": model, "tier": "dram"})
+
+
+def test_model_larger_than_nvme_streams_through_without_unloading(
+    published: dict[str, Any], make_invoker: Any
+) -> None:
+    models = published["models"]
+    nvme = (models["small"].total_bytes + models["large"].total_bytes) // 2
+    invoker = make_invoker(nvme_capacity=nvme)
+    assert load(invoker, "t/small", "small").tier == "remote"
+
+    report = load(invoker, "t/large", "large")
+
+    assert report.tier == "remote"
+    # Unloading cannot free NVMe: the idle instance of "small" stays loaded.
+    assert [i["function"] for i in invoker.status()["instances"]] == ["t/small", "t/large"]
+    assert nvme_models(invoker) == ["small"]  # "large" lives in DRAM only
+    assert not any(invoker.nvme.partial_dir.iterdir())
+    assert invoker.nvme.used_bytes <= nvme
+
+
+@pytest.mark.parametrize("deleted", [".", "nvme"], ids=["whole-cache-folder", "nvme-subfolder"])
+def test_deleted_cache_folder_heals(make_invoker: Any, tmp_path: Path, deleted: str) -> None:
+    invoker = make_invoker()
+    load(invoker, "t/small", "small")
+    to_remote(invoker, "t/small", "small")
+    assert nvme_models(invoker) == ["small"]
+
+    shutil.rmtree(tmp_path / "cache" / deleted)
+
+    assert nvme_models(invoker) == []  # status no longer lists what is gone
+    assert invoker.status()["tiers"]["nvme"]["used_bytes"] == 0
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert load(invoker, "t/large", "large").tier == "remote"
+    assert nvme_models(invoker) == ["small", "large"]
+    assert (invoker.nvme.path(cache_key(invoker.tiers.resolve("large"))) / "data.0").is_file()
+
+
+def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    invoker = make_invoker()
+    real = nvme_mod.fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path.parent == invoker.nvme.partial_dir and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
+        real(path)
+
+    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+
+    first = load(invoker, "t/small", "small")
+
+    assert failed and first.tier == "remote"  # the verified bytes in memory were served
+    assert nvme_models(invoker) == []
+    to_remote(invoker, "t/small", "small")
+    again = load(invoker, "t/small", "small")
+    assert again.tier == "remote"
+    # The partial copy was kept with its journal: nothing is fetched twice.
+    assert again.fetched_bytes == 0 and again.resumed_bytes == first.fetched_bytes > 0
+    assert nvme_models(invoker) == ["small"]
