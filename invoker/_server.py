@@ -7,6 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from ._cachelock import CacheLock
 from ._config import InvokerConfig
 
 log = logging.getLogger("sllm.invoker")
@@ -21,8 +22,9 @@ class InvokerServer(BaseApplication):
     initialised after the fork.
     """
 
-    def __init__(self, config: InvokerConfig) -> None:
+    def __init__(self, config: InvokerConfig, cache_lock: CacheLock) -> None:
         self.invoker_config = config
+        self.cache_lock = cache_lock  # taken by the master; the forked worker inherits it
         super().__init__()
 
     def load_config(self) -> None:
@@ -51,7 +53,7 @@ class InvokerServer(BaseApplication):
         from ._app import create_app
         from ._service import Invoker
 
-        invoker = Invoker(self.invoker_config)
+        invoker = Invoker(self.invoker_config, cache_lock=self.cache_lock)
         invoker.start()
         log.info(
             "invoker ready on %s:%s (device %s, bandwidths %s)",
@@ -64,6 +66,12 @@ class InvokerServer(BaseApplication):
 
 
 def serve(config: InvokerConfig) -> None:
-    """Run the invoker until SIGTERM / SIGINT."""
+    """Run the invoker until SIGTERM / SIGINT; CacheFolderBusy when another holds its cache."""
     config.validate()
-    InvokerServer(config).run()
+    # Claimed in the master, before gunicorn starts: a second invoker on the same
+    # folder fails here with a clear message instead of in a worker that fails to boot.
+    cache_lock = CacheLock.acquire(config.cache_dir)
+    try:
+        InvokerServer(config, cache_lock).run()
+    finally:
+        cache_lock.release()

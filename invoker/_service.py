@@ -18,6 +18,7 @@ from sllm.runtime import SamplingParams
 from sllm.store import Store, open_store
 
 from ._bandwidth import Bandwidths, measure_disk, measure_host_to_device, measure_network
+from ._cachelock import CacheLock
 from ._config import InvokerConfig
 from ._download import cache_key
 from ._instances import Instance, Instances
@@ -42,14 +43,27 @@ def resolve_device(name: str) -> torch.device:
 class Invoker:
     """One host's agent: keeps models warm across tiers and runs requests on them."""
 
-    def __init__(self, config: InvokerConfig, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: InvokerConfig,
+        *,
+        store: Store | None = None,
+        cache_lock: CacheLock | None = None,
+    ) -> None:
+        """Claim the cache folder (unless `cache_lock` already holds it) and build the tiers."""
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
         self.store = (
             store if store is not None else open_store(config.store_uri, config.store_settings)
         )
-        self.nvme = NvmeTier(config.cache_dir, config.nvme_capacity)
+        # Claimed before the NVMe tier scans and tidies the folder.
+        self._owned_lock = None if cache_lock is not None else CacheLock.acquire(config.cache_dir)
+        try:
+            self.nvme = NvmeTier(config.cache_dir, config.nvme_capacity)
+        except BaseException:
+            self._release_lock()
+            raise
         self.pool = HostPool(config.dram_capacity, pin=self.device.type == "cuda")
         self.bandwidths = Bandwidths()
         self.tiers = TierCache(
@@ -134,6 +148,11 @@ class Invoker:
         """Stop heartbeating and unload everything (shutdown)."""
         self._closing.set()
         self.instances.close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._owned_lock is not None:
+            self._owned_lock.release()
 
     # ---------------------------------------------------------------- models
     def load(self, body: Any) -> LoadReport:

@@ -59,11 +59,14 @@ def invoker() -> None:
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError
-    from sllm.invoker import InvokerConfig, serve
+    from sllm.invoker import CacheFolderBusy, InvokerConfig, serve
 
     try:
         config = InvokerConfig.from_env(os.environ, **flags)
         config.validate()
     except (ValueError, SllmError) as exc:
         raise click.ClickException(str(exc)) from None
-    serve(config)
+    try:
+        serve(config)
+    except CacheFolderBusy as exc:
+        raise click.ClickException(exc.message) from None

@@ -1,9 +1,10 @@
-"""An invoker's cache folder under stress: too small, deleted, failing to publish."""
+"""An invoker's cache folder under stress: too small, deleted, failing to publish, shared."""
 
 from __future__ import annotations
 
 import errno
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import torch
 
 import sllm.invoker._nvme as nvme_mod
 from sllm.core.messages import LoadReport
-from sllm.invoker import Invoker, InvokerConfig, cache_key
+from sllm.invoker import CacheFolderBusy, Invoker, InvokerConfig, cache_key
 from sllm.store import PublishedModel, open_store, push_model
 from sllm.tiny_models import build_tiny_model
+from tests.support.invoker import InvokerProcess
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,29 @@ def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
     # The partial copy was kept with its journal: nothing is fetched twice.
     assert again.fetched_bytes == 0 and again.resumed_bytes == first.fetched_bytes > 0
     assert nvme_models(invoker) == ["small"]
+
+
+def test_second_invoker_on_a_cache_folder_is_refused(make_invoker: Any, tmp_path: Path) -> None:
+    first = make_invoker()
+    with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use by another invoker"):
+        make_invoker()
+    first.close()
+    make_invoker()  # free once the holder is gone
+
+
+@pytest.mark.invoker
+def test_second_invoker_process_on_a_cache_folder_refuses_to_start(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    cache = tmp_path / f"shared-{uuid.uuid4().hex[:6]}"
+    first = InvokerProcess(cache, published["uri"], extra=("--no-measure",)).start()
+    try:
+        second = InvokerProcess(cache, published["uri"], extra=("--no-measure",))
+        with pytest.raises(RuntimeError, match=r"exited with 1:[\s\S]*in use by another invoker"):
+            second.start()
+        with first.client() as client:
+            r = client.post("/v1/load", json={"function": "t/small", "model": "small"})
+            assert r.status_code == 200, r.text
+            assert client.get("/v1/status").json()["tiers"]["nvme"]["models"]
+    finally:
+        first.stop()

@@ -1,0 +1,67 @@
+"""An invoker's exclusive claim on its cache folder: two invokers never share one.
+
+Two invokers on one folder would write into each other's partial downloads,
+delete each other's entries on eviction and each count the folder against its
+own budget. So an invoker takes an exclusive `flock` on `{cache}/.lock` at
+start-up and refuses to start when another process holds it. The kernel drops
+the lock when the holder exits, however it exits, so a crash never leaves a
+stale lock behind; the pid written into the file only names the holder in
+the error message.
+
+Caveat: deleting the whole cache folder under a running invoker deletes the
+lock file too, and a second invoker could then claim the recreated folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+from sllm.core.errors import Conflict
+
+LOCK_FILE = ".lock"
+
+
+class CacheFolderBusy(Conflict):
+    """Another invoker holds the cache folder."""
+
+    code = "cache_folder_busy"
+
+
+class CacheLock:
+    """An exclusive lock on a cache folder, held until `release` or process exit."""
+
+    def __init__(self, root: Path, fd: int) -> None:
+        self.root = root
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, root: Path) -> CacheLock:
+        """Lock `root` (created if missing); CacheFolderBusy when another process holds it."""
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CacheFolderBusy(
+                f"cache folder {root} is in use by another invoker (pid {holder}); "
+                "give each invoker its own cache folder (--cache-dir or SLLM_INVOKER_CACHE_DIR)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(root, fd)
+
+    def release(self) -> None:
+        """Give the folder up (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing the last descriptor drops the flock
