@@ -172,6 +172,9 @@ class RemoteSource:
         except InsufficientCapacity as exc:
             log.info("%s: streaming %s to memory without an NVMe copy", exc, self.key)
             partial = None
+        except OSError as exc:  # the cache folder is broken; serving does not need it
+            log.warning("NVMe tier unusable (%s): streaming %s to memory only", exc, self.key)
+            partial = None
         if partial is None:
             self._download(manifest, None, buffers, on_chunk)
         else:

@@ -27,6 +27,7 @@ rename) leaves the download resumable, never stuck "in progress".
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -38,6 +39,8 @@ from pathlib import Path
 from sllm.core.files import fsync_dir
 
 from ._eviction import CachedModel, plan_eviction
+
+log = logging.getLogger("sllm.invoker")
 
 
 @dataclass
@@ -232,8 +235,12 @@ class NvmeTier:
         """Holds the lock. Bring the bookkeeping back in line with a folder changed under us.
 
         A few stat calls per entry; entries are whole checkpoints, so there are few.
+        A folder that cannot be made again leaves the tier empty, not lookups failing.
         """
-        self._make_dirs()
+        try:
+            self._make_dirs()
+        except OSError as exc:
+            log.warning("NVMe cache folder %s is unusable: %s", self.root, exc)
         for key in list(self._entries):
             if not (self.path(key) / "manifest.json").is_file():
                 del self._entries[key]  # a load reading it fails its checks and goes remote

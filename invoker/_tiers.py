@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sllm.core.errors import InsufficientCapacity
+from sllm.core.errors import InsufficientCapacity, Unavailable
 from sllm.native_loader import (
     CapacityError,
     FolderSource,
@@ -127,7 +127,12 @@ class TierCache:
 
     def meta(self, model: PublishedModel) -> Path:
         """The local folder with the model's config, tokenizer and manifest."""
-        return ensure_meta(self.store, model, self.nvme)
+        try:
+            return ensure_meta(self.store, model, self.nvme)
+        except OSError as exc:  # a model is built from these files: no load without them
+            raise Unavailable(
+                f"the invoker's cache folder {self.nvme.root} is unusable: {exc}"
+            ) from exc
 
     def locate(self, model: PublishedModel) -> str:
         """The fastest tier holding `model` on this host: dram, nvme or remote."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sllm.invoker._nvme as nvme_mod
+from sllm.core.errors import Unavailable
 from sllm.core.messages import LoadReport
 from sllm.invoker import CacheFolderBusy, Invoker, InvokerConfig, cache_key
 from sllm.store import PublishedModel, open_store, push_model
@@ -103,6 +104,24 @@ def test_deleted_cache_folder_heals(make_invoker: Any, tmp_path: Path, deleted: 
     assert load(invoker, "t/large", "large").tier == "remote"
     assert nvme_models(invoker) == ["small", "large"]
     assert (invoker.nvme.path(cache_key(invoker.tiers.resolve("large"))) / "data.0").is_file()
+
+
+def test_unusable_cache_folder_fails_clearly_until_it_heals(
+    make_invoker: Any, tmp_path: Path
+) -> None:
+    invoker = make_invoker()
+    load(invoker, "t/small", "small")
+    to_remote(invoker, "t/small", "small")
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("not a folder")  # nothing can be made under it
+
+    with pytest.raises(Unavailable, match=r"cache folder .*cache is unusable"):
+        load(invoker, "t/small", "small")
+    assert nvme_models(invoker) == []
+
+    (tmp_path / "cache").unlink()
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert nvme_models(invoker) == ["small"]
 
 
 def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
