@@ -131,7 +131,7 @@ def parse_endpoint(endpoint: str) -> tuple[str | None, str, int | None]:
         raise InvalidRequest(f"{bad} (invalid host {host!r})")
     port: int | None = None
     if sep:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise InvalidRequest(f"{bad} (port {port_text!r} is not 1..65535)")
         port = int(port_text)
     return scheme, host, port
