@@ -33,7 +33,17 @@ from flask import Flask, Response, g, request
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
-from sllm.core.errors import Forbidden, InvalidRequest, SllmError, Unavailable, error_class
+from sllm.core.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    SllmError,
+    Unavailable,
+    error_class,
+)
+from sllm.core.messages import show_value
+from sllm.core.names import is_dns_label
+from sllm.db import Function
 
 from . import _cloudevents as ce
 from . import _openai as oai
@@ -41,7 +51,16 @@ from ._activations import Run
 from ._auth import Principal, credentials
 from ._functions import check_name
 from ._openapi import openapi_document
-from ._service import Controller, page
+from ._request import (
+    body_bytes,
+    body_length,
+    check_path_names,
+    flag,
+    json_body,
+    page,
+    time_arg,
+)
+from ._service import Controller
 
 log = logging.getLogger("sllm.controller")
 
@@ -64,7 +83,9 @@ def create_app(controller: Controller) -> Flask:
             given = request.headers.get("Authorization", "")
             controller.check_internal(given.removeprefix("Bearer ").strip())
             return
-        g.principal = controller.authenticate(credentials(request.headers.get("Authorization", "")))
+        g.key = credentials(request.headers.get("Authorization", ""))
+        g.principal = controller.authenticate(g.key)
+        check_path_names(request.view_args or {})
 
     @app.after_request
     def count(response: Response) -> Response:
@@ -137,8 +158,7 @@ def create_app(controller: Controller) -> Flask:
     @app.post("/api/v1/namespaces/<ns>/keys")
     def create_key(ns: str) -> Response:
         _admin()
-        body = request.get_json(silent=True) if request.content_length else {}
-        return _json(controller.create_key(ns, body), 201)
+        return _json(controller.create_key(ns, json_body(empty={})), 201)
 
     @app.delete("/api/v1/namespaces/<ns>/keys/<key_id>")
     def revoke_key(ns: str, key_id: str) -> Response:
@@ -158,8 +178,8 @@ def create_app(controller: Controller) -> Flask:
 
     @app.put("/api/v1/namespaces/<ns>/functions/<name>")
     def put_function(ns: str, name: str) -> Response:
-        overwrite = _flag("overwrite", False)
-        doc, created = controller.put_function(_ns(ns), name, _body(), overwrite=overwrite)
+        overwrite = flag("overwrite", False)
+        doc, created = controller.put_function(_ns(ns), name, json_body(), overwrite=overwrite)
         return _json(doc, 201 if created else 200)
 
     @app.get("/api/v1/namespaces/<ns>/functions/<name>")
@@ -173,13 +193,12 @@ def create_app(controller: Controller) -> Flask:
     # ------------------------------------------------------------ invocations
     @app.post("/api/v1/namespaces/<ns>/functions/<name>/invocations")
     def invoke(ns: str, name: str) -> Response:
-        namespace = _ns(ns)
-        blocking, result_only = _flag("blocking", False), _flag("result", False)
-        stream = _flag("stream", False)
-        body = _body() if request.content_length else {}
-        fn = controller.function_for(namespace, name)
+        blocking, result_only = flag("blocking", False), flag("result", False)
+        stream = flag("stream", False)
+        namespace, fn = _function(ns, name)
+        body = json_body(empty={})
         run = controller.new_run(
-            namespace, fn, body, blocking=blocking or stream, body_bytes=_length()
+            namespace, fn, body, blocking=blocking or stream, body_bytes=body_length()
         )
         if stream:
             if fn.task != "generate":
@@ -212,8 +231,8 @@ def create_app(controller: Controller) -> Flask:
             controller.list_activations(
                 _ns(ns),
                 name=name,
-                since=_time_arg("since"),
-                upto=_time_arg("upto"),
+                since=time_arg("since"),
+                upto=time_arg("upto"),
                 status=request.args.get("status"),
                 limit=limit,
                 skip=skip,
@@ -245,48 +264,46 @@ def create_app(controller: Controller) -> Flask:
     # ------------------------------------------------------------ internal
     @app.post("/internal/v1/invokers/heartbeat")
     def heartbeat() -> Response:
-        return _json(controller.heartbeat(_body()))
+        return _json(controller.heartbeat(json_body()))
 
     # ------------------------------------------------------------ OpenAI-compatible
     @app.get("/v1/models")
     def models() -> Response:
-        ns = _own_namespace()
+        ns = _ns("_")
         rows = controller.list_functions(ns, 200, 0)
         return _json(oai.models_response([(f["name"], f["created"], ns) for f in rows]))
 
     @app.get("/v1/models/<name>")
     def model(name: str) -> Response:
-        ns = _own_namespace()
+        ns = _ns("_")
         f = controller.get_function(ns, name)
         return _json(oai.model_response(f["name"], f["created"], ns))
 
     @app.post("/v1/completions")
     def completions() -> Response:
-        return _openai_generate(oai.parse_completion(_body()))
+        return _openai_generate(oai.parse_completion(json_body()))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        return _openai_generate(oai.parse_chat(_body()))
+        return _openai_generate(oai.parse_chat(json_body()))
 
     @app.post("/v1/embeddings")
     def embeddings() -> Response:
-        req = oai.parse_embedding(_body())
-        ns = _own_namespace()
-        fn = controller.function_for(ns, req.function)
+        req = oai.parse_embedding(json_body())
+        ns, fn = _function("_", req.function)
         if fn.task != "embed":
             raise InvalidRequest(f"function {fn.name!r} generates text; it has no embeddings")
-        run = controller.new_run(ns, fn, req.params, blocking=True, body_bytes=_length())
+        run = controller.new_run(ns, fn, req.params, blocking=True, body_bytes=body_length())
         run, _ = controller.invoke(run, fn)
         _raise_if_failed(run)
         assert run.result is not None
         return _json(oai.embeddings_response(fn.name, run.result, req.encoding_format))
 
     def _openai_generate(req: oai.OpenAIRequest) -> Response:
-        ns = _own_namespace()
-        fn = controller.function_for(ns, req.function)
+        ns, fn = _function("_", req.function)
         if fn.task != "generate":
             raise InvalidRequest(f"function {fn.name!r} computes embeddings; it does not generate")
-        run = controller.new_run(ns, fn, req.params, blocking=True, body_bytes=_length())
+        run = controller.new_run(ns, fn, req.params, blocking=True, body_bytes=body_length())
         created = int(time.time())
         if req.stream:
             run.stream = True
@@ -314,7 +331,7 @@ def create_app(controller: Controller) -> Flask:
     # ------------------------------------------------------------ Knative triggers
     @app.post("/t/<ns>/<name>")
     def trigger(ns: str, name: str) -> Response:
-        return _trigger(_ns(ns), name)
+        return _trigger(ns, name)
 
     @app.post("/")
     def host_trigger() -> Response:
@@ -325,12 +342,14 @@ def create_app(controller: Controller) -> Flask:
                 f"got Host {request.host!r}"
             )
         ns, name = route
-        return _trigger(_ns(ns), name)
+        return _trigger(ns, name)
 
-    def _trigger(namespace: str, name: str) -> Response:
-        req = ce.parse_trigger(dict(request.headers.items()), request.get_data(cache=False))
-        fn = controller.function_for(namespace, name)
-        run = controller.new_run(namespace, fn, req.payload, blocking=True, body_bytes=_length())
+    def _trigger(ns: str, name: str) -> Response:
+        req = ce.parse_trigger(dict(request.headers.items()), body_bytes())
+        namespace, fn = _function(ns, name)
+        run = controller.new_run(
+            namespace, fn, req.payload, blocking=True, body_bytes=body_length()
+        )
         run, finished = controller.invoke(run, fn)
         source = f"/sllm/{namespace}/{name}"
         if not finished:
@@ -360,6 +379,40 @@ def create_app(controller: Controller) -> Flask:
         response.headers["X-Activation-Id"] = run.id
         return response
 
+    # A principal is cached per process by its key; it names its namespace by id.
+    # After its namespace was deleted and made anew under the same name, a cached
+    # principal (or function) still carries the old id: the name alone must not let
+    # the deleted namespace's key into the new one.
+    def _ns(requested: str) -> str:
+        """The namespace a request names, if the key may use it (by id, for namespace keys)."""
+        p = _principal()
+        namespace = p.namespace_for(requested)
+        if _bound(p) and controller.namespace_id(namespace) != p.namespace_id:
+            namespace = _fresh_principal().namespace_for(requested)
+        return namespace
+
+    def _function(requested: str, name: str) -> tuple[str, Function]:
+        """The namespace and function an invocation names, if the key may use them."""
+        p = _principal()
+        namespace = p.namespace_for(requested)
+        if not is_dns_label(name):  # an OpenAI `model`, say: no function has such a name
+            raise NotFound(f"no function {show_value(name)} in namespace {namespace!r}")
+        fn = controller.function_for(namespace, name)
+        if not _bound(p) or fn.namespace_id == p.namespace_id:
+            return namespace, fn
+        # The key or the function was cached before the namespace was made anew.
+        p = _fresh_principal()
+        namespace = p.namespace_for(requested)
+        fn = controller.function_for(namespace, name, fresh=True)
+        if _bound(p) and fn.namespace_id != p.namespace_id:
+            raise NotFound(f"no function {name!r} in namespace {namespace!r}")
+        return namespace, fn
+
+    def _fresh_principal() -> Principal:
+        """The request's principal read again from the database (401 if its key is gone)."""
+        g.principal = controller.authenticate(g.key, fresh=True)
+        return _principal()
+
     return app
 
 
@@ -381,52 +434,13 @@ def _admin() -> None:
         raise Forbidden("this needs an admin key")
 
 
-def _ns(requested: str) -> str:
-    return _principal().namespace_for(requested)
-
-
-def _own_namespace() -> str:
-    return _principal().namespace_for("_")
+def _bound(p: Principal) -> bool:
+    """Whether `p` may use its own namespace only (a namespace key, not an admin)."""
+    return not p.admin and p.namespace_id is not None
 
 
 def _openai_path() -> bool:
     return request.path.startswith("/v1/")
-
-
-def _flag(name: str, default: bool) -> bool:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("true", "1", "yes", ""):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise InvalidRequest(f"query argument {name!r} must be true or false, got {raw!r}")
-
-
-def _time_arg(name: str) -> float | None:
-    raw = request.args.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name!r} must be epoch seconds, got {raw!r}") from None
-    if not 0 <= value < 1e11:
-        raise InvalidRequest(f"{name!r} must be epoch seconds, got {raw!r}")
-    return value
-
-
-def _length() -> int:
-    return request.content_length or 0
-
-
-def _body() -> Any:
-    body = request.get_json(silent=True)
-    if body is None:
-        raise InvalidRequest("the request body must be JSON (Content-Type: application/json)")
-    return body
 
 
 def _raise_if_failed(run: Run) -> None:

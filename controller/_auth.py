@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ from sqlalchemy.orm import Session
 
 from sllm.core.errors import Forbidden, Unauthorized
 from sllm.db import ApiKey, Namespace
+
+# Generated ids are 16 hex digits; keys given at server start may have others (OpenWhisk's
+# are UUIDs). Printable ASCII without ':' keeps NUL and control characters out of queries.
+KEY_ID = re.compile(r"[!-9;-~]{1,32}")
+KEY_ID_RULE = "1-32 printable ASCII characters other than ':'"
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,8 @@ def hash_secret(secret: str) -> str:
 def split_key(key: str) -> tuple[str, str]:
     """(key_id, secret) of a full key, or Unauthorized."""
     key_id, sep, secret = key.partition(":")
-    if not sep or not key_id or not secret or len(key_id) > 32:
-        raise Unauthorized("malformed API key: expected KEY_ID:SECRET")
+    if not sep or not secret or not KEY_ID.fullmatch(key_id):
+        raise Unauthorized(f"malformed API key: expected KEY_ID:SECRET, the KEY_ID {KEY_ID_RULE}")
     return key_id, secret
 
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
+from sllm.core import strict_json
 from sllm.core.errors import InvalidRequest
+from sllm.core.names import is_dns_label
 
 SPECVERSION = "1.0"
 STRUCTURED = "application/cloudevents+json"
@@ -32,8 +34,7 @@ ERROR_TYPE = "dev.sllm.function.error"
 _REQUIRED = ("id", "source", "type")
 _OPTIONAL = ("subject", "time", "dataschema", "datacontenttype")
 _CONTEXT = {"specversion", *_REQUIRED, *_OPTIONAL}
-_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
-_DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
 # Header values keep printable ASCII as is, except space, '"' and '%' (binding §3.1.3.2).
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 
@@ -72,10 +73,7 @@ def _is_json(media_type: str) -> bool:
 
 
 def _json(raw: bytes | str, what: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from exc
+    return strict_json.loads(raw, what)
 
 
 def _decode_data(raw: bytes, content_type: str | None, what: str) -> Any:
@@ -138,7 +136,7 @@ def _binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     for name, value in attrs.items():
         if name in _CONTEXT:  # ce-datacontenttype is not a binary-mode header: Content-Type is
             continue
-        if not _EXTENSION_NAME.match(name):
+        if not _EXTENSION_NAME.fullmatch(name):
             raise InvalidRequest(
                 f"'ce-{name}': CloudEvents attribute names are 1-20 lowercase letters or digits"
             )
@@ -176,7 +174,7 @@ def _structured(body: bytes) -> CloudEvent:
     for name, value in doc.items():
         if name in _CONTEXT or name in ("data", "data_base64") or value is None:
             continue
-        if not _EXTENSION_NAME.match(name):
+        if not _EXTENSION_NAME.fullmatch(name):
             raise InvalidRequest(
                 f"{name!r}: CloudEvents attribute names are 1-20 lowercase letters or digits"
             )
@@ -257,7 +255,7 @@ def route_from_host(host: str, domain: str) -> tuple[str, str] | None:
     if not name.endswith(suffix):
         return None
     labels = name[: -len(suffix)].split(".")
-    if len(labels) != 2 or not all(_DNS_LABEL.match(label) for label in labels):
+    if len(labels) != 2 or not all(is_dns_label(label) for label in labels):
         return None
     function, namespace = labels
     return namespace, function

@@ -10,24 +10,39 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from sllm.core.errors import InvalidRequest
 from sllm.core.messages import TASKS, require_object, show_value
+from sllm.core.names import DNS_LABEL_RULE, MODEL_NAME_RULE, is_dns_label, is_model_name
 from sllm.db import Function
+from sllm.runtime import SamplingParams
 
 from ._config import FunctionDefaults
 
-DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
 MAX_PARAMS_BYTES = 64 * 1024
 MAX_INSTANCES = 64
 MAX_CONCURRENCY = 256
+MIN_TIMEOUT = 0.1  # OpenWhisk's lower limit: less cannot even reach an invoker
 MAX_TIMEOUT = 3600.0
 MAX_KEEP_ALIVE = 7 * 86400.0
+# What an invocation of each task takes (the function's `params` are defaults for these).
+INVOCATION_KEYS = {
+    "generate": (
+        "prompt",
+        "messages",
+        "tokens",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+    ),
+    "embed": ("input",),
+}
 
 _TOP = {"model", "task", "limits", "scaling", "params"}
 _LIMITS = {"timeout", "max_tokens", "concurrency", "max_payload"}
@@ -36,12 +51,20 @@ _SCALING = {"min_instances", "max_instances", "target_concurrency", "keep_alive"
 
 def check_name(value: Any, what: str) -> str:
     """`value` as a DNS label (1-63 of a-z 0-9 -, alphanumeric at both ends), else 400."""
-    if not isinstance(value, str) or not DNS_LABEL.match(value):
-        raise InvalidRequest(
-            f"{what} must be a DNS label: 1-63 lowercase letters, digits or '-', "
-            f"starting and ending with a letter or digit; got {show_value(value)}"
-        )
+    if not is_dns_label(value):
+        raise InvalidRequest(f"{what} must be {DNS_LABEL_RULE}; got {show_value(value)}")
     return value
+
+
+def check_invocation_keys(task: str, params: Mapping[str, Any], where: str = "") -> None:
+    """400 naming the keys a `task` invocation does not take (`where`: " in 'params'")."""
+    allowed = INVOCATION_KEYS[task]
+    unknown = sorted(k for k in params if k not in allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown parameter(s) {unknown}{where} for a {task} function; "
+            f"it takes {sorted(allowed)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,10 +117,10 @@ class FunctionDef:
         out = base
         if "model" in doc:
             model = doc["model"]
-            if not isinstance(model, str) or not MODEL_NAME.match(model) or ".." in model:
+            if not is_model_name(model):
                 raise InvalidRequest(
-                    "'model' must be a published model name (1-128 letters, digits, . _ -, "
-                    f"alphanumeric at both ends); got {show_value(model)}"
+                    f"'model' must be a published model name, {MODEL_NAME_RULE}; "
+                    f"got {show_value(model)}"
                 )
             out = replace(out, model=model)
         if "task" in doc:
@@ -107,7 +130,7 @@ class FunctionDef:
                 )
             out = replace(out, task=doc["task"])
         if "timeout" in limits:
-            out = replace(out, timeout_s=_seconds(limits, "timeout", 0.0, MAX_TIMEOUT))
+            out = replace(out, timeout_s=_seconds(limits, "timeout", MIN_TIMEOUT, MAX_TIMEOUT))
         if "max_tokens" in limits:
             out = replace(out, max_tokens=_int(limits, "max_tokens", 1, max_tokens_limit))
         if "concurrency" in limits:
@@ -128,7 +151,7 @@ class FunctionDef:
                 out, target_concurrency=_int(scaling, "target_concurrency", 1, MAX_CONCURRENCY)
             )
         if "keep_alive" in scaling:
-            out = replace(out, keep_alive_s=_seconds(scaling, "keep_alive", -1.0, MAX_KEEP_ALIVE))
+            out = replace(out, keep_alive_s=_seconds(scaling, "keep_alive", 0.0, MAX_KEEP_ALIVE))
         if "params" in doc:
             out = replace(out, params=_params(doc["params"]))
         if out.min_instances > out.max_instances:
@@ -141,6 +164,7 @@ class FunctionDef:
                 f"'scaling.target_concurrency' ({out.target_concurrency}) exceeds "
                 f"'limits.concurrency' ({out.concurrency})"
             )
+        _check_defaults(out)
         return out
 
     @classmethod
@@ -201,20 +225,35 @@ def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
     return value
 
 
-def _seconds(doc: Mapping[str, Any], name: str, above: float, hi: float) -> float:
+def _seconds(doc: Mapping[str, Any], name: str, lo: float, hi: float) -> float:
     value = doc[name]
     ok = (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and above < value <= hi
+        and lo <= value <= hi
     )
     if not ok:
-        low = "0 <" if above == 0.0 else "0 <="
         raise InvalidRequest(
-            f"{name!r} must be seconds, {low} x <= {hi:g}; got {show_value(value)}"
+            f"{name!r} must be seconds in [{lo:g}, {hi:g}]; got {show_value(value)}"
         )
     return float(value)
+
+
+def _check_defaults(spec: FunctionDef) -> None:
+    """`params` as every invocation will see them: keys of the task, sampling values in range.
+
+    Checked against the final definition (task, max_tokens), so an update cannot
+    leave defaults that make every later call fail.
+    """
+    check_invocation_keys(spec.task, spec.params, " in 'params'")
+    if spec.task == "generate":
+        try:
+            SamplingParams.from_request(spec.params, max_tokens_limit=spec.max_tokens)
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"in 'params' (the invocations' defaults): {exc.message}"
+            ) from None
 
 
 def _params(value: Any) -> dict[str, Any]:

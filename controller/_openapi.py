@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._functions import MAX_KEEP_ALIVE, MAX_TIMEOUT, MIN_TIMEOUT
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -24,7 +26,12 @@ _FUNCTION = {
         "limits": {
             "type": "object",
             "properties": {
-                "timeout": {"type": "number", "description": "seconds"},
+                "timeout": {
+                    "type": "number",
+                    "minimum": MIN_TIMEOUT,
+                    "maximum": MAX_TIMEOUT,
+                    "description": "seconds",
+                },
                 "max_tokens": {"type": "integer"},
                 "concurrency": {"type": "integer", "description": "requests per instance"},
                 "max_payload": {"type": "integer", "description": "bytes"},
@@ -36,10 +43,19 @@ _FUNCTION = {
                 "min_instances": {"type": "integer"},
                 "max_instances": {"type": "integer"},
                 "target_concurrency": {"type": "integer"},
-                "keep_alive": {"type": "number", "description": "seconds"},
+                "keep_alive": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": MAX_KEEP_ALIVE,
+                    "description": "seconds an idle instance stays on the device",
+                },
             },
         },
-        "params": {"type": "object", "description": "default invocation parameters"},
+        "params": {
+            "type": "object",
+            "description": "default invocation parameters: the task's parameters only, "
+            "checked like an invocation's",
+        },
     },
 }
 

@@ -54,26 +54,13 @@ from ._activations import STATUSES, Run, activation_json, new_activation_id, sta
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
-from ._functions import FunctionDef, check_name, function_json
+from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
 from ._invokers import InvokerClient, InvokerLost
 from ._metrics import ControllerMetrics
 from ._scheduler import LocalityScheduler, Scheduler
 
 log = logging.getLogger("sllm.controller")
 
-GENERATE_KEYS = (
-    "prompt",
-    "messages",
-    "tokens",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "stop",
-    "seed",
-)
-EMBED_KEYS = ("input",)
-MAX_PAGE = 200
 AUTH_TTL = 5.0  # a revoked key stops working within this many seconds
 FUNCTION_TTL = 2.0  # a cached function definition is read again after this many seconds
 MAX_REBASES = 3  # a function that changes more often under one request: 409
@@ -140,10 +127,10 @@ class Controller:
         self.invokers.close()
 
     # ------------------------------------------------------------ auth
-    def authenticate(self, key: str) -> Principal:
+    def authenticate(self, key: str, *, fresh: bool = False) -> Principal:
         """The principal behind an API key (remembered for AUTH_TTL seconds per process)."""
         now = time.monotonic()
-        cached = self._keys.get(key)
+        cached = None if fresh else self._keys.get(key)
         if cached is not None and cached[1] > now:
             return cached[0]
         with self.db.session() as s:
@@ -168,6 +155,12 @@ class Controller:
         except IntegrityError:
             raise Conflict(f"namespace {name!r} already exists") from None
         return {"name": name}
+
+    def namespace_id(self, name: str) -> int | None:
+        """The id namespace `name` has now (None when there is none)."""
+        with self.db.autocommit(durable=False) as conn:
+            found = conn.execute(select(Namespace.id).where(Namespace.name == name)).scalar()
+        return None if found is None else int(found)
 
     def ensure_namespace(self, name: str) -> int:
         """The id of namespace `name`, created if missing (server start-up)."""
@@ -212,8 +205,8 @@ class Controller:
         doc = require_object(body or {})
         label = doc.get("label", "")
         admin = doc.get("admin", False)
-        if not isinstance(label, str) or len(label) > 255:
-            raise InvalidRequest("'label' must be a string of at most 255 characters")
+        if not isinstance(label, str) or len(label) > 255 or not label.isprintable():
+            raise InvalidRequest("'label' must be a string of at most 255 printable characters")
         if not isinstance(admin, bool):
             raise InvalidRequest("'admin' must be true or false")
         key_id, secret, key = new_key()
@@ -383,7 +376,7 @@ class Controller:
             self._unload_on(url, f"{namespace}/{name}")
         return doc
 
-    def function_for(self, namespace: str, name: str) -> Function:
+    def function_for(self, namespace: str, name: str, *, fresh: bool = False) -> Function:
         """The function an invocation runs: from a per-process cache, checked at dispatch.
 
         A cached definition is used for up to FUNCTION_TTL seconds. Dispatch
@@ -394,7 +387,7 @@ class Controller:
         """
         key = (namespace, name)
         now = time.monotonic()
-        hit = self._functions.get(key)
+        hit = None if fresh else self._functions.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
         with self.db.autocommit(durable=False) as conn:
@@ -447,13 +440,7 @@ class Controller:
         """The invocation parameters: `fn`'s defaults under the caller's, validated."""
         params = {**(fn.params or {}), **body}
         params.pop("stream", None)
-        allowed = GENERATE_KEYS if fn.task == "generate" else EMBED_KEYS
-        unknown = sorted(k for k in params if k not in allowed)
-        if unknown:
-            raise InvalidRequest(
-                f"unknown parameter(s) {unknown} for a {fn.task} function; "
-                f"it takes {sorted(allowed)}"
-            )
+        check_invocation_keys(fn.task, params)
         if fn.task == "generate":
             given = [k for k in ("prompt", "messages", "tokens") if params.get(k) is not None]
             if len(given) != 1:
@@ -1181,19 +1168,3 @@ def _blocking_events(doc: Any) -> Iterator[dict[str, Any]]:
         "usage": usage,
         "timing": doc.get("timing") or {},
     }
-
-
-def page(args: Mapping[str, str]) -> tuple[int, int]:
-    """`limit` and `skip` query arguments, validated."""
-    out = []
-    for name, default, hi in (("limit", 30, MAX_PAGE), ("skip", 0, 10**9)):
-        raw = args.get(name)
-        if raw is None:
-            out.append(default)
-            continue
-        if not raw.isdigit() or not (1 if name == "limit" else 0) <= int(raw) <= hi:
-            raise InvalidRequest(
-                f"{name!r} must be an integer in [{1 if name == 'limit' else 0}, {hi}]"
-            )
-        out.append(int(raw))
-    return out[0], out[1]

@@ -54,6 +54,9 @@ class Namespace(Base):
     """A tenant: functions, keys and activations belong to one."""
 
     __tablename__ = "namespaces"
+    # Ids are identities (a cached API key names its namespace by id): SQLite must not
+    # give a deleted namespace's id to a new one, as it does without AUTOINCREMENT.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
@@ -81,7 +84,8 @@ class Function(Base):
     """A function: a named model deployment with its limits, scaling policy and default parameters."""
 
     __tablename__ = "functions"
-    __table_args__ = (UniqueConstraint("namespace_id", "name"),)
+    # Never a deleted function's id again (SQLite): a cached definition is checked by id.
+    __table_args__ = (UniqueConstraint("namespace_id", "name"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))

@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from sllm.core import strict_json
 from sllm.core.errors import InvalidRequest, SllmError, Unauthorized
 from sllm.core.messages import require_object
 
@@ -110,10 +111,9 @@ def create_app(invoker: Invoker) -> Flask:
 
 
 def _body() -> Any:
-    body = request.get_json(silent=True)
-    if body is None:
+    if not request.is_json:
         raise InvalidRequest("the request body must be JSON (Content-Type: application/json)")
-    return body
+    return strict_json.loads(request.get_data())
 
 
 def _json(doc: Any, status: int = 200) -> Response:

@@ -36,7 +36,7 @@ PAGE = 4096
 SMALL_ALIGN = 64
 LARGE_TENSOR = 64 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
-_PARTITION_NAME = re.compile(r"^data\.(\d{1,5})$")
+_PARTITION_NAME = re.compile(r"data\.([0-9]{1,5})")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _partition(doc: Any, index: int, chunk_size: int) -> Partition:
     if not isinstance(doc, dict):
         raise FormatError(f"partition {index} is not an object")
     name = doc.get("file")
-    if not isinstance(name, str) or not _PARTITION_NAME.match(name):
+    if not isinstance(name, str) or not _PARTITION_NAME.fullmatch(name):
         raise FormatError(
             f"partition {index} file {name!r} is not a data.<k> name inside the checkpoint folder"
         )

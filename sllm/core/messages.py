@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import InvalidRequest
+from .names import MODEL_NAME, MODEL_NAME_RULE
 
 TASKS = ("generate", "embed")
 TIERS = ("gpu", "dram", "nvme", "remote")
-_FUNCTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+_FUNCTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
 
 
 def show_value(value: Any) -> str:
@@ -34,9 +34,9 @@ def require_object(doc: Any, what: str = "request body") -> Mapping[str, Any]:
 
 
 def field_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str], rule: str) -> str:
-    """A required string field matching `pattern`; the error states `rule`."""
+    """A required string field matching all of `pattern`, without '..'; the error states `rule`."""
     value = doc.get(name)
-    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+    if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
         raise InvalidRequest(f"{name!r} must be {rule}, got {value!r}")
     return value
 
@@ -72,8 +72,8 @@ class FunctionSpec:
             model=field_str(
                 d,
                 "model",
-                _MODEL_NAME,
-                "a published model name (1-128 letters, digits, . _ -, alphanumeric at both ends)",
+                MODEL_NAME,
+                f"a published model name: {MODEL_NAME_RULE}",
             ),
             task=task,
             concurrency=field_int(d, "concurrency", default_concurrency, 1, 1024),

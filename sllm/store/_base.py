@@ -19,7 +19,7 @@ from sllm.core.errors import InvalidRequest, NotFound, StoreError
 MAX_KEY_LENGTH = 1024
 # LocalStore writes `.<name>.tmp-<12 hex>` beside the final file; keys may not look like one,
 # so a listing can skip them without ever hiding a real object.
-TEMP_NAME = re.compile(r"^\..*\.tmp-[0-9a-f]{12}$")
+TEMP_NAME = re.compile(r"\..*\.tmp-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def check_key(key: str) -> str:
                 f"object key {key!r} has an empty, '.' or '..' segment; "
                 "keys are '/'-separated names that stay inside the store"
             )
-        if TEMP_NAME.match(segment):
+        if TEMP_NAME.fullmatch(segment):
             raise InvalidRequest(f"object key {key!r} looks like a temporary file name")
     return key
 

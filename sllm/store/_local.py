@@ -119,7 +119,7 @@ class LocalStore(RangeReads):
         for folder, dirs, files in os.walk(base):
             dirs.sort()
             for name in files:
-                if TEMP_NAME.match(name):
+                if TEMP_NAME.fullmatch(name):
                     continue
                 full = os.path.join(folder, name)
                 key = Path(full).relative_to(self.root).as_posix()

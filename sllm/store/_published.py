@@ -17,26 +17,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from sllm.core.errors import CorruptObject, InvalidRequest, NotFound
+from sllm.core.names import MODEL_NAME_RULE, is_model_name
 
 from ._base import Store, check_key
 
 MODELS = "models/"
 POINTER = "published.json"
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-NAME_RULE = (
-    "1-128 characters of letters, digits, '.', '_' and '-', starting and ending with a "
-    "letter or digit, without '..'"
-)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
 
 
 def validate_model_name(name: str) -> str:
     """Return `name` if it is a valid model name, else raise InvalidRequest stating the rule."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise InvalidRequest(f"invalid model name {name!r}: a model name is {NAME_RULE}")
+    if not is_model_name(name):
+        raise InvalidRequest(f"invalid model name {name!r}: a model name is {MODEL_NAME_RULE}")
     return name
 
 
@@ -95,7 +91,7 @@ class PublishedModel:
         except InvalidRequest as exc:
             raise CorruptObject(f"published.json: {exc}") from None
         digest: Any = doc.get("digest")
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise CorruptObject(f"published.json of {name!r}: digest {digest!r} is not sha256 hex")
         raw_files: Any = doc.get("files")
         if not isinstance(raw_files, list) or not raw_files:

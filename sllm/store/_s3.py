@@ -38,12 +38,12 @@ READ_BLOCK = 1024 * 1024  # bounds the temporary copy when urllib3 reads for us
 POOL_SIZE = 64  # connections per host: enough for the invoker's parallel ranged GETs
 _MISSING = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 # S3 bucket naming rules (lowercase, 3-63 chars, no leading/trailing '.'/'-').
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def check_bucket(bucket: str) -> str:
     """Return `bucket` if it is a valid S3 bucket name, else raise InvalidRequest."""
-    if not isinstance(bucket, str) or not _BUCKET.match(bucket) or ".." in bucket:
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise InvalidRequest(
             f"{bucket!r} is not a valid bucket name (3-63 characters: lowercase letters, "
             "digits, '.' and '-'; starting and ending with a letter or digit)"

@@ -22,8 +22,8 @@ MIB = 1024 * 1024
 MIN_PART_SIZE = 5 * MIB  # the S3 minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MIB
 DEFAULT_PART_SIZE = 64 * MIB
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
-_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -91,7 +91,7 @@ class StoreSettings:
             raise InvalidRequest(
                 f"{missing} is not set: SLLM_S3_ACCESS_KEY and SLLM_S3_SECRET_KEY go together"
             )
-        if self.region is not None and not _REGION.match(self.region):
+        if self.region is not None and not _REGION.fullmatch(self.region):
             raise InvalidRequest(
                 f"SLLM_S3_REGION={self.region!r}: expected a region name such as us-east-1"
             )
@@ -127,11 +127,11 @@ def parse_endpoint(endpoint: str) -> tuple[str | None, str, int | None]:
         host, port_text = text, ""
     elif host.count(":") and not host.startswith("["):
         raise InvalidRequest(f"{bad} (write IPv6 addresses as [addr]:port)")
-    if not host or not _HOST.match(host):
+    if not host or not _HOST.fullmatch(host):
         raise InvalidRequest(f"{bad} (invalid host {host!r})")
     port: int | None = None
     if sep:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise InvalidRequest(f"{bad} (port {port_text!r} is not 1..65535)")
         port = int(port_text)
     return scheme, host, port

@@ -31,7 +31,7 @@ HUB_PATTERNS = (
     "tokenizer*",
 )
 HUB_FALLBACK_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 @contextmanager
@@ -80,7 +80,7 @@ def converted_folder(
 
 def download_from_hub(repo_id: str, *, progress: bool) -> Path:
     """Fetch a model's weights, configs and tokenizer from the Hugging Face hub (or its cache)."""
-    if not _HUB_ID.match(repo_id) or ".." in repo_id:
+    if not _HUB_ID.fullmatch(repo_id) or ".." in repo_id:
         raise NotFound(f"{repo_id}: no such file or folder (nor a Hugging Face model id)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

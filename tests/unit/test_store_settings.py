@@ -111,6 +111,7 @@ def test_settings_from_env(env: dict[str, str], expected: StoreSettings) -> None
     [
         ({"SLLM_S3_ENDPOINT": "ftp://x"}, "SLLM_S3_ENDPOINT"),
         ({"SLLM_S3_ENDPOINT": "host:99999"}, "SLLM_S3_ENDPOINT.*port"),
+        ({"SLLM_S3_ENDPOINT": "host:\u00b2"}, "SLLM_S3_ENDPOINT.*port"),
         ({"SLLM_S3_ENDPOINT": "http://h/path"}, "SLLM_S3_ENDPOINT.*path"),
         ({"SLLM_S3_ENDPOINT": "h:1", "SLLM_S3_SECURE": "maybe"}, "SLLM_S3_SECURE"),
         ({"SLLM_S3_ENDPOINT": "http://h:1", "SLLM_S3_SECURE": "true"}, "SLLM_S3_SECURE"),
@@ -123,6 +124,7 @@ def test_settings_from_env(env: dict[str, str], expected: StoreSettings) -> None
     ids=[
         "scheme",
         "port",
+        "port-superscript-digit",
         "path",
         "secure-word",
         "secure-http",
