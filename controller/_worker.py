@@ -13,9 +13,16 @@ takes a thread only for a complete head. The limits (`ConnectionLimits`):
                       timeout applies): 408, connection closed
     max_header_bytes  a larger head: 431, connection closed
     body_timeout      the thread reads the rest of the request (the body) for at
-                      most this long after the head: 408, connection closed
+                      most this long after the head: 408, connection closed; a
+                      body the app did not read (an unauthenticated request's)
+                      is not waited for: the connection closes
     connections       gunicorn's worker_connections per worker; beyond it new
                       connections wait in the listen backlog
+
+A connection closed after an answer lingers (its late bytes are discarded
+for up to 2 s, so a reset cannot destroy the answer) in the poller; gunicorn
+lingers blocking its event loop, which stalls every connection of the worker
+behind clients that never close.
 
 Errors gunicorn itself answers (a bad request line, headers over its limits)
 use the API's JSON error shape, not gunicorn's HTML page. TLS is not handled
@@ -32,6 +39,7 @@ import selectors
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,6 +50,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 from werkzeug.exceptions import RequestTimeout
 
 HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
+UNREAD_BODY_GRACE_S = 0.05  # how long the rest of a body the app did not read may take
+LINGER_S = 2.0  # how long a closing connection's late bytes are read and discarded
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,9 @@ class ReadTimeout(RequestTimeout):
 class _Conn(TConn):
     """A connection with the head bytes read so far and the deadline of the current read."""
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, linger: Callable[[socket.socket], None]) -> None:
         super().__init__(*args)
+        self._linger = linger
         self.head = bytearray()
         self.deadline = 0.0
         self.timed_out = False
@@ -78,6 +89,13 @@ class _Conn(TConn):
         if self.head:
             self.parser.unreader.unread(bytes(self.head))
             self.head.clear()
+
+    def close(self, graceful: bool = False) -> None:
+        """Close; gracefully means lingering in the event loop, not blocking it (gunicorn's way)."""
+        if graceful:
+            self._linger(self.sock)
+        else:
+            super().close()
 
 
 class _DeadlineSocket:
@@ -127,6 +145,7 @@ class ControllerWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.limits: ConnectionLimits = getattr(self.app, "connection_limits", ConnectionLimits())
         self.heads: deque[_Conn] = deque()  # sorted by deadline: all get the same timeout
+        self.lingering: dict[socket.socket, float] = {}  # in deadline order, as inserted
 
     def accept(self, listener: socket.socket) -> None:
         """A new connection waits in the event loop for its head."""
@@ -137,7 +156,8 @@ class ControllerWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        self._await_head(_Conn(self.cfg, sock, addr, listener.getsockname()))
+        conn = _Conn(self.cfg, sock, addr, listener.getsockname(), linger=self._linger)
+        self._await_head(conn)
 
     def on_client_socket_readable(self, conn: _Conn, client: socket.socket) -> None:
         """A kept-alive connection's next request began: its head is awaited like a new one's."""
@@ -161,17 +181,28 @@ class ControllerWorker(ThreadWorker):
         return super().handle(conn)
 
     def _keepalive_after(self, conn: _Conn, keepalive: bool) -> bool:
-        if conn.timed_out:  # the body is unread: the next request's start is unknown
+        """Keep the connection only if what the app left of the body is already here.
+
+        gunicorn waits up to 5 s for the rest of an unread body (a 401 before
+        the upload was read, say); a client trickling it would hold the thread
+        that long, so a body still on its way closes the connection instead.
+        """
+        if not keepalive or conn.timed_out:  # timed out: the next request's start is unknown
             return False
         try:
-            return bool(super()._keepalive_after(conn, keepalive))
+            return bool(conn.parser.finish_body(deadline=time.monotonic() + UNREAD_BODY_GRACE_S))
         except ReadTimeout:
             return False
 
     def murder_pending(self) -> None:
-        """Close connections whose head is late (all of them when stopping)."""
+        """Close connections whose head is late or whose linger is over (all when stopping)."""
         super().murder_pending()
         now = time.monotonic()
+        while self.lingering:
+            sock, deadline = next(iter(self.lingering.items()))
+            if deadline > now and self.alive:
+                break
+            self._end_linger(sock)
         while self.heads and (self.heads[0].deadline <= now or not self.alive):
             conn = self.heads[0]
             late = bool(conn.head) and self.alive
@@ -240,7 +271,37 @@ class ControllerWorker(ThreadWorker):
         if answer:
             with contextlib.suppress(OSError):  # non-blocking, best effort: the client may be gone
                 conn.sock.send(answer)
-        conn.close()
+        self._linger(conn.sock)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """Close after the client has read the answer: FIN, then discard what it still sends.
+
+        Closing with unread bytes would send a reset that can destroy the
+        answer before the client reads it.
+        """
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.lingering[sock] = time.monotonic() + LINGER_S
+        self.poller.register(sock, selectors.EVENT_READ, self._on_linger_bytes)
+
+    def _on_linger_bytes(self, sock: socket.socket) -> None:
+        try:
+            if sock.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_linger(sock)  # the client closed (or reset): done
+
+    def _end_linger(self, sock: socket.socket) -> None:
+        del self.lingering[sock]
+        self.poller.unregister(sock)
+        sock.close()
 
 
 def _head_end(data: bytes | bytearray, start: int) -> int:

@@ -114,12 +114,22 @@ def test_listens_on_knative_port(tmp_path: Path, sqlite_url: str) -> None:
 
 
 # ---------------------------------------------------------------- slow clients (item 18)
-def test_slow_headers_do_not_starve_the_controller(one_worker: ControllerProcess) -> None:
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{",
+    ],
+    ids=["headers", "unauthenticated-bodies"],
+)
+def test_slow_clients_do_not_starve_the_controller(
+    one_worker: ControllerProcess, start: bytes
+) -> None:
     slow = []
     try:
         for _ in range(80):  # more than the worker's 32 threads
             sock = socket.create_connection(("127.0.0.1", one_worker.port), timeout=5)
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            sock.sendall(start)  # and nothing more
             slow.append(sock)
         started = time.monotonic()
         r = httpx.get(f"{one_worker.url}/healthz", timeout=5)
