@@ -203,3 +203,12 @@ def test_gunicorn_errors_are_json(
     assert (got, content_type) == (status, "application/json")
     assert body["error"]["code"] == code
     assert body["error"]["message"]
+
+
+def test_kept_alive_connection_serves_request_after_request(one_worker: ControllerProcess) -> None:
+    with one_worker.admin(timeout=10) as api:
+        for i in range(10):
+            assert api.get("/healthz").status_code == 200
+            created = api.put(f"/api/v1/namespaces/kept-{i}", json={})
+            assert created.status_code == 201, created.text
+        assert {n["name"] for n in api.get("/api/v1/namespaces").json()} >= {"kept-0", "kept-9"}
