@@ -13,6 +13,7 @@ Native (OpenWhisk-style), API key (Bearer or Basic):
   GET    /api/v1/namespaces/{ns}/activations                 ?name&since&upto&status&limit&skip
   GET    /api/v1/namespaces/{ns}/activations/{id}[/result|/logs]
   GET    /api/v1/invokers                                    admin
+  GET    /api/v1/invokers/{name}/metrics|status              admin (the invoker's own pages)
 OpenAI-compatible (the key's namespace): /v1/models, /v1/completions,
   /v1/chat/completions, /v1/embeddings.
 Knative-compatible: POST / with Host {fn}.{ns}.{domain}; POST /t/{ns}/{fn}.
@@ -50,6 +51,7 @@ from . import _openai as oai
 from ._activations import Run
 from ._auth import Principal, credentials
 from ._functions import check_name
+from ._invoker_pages import invoker_page as read_invoker_page
 from ._openapi import openapi_document
 from ._request import (
     body_bytes,
@@ -169,6 +171,12 @@ def create_app(controller: Controller) -> Flask:
     def invokers() -> Response:
         _admin()
         return _json(controller.list_invokers())
+
+    @app.get("/api/v1/invokers/<name>/<page>")
+    def invoker_page(name: str, page: str) -> Response:
+        _admin()
+        content_type, body = read_invoker_page(controller, name, page)
+        return Response(body, content_type=content_type)
 
     # ------------------------------------------------------------ functions
     @app.get("/api/v1/namespaces/<ns>/functions")

@@ -42,6 +42,12 @@ class ControllerConfig:
     heartbeat_timeout: float = 10.0  # an invoker silent this long leaves the rotation
     max_queue: int = 64  # requests waiting per function and controller process
     max_body_bytes: int = 8 * MiB
+    # What one client may take of a worker (see _worker): the head must be in within
+    # header_timeout, the body within body_timeout after it; connections per worker.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1000
     max_tokens_limit: int = 4096  # the largest max_tokens a function may allow
     maintenance_interval: float = 1.0
     queue_workers: int = 8  # non-blocking activations run at once per controller process
@@ -58,13 +64,16 @@ class ControllerConfig:
             "host": env.get("SLLM_HOST", "127.0.0.1"),
             "domain": env.get("SLLM_DOMAIN", "sllm.local"),
         }
+        # Knative's runtime contract: listen on $PORT; SLLM_PORT (and --port) still win.
+        port_var = "SLLM_PORT" if "SLLM_PORT" in env else "PORT"
         for name, var in {
-            "port": "SLLM_PORT",
+            "port": port_var,
             "workers": "SLLM_WORKERS",
             "threads": "SLLM_THREADS",
             "max_queue": "SLLM_MAX_QUEUE",
             "max_tokens_limit": "SLLM_MAX_TOKENS_LIMIT",
             "queue_workers": "SLLM_QUEUE_WORKERS",
+            "max_connections": "SLLM_MAX_CONNECTIONS",
         }.items():
             if var in env:
                 values[name] = _number(env, var, int)
@@ -73,11 +82,15 @@ class ControllerConfig:
             "heartbeat_timeout": "SLLM_HEARTBEAT_TIMEOUT",
             "maintenance_interval": "SLLM_MAINTENANCE_INTERVAL",
             "lease_margin": "SLLM_LEASE_MARGIN",
+            "header_timeout": "SLLM_HEADER_TIMEOUT",
+            "body_timeout": "SLLM_BODY_TIMEOUT",
         }.items():
             if var in env:
                 values[name] = _number(env, var, float)
         if "SLLM_MAX_BODY" in env:
             values["max_body_bytes"] = parse_size(env["SLLM_MAX_BODY"], name="SLLM_MAX_BODY")
+        if "SLLM_MAX_HEADER" in env:
+            values["max_header_bytes"] = parse_size(env["SLLM_MAX_HEADER"], name="SLLM_MAX_HEADER")
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**values)
         config.validate()
@@ -92,11 +105,19 @@ class ControllerConfig:
         for name in ("workers", "threads", "max_queue", "max_tokens_limit", "queue_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_connections <= self.threads:
+            raise ValueError(
+                f"max_connections must exceed threads ({self.threads}), got {self.max_connections}"
+            )
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be at least 1024, got {self.max_header_bytes}")
         for name in (
             "blocking_timeout",
             "heartbeat_timeout",
             "maintenance_interval",
             "lease_margin",
+            "header_timeout",
+            "body_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -92,6 +92,26 @@ class InvokerClient:
         self._put(url, conn, response)
         return _answer(response, raw)
 
+    def get(self, url: str, path: str, timeout: float) -> tuple[str, bytes]:
+        """GET an operator's page (metrics, status): its content type and body.
+
+        Not the hot path: a connection of its own, closed after the answer.
+        """
+        parts = urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname or "", parts.port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers=self._headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise InvokerLost(f"invoker {url} did not answer {path}: {exc}") from exc
+        finally:
+            conn.close()
+        if response.status >= 400:
+            _answer(response, raw)
+        return response.getheader("Content-Type") or "application/octet-stream", raw
+
     def stream(
         self, url: str, body: Mapping[str, Any], timeout: float
     ) -> Generator[dict[str, Any], None, None]:

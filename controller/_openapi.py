@@ -80,6 +80,7 @@ NS = {"name": "ns", "in": "path", "required": True, "schema": {"type": "string"}
 FN = {"name": "fn", "in": "path", "required": True, "schema": {"type": "string"}}
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 KEY = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+INVOKER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _query(name: str, kind: str, what: str) -> dict[str, Any]:
@@ -192,6 +193,17 @@ def openapi_document() -> dict[str, Any]:
             "get": _op("An activation's logs", params=[NS, ID])
         },
         "/api/v1/invokers": {"get": _op("List invokers (admin)")},
+        "/api/v1/invokers/{name}/metrics": {
+            "get": _op(
+                "An invoker's Prometheus metrics, read with the internal token (admin)",
+                params=[INVOKER],
+            )
+        },
+        "/api/v1/invokers/{name}/status": {
+            "get": _op(
+                "An invoker's status: tiers, instances, bandwidths (admin)", params=[INVOKER]
+            )
+        },
         "/v1/models": {"get": _op("OpenAI: list models (the key's functions)")},
         "/v1/models/{fn}": {"get": _op("OpenAI: one model", params=[FN])},
         "/v1/completions": {"post": _op("OpenAI: text completion (stream: SSE)", body=any_obj)},

@@ -14,7 +14,7 @@ def controller() -> None:
 
 @controller.command("start")
 @click.option("--host", help="Address to bind [SLLM_HOST, 127.0.0.1].")
-@click.option("--port", type=int, help="Port [SLLM_PORT, 8700].")
+@click.option("--port", type=int, help="Port [SLLM_PORT, else PORT (Knative), 8700].")
 @click.option("--database", "database_url", help="Database URL [SLLM_DATABASE_URL, SQLite].")
 @click.option("--token", "internal_token", help="Internal token [SLLM_INTERNAL_TOKEN].")
 @click.option("--admin-key", help="Bootstrap admin API key [SLLM_ADMIN_KEY].")

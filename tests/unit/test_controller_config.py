@@ -1,0 +1,58 @@
+"""ControllerConfig.from_env: where the port comes from, and the connection limits' checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from sllm.controller import ControllerConfig
+
+BASE = {"SLLM_INTERNAL_TOKEN": "t", "SLLM_DATABASE_URL": "sqlite:///x.db"}
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "port"),
+    [
+        ({}, None, 8700),
+        ({"PORT": "8080"}, None, 8080),
+        ({"PORT": "8080", "SLLM_PORT": "9000"}, None, 9000),
+        ({"PORT": "8080", "SLLM_PORT": "9000"}, 9100, 9100),
+        ({"PORT": "8080"}, 9100, 9100),
+    ],
+    ids=["default", "knative-port", "sllm-port-wins", "flag-wins", "flag-wins-over-port"],
+)
+def test_port_precedence(env: dict[str, str], flag: int | None, port: int) -> None:
+    assert ControllerConfig.from_env({**BASE, **env}, port=flag).port == port
+
+
+def test_bad_knative_port_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="PORT"):
+        ControllerConfig.from_env({**BASE, "PORT": "http"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SLLM_HEADER_TIMEOUT": "0"}, "header_timeout must be positive"),
+        ({"SLLM_BODY_TIMEOUT": "-1"}, "body_timeout must be positive"),
+        ({"SLLM_MAX_CONNECTIONS": "8", "SLLM_THREADS": "32"}, "max_connections must exceed"),
+        ({"SLLM_MAX_HEADER": "100"}, "max_header_bytes must be at least 1024"),
+    ],
+    ids=["header-timeout", "body-timeout", "connections", "header-bytes"],
+)
+def test_connection_limits_are_checked(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ControllerConfig.from_env({**BASE, **env})
+
+
+def test_connection_limits_from_env() -> None:
+    config = ControllerConfig.from_env(
+        {
+            **BASE,
+            "SLLM_HEADER_TIMEOUT": "5",
+            "SLLM_BODY_TIMEOUT": "30",
+            "SLLM_MAX_CONNECTIONS": "200",
+            "SLLM_MAX_HEADER": "32KiB",
+        }
+    )
+    assert (config.header_timeout, config.body_timeout) == (5.0, 30.0)
+    assert (config.max_connections, config.max_header_bytes) == (200, 32 * 1024)
