@@ -171,7 +171,10 @@ def model_push(
     quiet: bool,
 ) -> None:
     """Publish SRC as model NAME: a converted folder, an HF folder, a .safetensors file, or a
-    Hugging Face hub id (downloaded and converted first)."""
+    Hugging Face hub id (downloaded and converted first).
+
+    Symlinks inside a SRC folder are followed; one that leads out of it is refused.
+    """
     from sllm.core.errors import SllmError
     from sllm.store import push_model
 
