@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sllm.core.config import parse_size
+from sllm.core.errors import InvalidRequest
 from sllm.db import database_url
+
+if TYPE_CHECKING:
+    from sllm.store import StoreSettings
 
 MiB = 1024**2
 
@@ -53,6 +57,8 @@ class ControllerConfig:
     queue_workers: int = 8  # non-blocking activations run at once per controller process
     lease_margin: float = 30.0  # a running activation's lease: its timeout plus this
     functions: FunctionDefaults = dataclasses.field(default_factory=FunctionDefaults)
+    store_uri: str = ""  # where models are published; empty: models are not checked at create
+    store_settings: StoreSettings | None = None  # S3 endpoint and credentials (SLLM_S3_*)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> ControllerConfig:
@@ -63,7 +69,15 @@ class ControllerConfig:
             "admin_key": env.get("SLLM_ADMIN_KEY", ""),
             "host": env.get("SLLM_HOST", "127.0.0.1"),
             "domain": env.get("SLLM_DOMAIN", "sllm.local"),
+            "store_uri": env.get("SLLM_STORE_URI", ""),
         }
+        if values["store_uri"]:
+            from sllm.store import StoreSettings  # the object store client only when needed
+
+            try:
+                values["store_settings"] = StoreSettings.from_env(env)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
         # Knative's runtime contract: listen on $PORT; SLLM_PORT (and --port) still win.
         port_var = "SLLM_PORT" if "SLLM_PORT" in env else "PORT"
         for name, var in {

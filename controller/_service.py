@@ -52,6 +52,7 @@ from sllm.runtime import SamplingParams
 
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
+from ._catalog import Catalog
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
@@ -91,6 +92,9 @@ class Controller:
     ) -> None:
         self.config = config
         self.db = db
+        self.catalog = (
+            Catalog(config.store_uri, config.store_settings) if config.store_uri else None
+        )
         self.name = f"{socket.gethostname()}:{threading.get_native_id()}:{id(self):x}"[:64]
         self.invokers = InvokerClient(config.internal_token)
         self.dispatcher = Dispatcher(
@@ -281,6 +285,9 @@ class Controller:
     ) -> tuple[dict[str, Any], bool]:
         """Create (or, with overwrite, update) a function: (its JSON, created?)."""
         check_name(name, "function name")
+        model = body.get("model") if isinstance(body, Mapping) else None
+        if self.catalog is not None and isinstance(model, str):
+            self.catalog.require(model)  # before the write transaction: the store may be remote
         kwargs = {
             "defaults": self.config.functions,
             "max_tokens_limit": self.config.max_tokens_limit,

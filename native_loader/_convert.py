@@ -19,7 +19,7 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
-from sllm.core.files import fsync_dir
+from sllm.core.files import escaping_link, fsync_dir
 
 from ._engine import crc32c
 from ._errors import ConversionError
@@ -30,6 +30,7 @@ from ._format import (
     Manifest,
     Partition,
     TensorEntry,
+    reserved_file,
 )
 from ._layout import DeviceMap, Placement, assign_devices, plan
 from ._sources import Source, SourceTensor, from_state_dict, open_source
@@ -83,16 +84,32 @@ def convert(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
     progress: bool | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> Manifest:
-    """Convert a .safetensors file, a sharded folder or an HF model folder into `dst`."""
+    """Convert a .safetensors file, a sharded folder or an HF model folder into `dst`.
+
+    With `within`, every file read must lie inside that folder: a symlink that
+    leads out of it is refused (what gets published must come from the folder).
+    """
+    source = open_source(Path(src))
+    if within is not None:
+        _check_within(Path(within), source)
     return write_checkpoint(
-        open_source(Path(src)),
+        source,
         dst,
         device_map=device_map,
         chunk_size=chunk_size,
         overwrite=overwrite,
         progress=progress,
     )
+
+
+def _check_within(root: Path, source: Source) -> None:
+    paths = {t.file for t in source.tensors if t.file is not None} | set(source.files.values())
+    for path in sorted(paths):
+        problem = escaping_link(root, path)
+        if problem is not None:
+            raise ConversionError(problem)
 
 
 def save_state_dict(
@@ -138,8 +155,14 @@ def write_checkpoint(
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists; choose to overwrite it to replace it")
     for rel in source.files:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == MANIFEST:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ConversionError(f"extra file {rel!r} would land outside the checkpoint")
+        if reserved_file(rel):
+            raise ConversionError(
+                f"the source has a file named {rel!r}, which is the name of the checkpoint's "
+                f"own {'manifest' if rel == MANIFEST else 'partition file'}; "
+                "rename or remove it, then convert again"
+            )
     stored = [t for t in source.tensors if t.alias_of is None]
     devices = assign_devices([(t.name, t.nbytes) for t in stored], device_map)
     device_ids = sorted(set(devices)) or [0]

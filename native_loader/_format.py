@@ -39,6 +39,14 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 _PARTITION_NAME = re.compile(r"data\.([0-9]{1,5})")
 
 
+def reserved_file(rel: str) -> bool:
+    """Whether `rel` names a file the format itself writes (the manifest or a data.<k>).
+
+    An extra file under such a name would overwrite (or be read as) the checkpoint's own.
+    """
+    return rel == MANIFEST or bool(re.match(r"^data\.\d+$", rel))
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: partition, byte offset, dtype and shape."""
@@ -154,6 +162,11 @@ class Manifest:
             raise FormatError("manifest 'tensors' must be an object")
         tensors = {name: _tensor(name, t, partitions) for name, t in raw_tensors.items()}
         files = tuple(_relative_file(f) for f in _list(doc, "files"))
+        clashes = [f for f in files if reserved_file(f)]
+        if clashes:
+            raise FormatError(
+                f"extra file {clashes[0]!r} has the name of the manifest or of a partition file"
+            )
         metadata = doc.get("metadata", {})
         if not isinstance(metadata, dict):
             raise FormatError("manifest 'metadata' must be an object")

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from sllm.cli_client import API_OPTIONS
 from sllm.cli_client import activation as activation_group
 from sllm.cli_client import fn as fn_group
 from sllm.cli_client import login as login_command
@@ -41,6 +42,15 @@ def _parse_device_map(value: str | None) -> Any:
     return parsed
 
 
+def _with_api_options(group: click.Group) -> click.Group:
+    """--apihost, --key and --namespace before the subcommand too (`sllm --key K fn list`);
+    the same option after it wins."""
+    for option in reversed(API_OPTIONS):
+        group = option(group)
+    return group
+
+
+@_with_api_options
 @click.group()
 @click.version_option(package_name="sllm")
 def main() -> None:
@@ -161,7 +171,10 @@ def model_push(
     quiet: bool,
 ) -> None:
     """Publish SRC as model NAME: a converted folder, an HF folder, a .safetensors file, or a
-    Hugging Face hub id (downloaded and converted first)."""
+    Hugging Face hub id (downloaded and converted first).
+
+    Symlinks inside a SRC folder are followed; one that leads out of it is refused.
+    """
     from sllm.core.errors import SllmError
     from sllm.store import push_model
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 
 _META = "sllm.api."  # where the connection options wait in click's context meta
+_PARSED = "sllm.params.parsed"  # -p KEY -> the text of a value JSON made a non-string
 
 
 # --------------------------------------------------------------------------- connection
@@ -36,7 +37,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         ctx.meta[_META + str(param.name)] = value
 
 
-_API_OPTIONS = (
+API_OPTIONS = (
     click.option(
         "--apihost",
         metavar="URL",
@@ -73,7 +74,7 @@ def _api_command(f: Callable[P, None]) -> Callable[P, None]:
         except ApiError as exc:
             _fail(exc.message, exc.code, exc.activation_id)
 
-    for option in reversed(_API_OPTIONS):
+    for option in reversed(API_OPTIONS):
         run = option(run)
     return run
 
@@ -103,6 +104,9 @@ def _client() -> Client:
 
 def _fail(message: str, code: str, activation_id: str | None = None) -> NoReturn:
     click.echo(f"error: {message} ({code})", err=True)
+    hint = _param_hint(message)
+    if hint:
+        click.echo(hint, err=True)
     if activation_id:
         click.echo(f"activation: {activation_id}", err=True)
     raise click.exceptions.Exit(1)
@@ -170,10 +174,35 @@ def _read_param_file(path: Path | None) -> dict[str, Any]:
 
 
 def _params(pairs: Sequence[tuple[str, str]], param_file: Path | None) -> dict[str, Any]:
-    """--param-file's object, then each -p KEY VALUE over it."""
+    """--param-file's object, then each -p KEY VALUE over it.
+
+    The -p values that JSON turned into something other than a string are
+    remembered, so an error about one of them can say how to send it as text.
+    """
     params = _read_param_file(param_file)
-    params.update((key, _json_or_string(value)) for key, value in pairs)
+    parsed = click.get_current_context().meta.setdefault(_PARSED, {})
+    for key, text in pairs:
+        params[key] = value = _json_or_string(text)
+        if not isinstance(value, str):
+            parsed[key] = text
     return params
+
+
+_JSON_KINDS = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+
+
+def _param_hint(message: str) -> str | None:
+    """How to send a -p value as a string, when `message` is about one JSON made a non-string."""
+    ctx = click.get_current_context(silent=True)
+    parsed: dict[str, str] = ctx.meta.get(_PARSED, {}) if ctx is not None else {}
+    for key, text in parsed.items():
+        if f"'{key}'" in message:
+            kind = _JSON_KINDS.get(type(json.loads(text)), "null")
+            return (
+                f"hint: -p values are parsed as JSON, so -p {key} {text} sent a {kind}; "
+                f"to send the text, quote it as a JSON string: -p {key} '\"{text}\"'"
+            )
+    return None
 
 
 def _param_options(f: Callable[P, None]) -> Callable[P, None]:

@@ -29,7 +29,16 @@ def server() -> None:
     type=click.Path(path_type=Path),
     help="Database, store, caches and logs [$SLLM_HOME/server].",
 )
-@click.option("--api-key", default="", help="API key to use (KEY_ID:SECRET) [generated].")
+@click.option(
+    "--api-key",
+    default="",
+    envvar="SLLM_SERVER_API_KEY",
+    help="Admin API key to install instead of the saved one (KEY_ID:SECRET); the previous one "
+    "is revoked. Prefer $SLLM_SERVER_API_KEY: a flag shows in `ps`. [the data folder's key]",
+)
+@click.option(
+    "--new-key", is_flag=True, help="Mint a new admin API key and revoke the previous one."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dram-capacity", default="", help="DRAM tier budget, e.g. 8GiB.")
 @click.option("--nvme-capacity", default="", help="NVMe tier budget, e.g. 100GiB.")
@@ -45,6 +54,7 @@ def start(
     invoker_port: int,
     data_dir: Path | None,
     api_key: str,
+    new_key: bool,
     device: str,
     dram_capacity: str,
     nvme_capacity: str,
@@ -53,13 +63,17 @@ def start(
 ) -> None:
     """Start the embedded server (foreground unless --detach); print its URL and API key.
 
-    It writes the CLI config, so `sllm fn ...` works right after.
+    It writes the CLI config, so `sllm fn ...` works right after. The admin key
+    is kept in DATA/admin.key (readable by you only) and reused by every start;
+    it is printed only to a terminal, never to a log.
     """
     from sllm import server as embedded
 
     folder = (data_dir or _default_data_dir()).expanduser().resolve()
     if api_key and ":" not in api_key:
         raise click.BadParameter("expected KEY_ID:SECRET", param_hint="'--api-key'")
+    if api_key and new_key:
+        raise click.UsageError("--api-key and --new-key cannot be combined")
     from sllm.store import default_store_uri
 
     settings = embedded.ServerSettings(
@@ -74,10 +88,11 @@ def start(
         store_uri or default_store_uri(os.environ),
     )
     try:
+        show_key = sys.stdout.isatty()
         if detach:
-            embedded.detach(settings, click.echo)
+            embedded.detach(settings, click.echo, show_key=show_key, new_key=new_key)
             return
-        status = embedded.run(settings, click.echo, os.environ)
+        status = embedded.run(settings, click.echo, os.environ, show_key=show_key, new_key=new_key)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(status)

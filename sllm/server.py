@@ -1,20 +1,25 @@
 """The embedded all-in-one server: a controller on SQLite, one invoker, a local folder store.
 
 `sllm server start` prepares the data folder (database migrated, a namespace
-and an API key), then supervises two child processes, `sllm controller start`
-and `sllm invoker start`, sharing a fresh internal token. It writes the CLI
-config so the next `sllm` command talks to it, prints the URL and the key,
+and the admin key, reused from DATA/admin.key), then supervises two child
+processes, `sllm controller start` and `sllm invoker start`, sharing a fresh
+internal token (passed in their environment). It writes the CLI config so the
+next `sllm` command talks to it, prints the URL (and the key, on a terminal),
 and stops both children when it is stopped (SIGTERM, SIGINT, `sllm server
-stop`) or when either child dies.
+stop`) or when the controller dies. An invoker that dies is started again,
+with bounded retries and backoff (`sllm.server_restart`); the controller stays
+up meanwhile. The data folder and its files are readable by their owner only.
 
     DATA/sllm.db     the database          STORE          published models (the CLI's
                                            default store: SLLM_STORE_URI or $SLLM_HOME/store)
     DATA/invoker/    the invoker's caches  DATA/logs/     the children's output
     DATA/server.pid  the supervisor's pid  DATA/server.json  URL, ports, pids
+    DATA/admin.key   the admin key (0600)  DATA/server.log   a detached server's output
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -25,8 +30,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+from sllm.server_restart import RestartPolicy
+from sllm.server_secrets import (
+    choose_key,
+    key_path,
+    make_private,
+    private_files,
+    save_key,
+    saved_key,
+)
+
+if TYPE_CHECKING:
+    from sllm.controller import Controller
 
 NAMESPACE = "default"
 
@@ -62,13 +81,22 @@ class ServerSettings:
         return self.store_uri or (self.data_dir / "store").as_uri()
 
 
-def prepare(settings: ServerSettings) -> str:
-    """Migrate the database and install the API key (given or new); return the key."""
-    from sllm.controller import Controller, ControllerConfig, new_key
+def prepare(settings: ServerSettings, *, new_key: bool = False) -> str:
+    """Migrate the database and install the admin key; return the key.
+
+    The key saved in the data folder is reused unless another is given
+    (`settings.api_key`) or asked for (`new_key`); see `sllm.server_secrets`.
+    """
+    with private_files():
+        make_private(settings.data_dir)
+        return _install_key(settings, new_key=new_key)
+
+
+def _install_key(settings: ServerSettings, *, new_key: bool) -> str:
+    from sllm.controller import Controller, ControllerConfig
     from sllm.db import Database
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    key = settings.api_key or new_key()[2]
+    saved = saved_key(settings.data_dir)
     db = Database(settings.database_url)
     try:
         db.upgrade()
@@ -76,24 +104,83 @@ def prepare(settings: ServerSettings) -> str:
         controller = Controller(config, db)
         try:
             controller.ensure_namespace(NAMESPACE)
-            controller.install_key(NAMESPACE, key, admin=True)
+            state = _key_state(controller, saved)
+            key = choose_key(saved, settings.api_key, new=new_key, revoked=state == "revoked")
+            if key != saved or state != "valid":
+                controller.install_key(NAMESPACE, key, admin=True)
+            old_id = (saved or "").partition(":")[0]
+            if state == "valid" and old_id != key.partition(":")[0]:
+                controller.revoke_key(NAMESPACE, old_id)  # a rotation: the old key stops working
         finally:
             controller.close()
     finally:
         db.dispose()
+    if key != saved:
+        save_key(settings.data_dir, key)
     return key
 
 
-def run(settings: ServerSettings, echo: Callable[[str], None], env: Mapping[str, str]) -> int:
-    """Run the server in the foreground until stopped; the exit status."""
+def _key_state(controller: Controller, key: str | None) -> str:
+    """valid, revoked, or unknown (absent, or a database made afresh) for the saved key."""
+    from sllm.core.errors import Unauthorized
+
+    if key is None:
+        return "unknown"
+    try:
+        controller.authenticate(key)
+        return "valid"
+    except Unauthorized:
+        key_id = key.partition(":")[0]
+        listed = [k for k in controller.list_keys(NAMESPACE) if k["key_id"] == key_id]
+        return "revoked" if listed and listed[0]["revoked"] else "unknown"
+
+
+def run(
+    settings: ServerSettings,
+    echo: Callable[[str], None],
+    env: Mapping[str, str],
+    *,
+    show_key: bool = False,
+    new_key: bool = False,
+    policy: RestartPolicy | None = None,
+) -> int:
+    """Run the server in the foreground until stopped; the exit status.
+
+    The key is printed only with `show_key` (a terminal): a log never holds it.
+    """
+    with private_files():
+        return _run(
+            settings,
+            echo,
+            env,
+            show_key=show_key,
+            new_key=new_key,
+            policy=policy or RestartPolicy(),
+        )
+
+
+def _run(
+    settings: ServerSettings,
+    echo: Callable[[str], None],
+    env: Mapping[str, str],
+    *,
+    show_key: bool,
+    new_key: bool,
+    policy: RestartPolicy,
+) -> int:
     from sllm.client import save_cli_config
 
-    key = prepare(settings)
+    key = prepare(settings, new_key=new_key)
     token = secrets.token_urlsafe(24)
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
     invoker_port = settings.invoker_port or settings.port + 1
-    base = {**env, "SLLM_INTERNAL_TOKEN": token, "SLLM_HOME": str(settings.data_dir)}
+    base = {
+        **env,
+        "SLLM_INTERNAL_TOKEN": token,
+        "SLLM_HOME": str(settings.data_dir),
+        "SLLM_STORE_URI": settings.store,  # the controller checks a function's model there
+    }
     controller_cmd = [
         sys.executable, "-m", "sllm", "controller", "start",
         "--host", settings.host, "--port", str(settings.port),
@@ -110,6 +197,7 @@ def run(settings: ServerSettings, echo: Callable[[str], None], env: Mapping[str,
         invoker_cmd += ["--dram-capacity", settings.dram_capacity]
     if settings.nvme_capacity:
         invoker_cmd += ["--nvme-capacity", settings.nvme_capacity]
+    commands = {"controller": controller_cmd, "invoker": invoker_cmd}
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -117,49 +205,113 @@ def run(settings: ServerSettings, echo: Callable[[str], None], env: Mapping[str,
         nonlocal stopping
         stopping = True
 
+    def start(name: str) -> None:
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
+        children[name] = subprocess.Popen(
+            commands[name], env=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        out.close()
+
+    def write_info() -> None:
+        info = {
+            "url": settings.url,
+            "pid": os.getpid(),
+            "controller_pid": children["controller"].pid,
+            "invoker_pid": children["invoker"].pid,
+            "invoker_port": invoker_port,
+            "store": settings.store,
+            "data_dir": str(settings.data_dir),
+        }
+        partial = settings.data_dir / ".server.json.partial"
+        partial.write_text(json.dumps(info))
+        os.replace(partial, settings.data_dir / "server.json")  # readers never see half of it
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     pidfile = settings.data_dir / "server.pid"
     pidfile.write_text(str(os.getpid()))
     try:
-        for name, cmd in (("controller", controller_cmd), ("invoker", invoker_cmd)):
-            out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
-            children[name] = subprocess.Popen(
-                cmd, env=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            out.close()
+        for name in commands:
+            start(name)
         _wait_ready(settings.url, children, lambda: stopping)
         save_cli_config(settings.url, key, env={**env, "SLLM_HOME": str(_cli_home(env))})
-        echo(f"sllm server ready at {settings.url}")
-        echo(f"  API key:   {key}")
-        echo(f"  namespace: {NAMESPACE}")
-        echo(f"  store:     {settings.store}")
-        echo(f"  data:      {settings.data_dir} (logs in {logs})")
+        for line in ready_lines(settings, key if show_key else None):
+            echo(line)
         echo("  the sllm CLI is configured for it; stop with Ctrl-C or `sllm server stop`")
-        (settings.data_dir / "server.json").write_text(
-            json.dumps(
-                {
-                    "url": settings.url,
-                    "pid": os.getpid(),
-                    "controller_pid": children["controller"].pid,
-                    "invoker_pid": children["invoker"].pid,
-                    "invoker_port": invoker_port,
-                    "store": settings.store,
-                    "data_dir": str(settings.data_dir),
-                }
-            )
-        )
+        write_info()
+        watch = _Watch(policy, time.monotonic())
         while not stopping:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    echo(f"the {name} exited with status {child.returncode}; stopping")
-                    return 1
+            controller = children["controller"]
+            if controller.poll() is not None:
+                echo(f"the controller exited with status {controller.returncode}; stopping")
+                return 1
+            verdict = watch.check(children["invoker"], time.monotonic(), echo)
+            if verdict == "give up":
+                return 1
+            if verdict == "restart":
+                start("invoker")
+                write_info()
+                echo(f"restarted the invoker (pid {children['invoker'].pid})")
             time.sleep(0.2)
         return 0
     finally:
         _stop_all(children)
         pidfile.unlink(missing_ok=True)
         (settings.data_dir / "server.json").unlink(missing_ok=True)
+
+
+class _Watch:
+    """The invoker's restarts: when it died, when to start it again, how many so far."""
+
+    def __init__(self, policy: RestartPolicy, now: float) -> None:
+        self.policy = policy
+        self.started = now
+        self.restarts = 0
+        self.due: float | None = None
+
+    def check(self, child: subprocess.Popen[bytes], now: float, echo: Callable[[str], None]) -> str:
+        """ "running", "waiting" (dead, restart not yet due), "restart" or "give up"."""
+        if self.due is None:
+            if child.poll() is None:
+                return "running"
+            # What the dead child started (gunicorn's workers) would go on serving and
+            # sending heartbeats for a while, and could hold the port: end it first.
+            _kill_group(child)
+            plan = self.policy.next_restart(self.restarts, now - self.started)
+            if plan is None:
+                echo(
+                    f"the invoker exited with status {child.returncode} after "
+                    f"{self.restarts} restarts; stopping (see its log)"
+                )
+                return "give up"
+            delay, self.restarts = plan
+            self.due = now + delay
+            echo(
+                f"the invoker exited with status {child.returncode}; restarting it in "
+                f"{delay:.0f} s (restart {self.restarts} of {self.policy.max_restarts})"
+            )
+        if now < self.due:
+            return "waiting"
+        self.due = None
+        self.started = now
+        return "restart"
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nothing of it is left
+        os.killpg(child.pid, signal.SIGKILL)
+
+
+def ready_lines(settings: ServerSettings, key: str | None) -> list[str]:
+    """What a started server says; the key itself only when given (shown on a terminal)."""
+    where = key_path(settings.data_dir)
+    return [
+        f"sllm server ready at {settings.url}",
+        f"  API key:   {key} (saved in {where})" if key else f"  API key:   in {where}",
+        f"  namespace: {NAMESPACE}",
+        f"  store:     {settings.store}",
+        f"  data:      {settings.data_dir} (logs in {settings.data_dir / 'logs'})",
+    ]
 
 
 def _cli_home(env: Mapping[str, str]) -> Path:
@@ -199,32 +351,30 @@ def _stop_all(children: Mapping[str, subprocess.Popen[bytes]]) -> None:
             child.wait(5)
 
 
-def detach(settings: ServerSettings, echo: Callable[[str], None]) -> None:
-    """Start the server in the background and wait until it is ready."""
-    args = [
-        "--host", settings.host, "--port", str(settings.port),
-        "--invoker-port", str(settings.invoker_port), "--data-dir", str(settings.data_dir),
-        "--device", settings.device,
-    ]  # fmt: skip
-    for flag, value in (
-        ("--api-key", settings.api_key),
-        ("--store", settings.store_uri),
-        ("--dram-capacity", settings.dram_capacity),
-        ("--nvme-capacity", settings.nvme_capacity),
-    ):
-        if value:
-            args += [flag, value]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.data_dir / "server.log"
-    (settings.data_dir / "server.json").unlink(missing_ok=True)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm", "server", "start", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+def detach(
+    settings: ServerSettings,
+    echo: Callable[[str], None],
+    *,
+    show_key: bool = False,
+    new_key: bool = False,
+) -> None:
+    """Start the server in the background and wait until it is ready.
+
+    The key is installed here, before the server starts: the background server
+    reuses it from the data folder, so it never travels on a command line.
+    """
+    with private_files():
+        key = prepare(settings, new_key=new_key)
+        log_path = settings.data_dir / "server.log"
+        (settings.data_dir / "server.json").unlink(missing_ok=True)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sllm", "server", "start", *_start_args(settings)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
     deadline = time.monotonic() + 240
     info = settings.data_dir / "server.json"
     while time.monotonic() < deadline:
@@ -232,12 +382,31 @@ def detach(settings: ServerSettings, echo: Callable[[str], None]) -> None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the server exited with status {proc.returncode}:\n{tail}")
         if info.is_file():
-            text = log_path.read_text(errors="replace")
-            echo(text[text.rfind("sllm server ready") :].strip())
+            for line in ready_lines(settings, key if show_key else None):
+                echo(line)
+            echo("  the sllm CLI is configured for it")
             echo(f"  running in the background (pid {proc.pid}); log: {log_path}")
+            echo(f"  stop it with: sllm server stop --data-dir {settings.data_dir}")
             return
         time.sleep(0.2)
     raise RuntimeError(f"the server did not become ready; see {log_path}")
+
+
+def _start_args(settings: ServerSettings) -> list[str]:
+    """`sllm server start` flags for the same settings, less the key (in the data folder)."""
+    args = [
+        "--host", settings.host, "--port", str(settings.port),
+        "--invoker-port", str(settings.invoker_port), "--data-dir", str(settings.data_dir),
+        "--device", settings.device,
+    ]  # fmt: skip
+    for flag, value in (
+        ("--store", settings.store_uri),
+        ("--dram-capacity", settings.dram_capacity),
+        ("--nvme-capacity", settings.nvme_capacity),
+    ):
+        if value:
+            args += [flag, value]
+    return args
 
 
 def stop(data_dir: Path, echo: Callable[[str], None], timeout: float = 30.0) -> bool:

@@ -22,3 +22,20 @@ def write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def escaping_link(root: Path, path: Path) -> str | None:
+    """Why `path` may not be read as part of folder `root`, or None when it may.
+
+    A symlink (of the file or of a folder on its way) may point anywhere inside
+    `root`; one that leads out of it would make a copy or an upload of the folder
+    carry whatever it points to (a key, another user's file), so it is refused.
+    """
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    rel = path.relative_to(root) if path.is_relative_to(root) else path
+    return (
+        f"{rel} leads through a symlink to {target}, outside {root}; symlinks that leave "
+        "the model folder are not followed (copy the file into the folder instead)"
+    )

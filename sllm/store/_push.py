@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from sllm.core.errors import CorruptObject, InvalidRequest, NotFound
+from sllm.core.files import escaping_link
 
 from ._base import Store, check_key
 from ._published import (
@@ -110,6 +111,9 @@ def checkpoint_files(folder: Path, manifest: Manifest) -> list[_LocalFile]:
         except InvalidRequest as exc:
             raise InvalidRequest(f"{folder}: file {rel!r} cannot be published: {exc}") from None
         path = folder.joinpath(*rel.split("/"))
+        problem = escaping_link(folder, path)
+        if problem is not None:
+            raise InvalidRequest(problem)
         if not path.is_file():
             raise InvalidRequest(f"{folder}: {rel} is missing; the checkpoint is incomplete")
         size = path.stat().st_size

@@ -60,13 +60,17 @@ def converted_folder(
             raise InvalidRequest(f"{src}: not a valid converted checkpoint: {exc}") from exc
         yield path
         return
+    # Files must come from inside the folder given; a hub snapshot's files are links
+    # into its repository's blob folder, which is where they must stay.
+    root: Path | None = path if path.is_dir() else None
     if not path.exists():
         path = download_from_hub(src, progress=progress)
+        root = path.resolve().parents[1]
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sllm-push-", dir=workdir) as tmp:
         dst = Path(tmp) / "model"
-        kwargs: dict[str, Any] = {"device_map": device_map, "progress": progress}
+        kwargs: dict[str, Any] = {"device_map": device_map, "progress": progress, "within": root}
         if chunk_size is not None:
             kwargs["chunk_size"] = chunk_size
         try:

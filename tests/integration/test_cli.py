@@ -393,3 +393,74 @@ def test_a_failed_invocation_exits_1_naming_its_activation(stack: Stack) -> None
         assert "error: model 'never-published' is not published" in shown
         result = run(stack, "activation", "result", activation_id)
         assert result.exit_code == 1 and result.stderr.startswith(message)
+
+
+def test_connection_options_work_before_the_subcommand_too(stack: Stack) -> None:
+    unset: dict[str, str | None] = {"SLLM_APIHOST": None, "SLLM_API_KEY": None}
+    before = run(stack, "--apihost", stack.url, "--key", stack.key, "fn", "list", "--json", **unset)
+    assert isinstance(json.loads(ok(before)), list)
+
+    # Given on both sides, the one after the subcommand wins.
+    both = run(
+        stack,
+        *("--apihost", stack.url, "--key", "nobody:nothing"),
+        *("fn", "list", "--key", stack.key, "--json"),
+        **unset,
+    )
+    assert isinstance(json.loads(ok(both)), list)
+    wrong = run(stack, "--key", "nobody:nothing", "fn", "list", SLLM_API_KEY=None)
+    assert wrong.exit_code == 1 and "(unauthorized)" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("42", "number"), ("true", "boolean"), ("[1]", "array")], ids=str
+)
+def test_a_p_value_json_made_a_non_string_gets_a_hint(stack: Stack, value: str, kind: str) -> None:
+    with stack.api() as api:
+        api.put_function("hinted", {"model": "llama"}, overwrite=True)
+
+    failed = run(stack, "fn", "invoke", "hinted", "-p", "prompt", value, "-r")
+
+    assert failed.exit_code == 1
+    assert "'prompt'" in failed.stderr and "(invalid_request)" in failed.stderr
+    assert (
+        f"hint: -p values are parsed as JSON, so -p prompt {value} sent a {kind}; "
+        f"to send the text, quote it as a JSON string: -p prompt '\"{value}\"'"
+    ) in failed.stderr
+
+
+def test_no_hint_when_the_error_is_about_another_parameter(stack: Stack) -> None:
+    with stack.api() as api:
+        api.put_function("hinted", {"model": "llama"}, overwrite=True)
+
+    failed = run(stack, "fn", "invoke", "hinted", "-p", "max_tokens", "2", "-r")
+
+    assert failed.exit_code == 1 and "'prompt'" in failed.stderr
+    assert "hint:" not in failed.stderr
+
+
+def test_fn_create_of_an_unpublished_model_fails_naming_the_store(
+    stack: Stack, tmp_path: Path
+) -> None:
+    (tmp_path / "db").mkdir()
+    ctl = ControllerThread(sqlite_database_url(tmp_path / "db"), store_uri=stack.store_uri).start()
+    try:
+        with Client(ctl.url, ADMIN_KEY) as admin:
+            admin.create_namespace("cli")
+            key = admin.create_key("cli")["key"]
+        env: dict[str, str | None] = {"SLLM_APIHOST": ctl.url, "SLLM_API_KEY": key}
+
+        missing = run(stack, "fn", "create", "f", "--model", "nope", **env)
+        assert missing.exit_code == 1
+        assert missing.stderr == (
+            f"error: model 'nope' is not published in {stack.store_uri}; "
+            "publish it first with `sllm model push` (not_found)\n"
+        )
+        with Client(ctl.url, key) as api:
+            assert [f["name"] for f in api.list_functions()] == []
+            ok(run(stack, "fn", "create", "f", "--model", "llama", **env))
+            update = run(stack, "fn", "update", "f", "--model", "nope", **env)
+            assert update.exit_code == 1 and "(not_found)" in update.stderr
+            assert api.get_function("f")["model"] == "llama"
+    finally:
+        ctl.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,115 @@ def test_a_mangled_pointer_is_corrupt_and_skipped_by_list(store: Store, converte
     # Pushing over a mangled pointer repairs it.
     assert push_model(str(converted), "bad", store, progress=False).model.name == "bad"
     assert read_published(store, "bad").digest == good.digest
+
+
+# --- symlinks: inside the folder they are followed, out of it they are refused ------------
+
+
+def _copy(folder: Path, dst: Path) -> Path:
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _redirect(path: Path, target: Path) -> None:
+    """Replace `path` (file or folder) by a symlink to `target`, a copy of it."""
+    if path.is_dir():
+        shutil.copytree(path, target)
+        shutil.rmtree(path)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        path.unlink()
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize(
+    ("link", "rel"),
+    [
+        ("data.0", "data.0"),
+        ("tokenizer.json", "tokenizer.json"),
+        ("extra", "extra/notes.txt"),  # a folder symlink: the file under it is named
+        ("extra/notes.txt", "extra/notes.txt"),
+    ],
+    ids=["partition", "file", "folder", "file-in-folder"],
+)
+def test_push_refuses_a_symlink_out_of_a_converted_folder(
+    file_store_uri: str, hf_folder: Path, tmp_path: Path, link: str, rel: str
+) -> None:
+    src = _copy(hf_folder, tmp_path / "hf")
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("a file in a subfolder")
+    folder = tmp_path / "ckpt"
+    convert(src, folder)
+    _redirect(folder / link, tmp_path / "elsewhere" / link)
+    store = open_store(file_store_uri)
+
+    with pytest.raises(InvalidRequest, match=rf"{rel} leads through a symlink to .*outside"):
+        push_model(str(folder), "x", store, progress=False)
+
+    assert snapshot(store) == {}
+
+
+@pytest.mark.parametrize("rel", ["model.safetensors", "config.json"], ids=lambda r: r)
+def test_push_refuses_a_symlink_out_of_a_folder_it_converts(
+    file_store_uri: str, hf_folder: Path, tmp_path: Path, rel: str
+) -> None:
+    folder = _copy(hf_folder, tmp_path / "hf")
+    _redirect(folder / rel, tmp_path / "elsewhere" / rel)
+    store = open_store(file_store_uri)
+
+    with pytest.raises(InvalidRequest, match=rf"{rel} leads through a symlink to .*outside"):
+        push_model(str(folder), "x", store, progress=False)
+
+    assert snapshot(store) == {}
+
+
+def test_push_follows_symlinks_that_stay_inside_the_folder(
+    file_store_uri: str, converted: Path, hf_folder: Path, tmp_path: Path
+) -> None:
+    ckpt = _copy(converted, tmp_path / "ckpt")
+    _redirect(ckpt / "tokenizer.json", ckpt / "shared" / "tokenizer.json")
+    hf = _copy(hf_folder, tmp_path / "hf")
+    _redirect(hf / "model.safetensors", hf / "weights" / "model.safetensors")
+    store = open_store(file_store_uri)
+
+    pushed = push_model(str(ckpt), "ckpt", store, progress=False).model
+    from_hf = push_model(str(hf), "hf", store, progress=False).model
+
+    assert store.get_bytes(pushed.key("tokenizer.json")) == (ckpt / "tokenizer.json").read_bytes()
+    assert from_hf.digest == push_model(str(hf_folder), "orig", store, progress=False).model.digest
+
+
+def test_a_hub_snapshot_may_link_into_its_cache_repository(
+    file_store_uri: str, hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub cache keeps files in blobs/ and links to them from snapshots/REV/."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot_dir = repo / "snapshots" / "rev"
+    snapshot_dir.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for path in hf_folder.iterdir():
+        shutil.copyfile(path, repo / "blobs" / path.name)
+        (snapshot_dir / path.name).symlink_to(Path("../../blobs") / path.name)
+    monkeypatch.setattr("sllm.store._source.download_from_hub", lambda *_a, **_k: snapshot_dir)
+    store = open_store(file_store_uri)
+
+    pushed = push_model("org/tiny", "tiny", store, progress=False).model
+
+    assert pushed.digest == push_model(str(hf_folder), "orig", store, progress=False).model.digest
+
+
+def test_cli_push_says_which_symlink_leaves_the_folder(
+    file_store_uri: str, converted: Path, tmp_path: Path
+) -> None:
+    folder = _copy(converted, tmp_path / "ckpt")
+    _redirect(folder / "data.0", tmp_path / "elsewhere" / "data.0")
+
+    code, out = cli("model", "push", str(folder), "x", "--store", file_store_uri, "-q")
+
+    assert code == 1
+    assert f"data.0 leads through a symlink to {tmp_path / 'elsewhere' / 'data.0'}" in out
+    assert "Traceback" not in out
 
 
 # --- CLI ----------------------------------------------------------------------------------
