@@ -21,7 +21,8 @@ fetched again) and downloads only the runs of chunks still missing.
 
 Corruption: a part whose chunks do not match the manifest is fetched again
 once (the network may have garbled it); if the store's bytes themselves are
-wrong the load fails with CorruptObject and nothing is published or served.
+wrong, or the object is shorter than it was published, the load fails with
+CorruptObject (not a retryable store error) and nothing is published or served.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from sllm.native_loader import (
     crc32c,
     read_manifest,
 )
-from sllm.store import PublishedFile, PublishedModel, Store
+from sllm.store import PublishedFile, PublishedModel, ShortObject, Store
 
 from ._nvme import NvmeTier
 
@@ -321,7 +322,16 @@ class RemoteSource:
     def _fetch(self, part: _Part, file: str, fds: list[int], view: memoryview) -> None:
         key = self.model.prefix + file
         for attempt in range(PART_ATTEMPTS):
-            self.store.get_range_into(key, part.offset, view)
+            try:
+                self.store.get_range_into(key, part.offset, view)
+            except ShortObject as exc:
+                # The range comes from the published size: the object lost bytes after the push.
+                published = next((f.size for f in self.model.files if f.path == file), None)
+                raise CorruptObject(
+                    f"model {self.model.name!r}: {file} in the store is shorter than the "
+                    f"{published} bytes it was published with ({exc}); the object is corrupt "
+                    "and will not be served"
+                ) from exc
             with self._stats_lock:
                 self.stats.fetched += part.length
             bad = _bad_chunk(part, view)

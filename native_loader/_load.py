@@ -43,6 +43,11 @@ class _DevicePipeline:
     def __init__(self, device: torch.device, nbytes: int) -> None:
         self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device=device)
+        # The caching allocator hands out `dst` in the current stream's order: its block may
+        # still have kernels of a previous owner queued there, so the copies wait for them.
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        # ...and once `dst` is freed, its block is not reused before our copies have run.
+        self.dst.record_stream(self.stream)
         self.host: torch.Tensor | None = None
 
     def copy(self, buffer: HostMemory, offset: int, length: int) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import Cache, DynamicCache
 
 from sllm.core.errors import FunctionError, InvalidRequest, Overloaded, Unavailable
 
@@ -29,8 +30,12 @@ class Engine:
         self.max_context = context_length(model.config, tokenizer)
         self.vocab = vocab_size(model)
         self.eos = eos_token_ids(model, tokenizer)
+        params = inspect.signature(model.forward).parameters
         # Only the last position's logits are needed; model.generate asks for just those too.
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in params
+        # transformers 5 takes and returns the KV cache as `cache` and deprecates
+        # `past_key_values` (removal announced); older releases only know the latter.
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
         self.lock = threading.Lock()
         # Fast tokenizers refuse concurrent calls that change padding/truncation settings.
         self.tokenizer_lock = threading.Lock()
@@ -51,11 +56,19 @@ class Engine:
                 )
         return list(tokens)
 
-    def forward(self, tokens: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
-        """Run `tokens` after `cache` (None: from scratch); return last logits (CPU fp32), cache."""
+    def new_cache(self) -> Cache:
+        """An empty KV cache for one generation, laid out as the model's config says."""
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, tokens: list[int], cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """Run `tokens` after what `cache` holds (it grows by them); last logits (CPU fp32), cache.
+
+        The cache is passed and returned explicitly (transformers' Cache API), so the model
+        never builds one itself nor sees the deprecated `past_key_values` name.
+        """
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([tokens], dtype=torch.long, device=self.device),
-            "past_key_values": cache,
+            self._cache_name: cache,
             "use_cache": True,
         }
         if self._keep_last:
@@ -63,7 +76,7 @@ class Engine:
         with self._running() as model:
             out = model(**kwargs)
             logits = out.logits[0, -1].to(device="cpu", dtype=torch.float32)
-            return logits, out.past_key_values
+            return logits, getattr(out, self._cache_name)
 
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The last hidden states (batch, seq, dim) for a tokenized batch."""

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from transformers import Cache
 
 from sllm.core.errors import Conflict, InvalidRequest
 
@@ -68,7 +69,7 @@ class Generation:
         self._closed = False
         self._sampler = Sampler(params)
         self._text = TextStream.after(params.stop, prompt_len, prompt_len)
-        self._cache: Any = None
+        self._cache: Cache | None = None
         self._cached = 0  # tokens[:_cached] are in the cache
         self._logits: torch.Tensor | None = None  # next-token logits, when a prefill left them
 
@@ -100,11 +101,8 @@ class Generation:
             self._check_open()
             if self.finished:
                 return TokenEvent(None, "", len(self.generated), True, self.finish_reason)
-            if self._logits is None:
-                fresh = self.tokens[self._cached :]
-                self._logits, self._cache = self._engine.forward(fresh, self._cache)
-                self._cached = len(self.tokens)
-            token = self._sampler.sample(self._logits)
+            logits = self._logits if self._logits is not None else self._extend()
+            token = self._sampler.sample(logits)
             self._logits = None
             self.tokens.append(token)
             reason = self._end_reason()
@@ -215,8 +213,21 @@ class Generation:
         if reason is not None:
             self._finish(reason)
             return
-        self._logits, self._cache = self._engine.forward(tokens[cached:], self._cache)
-        self._cached = len(tokens)
+        self._logits = self._extend()
+
+    def _extend(self) -> torch.Tensor:
+        """Run the tokens the cache does not hold yet through the model; the next-token logits.
+
+        A forward pass that fails may have grown the cache part way: it is dropped, so a
+        later step recomputes it from the tokens instead of reading a torn cache.
+        """
+        cache, cached = self._cache, self._cached
+        if cache is None or not cached:
+            cache, cached = self._engine.new_cache(), 0
+        self._cache, self._cached = None, 0
+        logits, self._cache = self._engine.forward(self.tokens[cached:], cache)
+        self._cached = len(self.tokens)
+        return logits
 
     def _end_reason(self) -> str | None:
         generated = len(self.tokens) - self.prompt_len

@@ -5,7 +5,7 @@ workdir), converts it, starts a local S3 server (moto, see `_coldstart_s3`),
 publishes the model there with `push_model` and uploads the plain
 safetensors folder under `baseline/{name}/`. An in-process `Invoker` (CPU,
 cache under the workdir) serves the function. Then, in rounds whose order
-rotates every round, each measurement first puts the system in its state and
+is shuffled anew every round (seeded; the orders go in the JSON), each measurement first puts the system in its state and
 then times one request from arrival to the first generated token (greedy,
 max_tokens 1, tokenizer load included):
 
@@ -32,9 +32,14 @@ benchmark waits (up to 20 s) for the CPUs to be nearly idle, watches the CPU
 time other processes take during the start, and repeats a start they
 disturbed (at most 3 attempts); the JSON records what it saw.
 
-Caveat: the invoker's DRAM pool keeps evicted buffers mapped for the next
-load (the design: an invoker pre-maps its pool), so only the warm-up load
-pays first-touch page faults; ours_remote and ours_nvme reuse mapped memory.
+Caveat, memory: ours reads into pooled memory, the baselines into fresh memory.
+The invoker's DRAM pool maps its buffers when a load first needs them and keeps
+the buffers an eviction frees mapped for the next load of the same size, so
+only the untimed warm-up pays first-touch page faults; ours_remote and
+ours_nvme reuse mapped memory, while from_pretrained allocates (and faults in)
+new memory at every start. A start after the invoker's own start-up, or after
+evicting a model of another size, pays those faults too (`sllm bench load`'s
+"ours cold" measures that case).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ PART_SIZE = 16 * MB  # the invoker's part_size default
 PREFILLS = 3  # warm prefill timings per round, for the physical limit
 DISTURBED = 0.10  # other processes took more than this share of the CPUs: repeat the start
 MAX_ATTEMPTS = 3
+ORDER_SEED = 0
 MEASUREMENTS = (
     "ours_remote",
     "ours_nvme",
@@ -102,6 +108,7 @@ class _Timings:
     prefill: list[float] = field(default_factory=list)
     disk: list[float] = field(default_factory=list)
     disk_jobs: list[float | None] = field(default_factory=list)
+    orders: list[list[str]] = field(default_factory=list)
     host: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {m: [] for m in MEASUREMENTS}
     )
@@ -295,7 +302,7 @@ def _measure(
     server_pids: list[int] | None,
     echo: Callable[[str], None],
 ) -> tuple[_Timings, dict[str, Any]]:
-    from sllm.bench.load import drop_cache
+    from sllm.bench.load import cold_orders, drop_cache
 
     from ._coldstart_baselines import (
         FirstToken,
@@ -344,6 +351,7 @@ def _measure(
         ),
     )
     data = sorted(converted.glob("data.*"))
+    t.orders = orders = cold_orders(MEASUREMENTS, rounds, ORDER_SEED)
     # None: take every start as it comes (no waiting, no repeats).
     watch_pids = None if server_pids is None else [os.getpid(), *server_pids]
     for r in range(rounds):
@@ -352,10 +360,9 @@ def _measure(
             wait_quiet()
         t.disk.append(_disk_bandwidth(data, warmup))
         t.disk_jobs.append(_disk_bandwidth_per_cpu(data))
-        # Rotate the order: no measurement always follows the same one (a virtual disk
-        # may cache below the guest's page cache; the S3 server has its own caches).
-        for i in range(len(MEASUREMENTS)):
-            name = MEASUREMENTS[(i + r) % len(MEASUREMENTS)]
+        # No measurement always follows the same one (a virtual disk may cache below
+        # the guest's page cache; the S3 server has its own caches).
+        for name in orders[r]:
             res, host = _timed_start(*steps[name], watch_pids)
             t.seconds[name].append(res.seconds)
             t.tokens[name].append(res.token)
@@ -488,6 +495,12 @@ def _summarise(
             "part_bytes": PART_SIZE,
         },
         "rounds": rounds,
+        "order": {"seed": ORDER_SEED, "rounds": t.orders},
+        "memory": (
+            "ours: the invoker's DRAM pool, whose buffers stay mapped after an eviction "
+            "(only the untimed warm-up maps and faults them in); baselines: fresh memory "
+            "at every start (from_pretrained)"
+        ),
         "seconds": {k: {"median": med[k], "rounds": v} for k, v in t.seconds.items()},
         "host": {
             "note": (

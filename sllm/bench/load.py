@@ -3,27 +3,31 @@
 One run generates an LLM-shaped checkpoint (bf16; attention and MLP
 matrices, plus biases and norms so that over a third of the tensors are
 under 1 MB), writes it as safetensors, as a torch.save file and in our
-format, then measures in interleaved rounds, each cold read preceded by
-dropping the files from the page cache (posix_fadvise DONTNEED), in an
-order that rotates every round:
+format, then measures in rounds. Each cold read is preceded by dropping the
+files from the page cache (posix_fadvise DONTNEED), and the cold reads run
+in an order shuffled anew every round (seeded; the orders go in the JSON):
 
 - fio: 4 MiB sequential O_DIRECT reads, libaio, queue depth 32, on our data
   file: the raw device bandwidth; also with one such job per CPU, each on its
   own slice of the file;
-- ours cold: a load into the host pool (pre-mapped at start-up, as the
-  invoker's is) until the CPU tensors are usable, every chunk CRC-checked;
-  and ours into freshly mapped memory;
+- ours cold: a load through a host pool with nothing mapped, as the invoker's
+  DRAM tier is after start-up (the pool maps its buffers when a load needs
+  them, so the read pays the kernel's page faults), until the CPU tensors are
+  usable, every chunk CRC-checked; and ours into a buffer the pool already
+  has mapped, as after an eviction (freed buffers stay mapped for the next
+  load of a checkpoint of the same size);
 - safetensors.torch.load_file cold with every byte touched (a CRC pass over
   the tensors, the same work our verification does), also with only every
   page touched, and with its pread backend; torch.load cold;
-- warm: ours from the host pool (a DRAM-tier hit: the tensors are views of
-  memory that is already mapped and resident) against safetensors from the
-  page cache with every page touched (its mmap'd tensors fault their pages
-  in on first use); also ours with the same page touch, for the strict view;
-- with CUDA: ours NVMe->GPU and DRAM->GPU, safetensors to the GPU, and the
-  pinned host->device copy bandwidth.
+- warm: ours from the host pool (a DRAM-tier hit) against safetensors from
+  the page cache, both with every page touched (its mmap'd tensors fault
+  their pages in on first use), and both without;
+- with CUDA: ours NVMe->GPU (through an empty pool, as above) and DRAM->GPU,
+  safetensors to the GPU, and the pinned host->device copy bandwidth.
 
-Times are medians over the rounds; ratios are computed from the medians.
+Every target compares two measurements that leave the same bytes touched
+(`TOUCH` in `_load_report`; the JSON's `touched` and `target_pairs`). Times
+are medians over the rounds; ratios are computed from the medians.
 """
 
 from __future__ import annotations
@@ -33,12 +37,11 @@ import gc
 import json
 import math
 import os
-import platform
+import random
 import shutil
-import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,8 @@ import torch
 from sllm.native_loader import HostPool, load, load_with_info, save_state_dict
 from sllm.native_loader._engine import crc32c
 from sllm.native_loader._read import DEFAULT_THREADS
+
+from ._load_report import print_table, summarise
 
 MB = 1024 * 1024
 PAGE = 4096
@@ -194,6 +199,22 @@ class Files:
         return [self.safetensors, self.torch, *self.ours_data]
 
 
+def cold_orders(names: Sequence[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """One shuffled order of `names` per round, reproducible from `seed`.
+
+    A fixed or rotated order always puts the same reader after the same one (ours
+    right after fio's full read of the same file, say); a virtual disk may cache
+    below the guest's page cache, so each round draws a fresh order instead.
+    """
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def run(
     *,
     size_gb: float,
@@ -203,6 +224,7 @@ def run(
     threads: int | None,
     keep: bool,
     echo: Callable[[str], None],
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run the benchmark, print a table, write JSON to `out`; returns the results."""
     from safetensors.torch import load_file
@@ -210,14 +232,16 @@ def run(
     size_bytes = int(size_gb * 1e9)
     files = Files(workdir, size_bytes, echo)
     nbytes = sum(p.stat().st_size for p in files.ours_data)
+    sizes = [p.stat().st_size for p in files.ours_data]
     ntensors = len(load(files.ours, verify="never"))
     threads = threads or DEFAULT_THREADS
+    # The invoker's DRAM tier: a pool that maps memory when a load needs it.
     pool = HostPool(int(nbytes * 1.5) + 64 * MB, threads=threads)
-    pool.reserve([p.stat().st_size for p in files.ours_data])
     cuda = torch.cuda.is_available()
     t: dict[str, list[float]] = {}
     fio: list[float] = []
     fio_jobs: list[float] = []
+    mapped_before: dict[str, list[int]] = {}
     cpus = os.cpu_count() or 1
 
     def cold(name: str, fn: Callable[[], object]) -> None:
@@ -236,49 +260,55 @@ def run(
             if bw is not None:
                 fio_jobs.append(bw)
 
-    def ours_cold() -> None:
-        cold("ours_cold", lambda: load(files.ours, pool=pool, threads=threads))
-        pool.evict(files.ours)
+    def ours(name: str, device: str = "cpu", *, reuse: bool = False) -> Callable[[], None]:
+        def step() -> None:
+            fresh = HostPool(pool.capacity, threads=threads)  # as after the invoker's start
+            if reuse:  # as after an eviction: the freed buffers stay mapped for the next load
+                fresh.reserve(sizes)
+            mapped_before.setdefault(name, []).append(fresh.used_bytes)
+            cold(name, lambda: _sync(load(files.ours, device, pool=fresh, threads=threads)))
 
-    cold_steps: list[Callable[[], None]] = [
-        fio_round,
-        ours_cold,
-        lambda: cold("ours_cold_fresh_memory", lambda: load(files.ours, threads=threads)),
-        lambda: cold(
+        return step
+
+    steps: dict[str, Callable[[], None]] = {
+        "fio": fio_round,
+        "ours_cold": ours("ours_cold"),
+        "ours_cold_reused_buffer": ours("ours_cold_reused_buffer", reuse=True),
+        "safetensors_cold_every_byte": lambda: cold(
             "safetensors_cold_every_byte", lambda: touch_bytes(load_file(files.safetensors))
         ),
-        lambda: cold(
+        "safetensors_cold_every_page": lambda: cold(
             "safetensors_cold_every_page", lambda: touch_pages(load_file(files.safetensors))
         ),
-        lambda: cold(
+        "safetensors_pread_cold_every_byte": lambda: cold(
             "safetensors_pread_cold_every_byte",
             lambda: touch_bytes(load_file(files.safetensors, backend="pread")),
         ),
-        lambda: cold("torch_load_cold", lambda: torch.load(files.torch, weights_only=True)),
-    ]
-    for r in range(rounds):
-        echo(f"round {r + 1}/{rounds}")
-        # Rotate the order every round: no method always follows the same reader of
-        # the same file (a virtual disk may cache below the guest's page cache).
-        for i in range(len(cold_steps)):
-            cold_steps[(i + r) % len(cold_steps)]()
-        # Warm: ours already in the pool; safetensors in the page cache (read it once first).
-        load(files.ours, pool=pool, threads=threads)
-        with timer(t.setdefault("ours_dram_hit", [])):
-            info = load_with_info(files.ours, pool=pool)
-        assert info.hit, "the warm load must be a pool hit"
-        del info
-        with timer(t.setdefault("ours_dram_hit_every_page", [])):
-            touch_pages(load(files.ours, pool=pool))
-        touch_pages(load_file(files.safetensors))
-        with timer(t.setdefault("safetensors_warm_page_cache", [])):
-            touch_pages(load_file(files.safetensors))
+        "torch_load_cold": lambda: cold(
+            "torch_load_cold", lambda: torch.load(files.torch, weights_only=True)
+        ),
+    }
+    if cuda:
+        steps["ours_nvme_to_gpu"] = ours("ours_nvme_to_gpu", "cuda:0")
+        steps["safetensors_cold_to_gpu"] = lambda: cold(
+            "safetensors_cold_to_gpu",
+            lambda: _sync(load_file(files.safetensors, device="cuda:0")),
+        )
+    orders = cold_orders(list(steps), rounds, seed)
+    for r, order in enumerate(orders):
+        echo(f"round {r + 1}/{rounds}: {', '.join(order)}")
+        for name in order:
+            steps[name]()
+        _warm_round(files, pool, threads, t)
         if cuda:
-            _cuda_round(files, pool, threads, t, cold)
+            _cuda_warm_round(files, pool, t)
         pool.evict(files.ours)
 
-    results = _summarise(t, fio, fio_jobs, nbytes, ntensors, rounds, threads, size_bytes)
-    _print_table(results, echo)
+    shapes = llm_shapes(size_bytes)
+    results = summarise(t, fio, fio_jobs, nbytes, ntensors, rounds, threads, shapes)
+    results["cold_order"] = {"seed": seed, "rounds": orders}
+    results["pool_bytes_mapped_before_cold_read"] = mapped_before
+    print_table(results, echo)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     echo(f"wrote {out}")
@@ -287,27 +317,41 @@ def run(
     return results
 
 
-def _cuda_round(
-    files: Files,
-    pool: HostPool,
-    threads: int,
-    t: dict[str, list[float]],
-    cold: Callable[[str, Callable[[], object]], None],
-) -> None:
+def _sync(x: object) -> object:
+    """`x`, once the device has finished the copies that made it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return x
+
+
+def _warm_round(files: Files, pool: HostPool, threads: int, t: dict[str, list[float]]) -> None:
+    """Ours from the pool (a DRAM-tier hit) and safetensors from the page cache, each
+    untouched and with every page touched."""
     from safetensors.torch import load_file
 
-    def sync(x: object) -> object:
-        torch.cuda.synchronize()
-        return x
+    load(files.ours, pool=pool, threads=threads)
+    with timer(t.setdefault("ours_dram_hit", [])):
+        info = load_with_info(files.ours, pool=pool)
+    assert info.hit, "the warm load must be a pool hit"
+    del info
+    with timer(t.setdefault("ours_dram_hit_every_page", [])):
+        touch_pages(load(files.ours, pool=pool))
+    touch_pages(load_file(files.safetensors))
+    with timer(t.setdefault("safetensors_warm_page_cache", [])):
+        touch_pages(load_file(files.safetensors))
+    with timer(t.setdefault("safetensors_warm_page_cache_untouched", [])):
+        load_file(files.safetensors)
 
-    pool.evict(files.ours)
-    cold("ours_nvme_to_gpu", lambda: sync(load(files.ours, "cuda:0", pool=pool, threads=threads)))
+
+def _cuda_warm_round(files: Files, pool: HostPool, t: dict[str, list[float]]) -> None:
+    from safetensors.torch import load_file
+
+    load(files.ours, "cuda:0", pool=pool)  # resident in the pool
     with timer(t.setdefault("ours_dram_to_gpu", [])):
-        sync(load(files.ours, "cuda:0", pool=pool))
-    cold("safetensors_cold_to_gpu", lambda: sync(load_file(files.safetensors, device="cuda:0")))
+        _sync(load(files.ours, "cuda:0", pool=pool))
     load_file(files.safetensors)
     with timer(t.setdefault("safetensors_warm_to_gpu", [])):
-        sync(load_file(files.safetensors, device="cuda:0"))
+        _sync(load_file(files.safetensors, device="cuda:0"))
     host = torch.empty(1024 * MB, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty_like(host, device="cuda:0")
     dev.copy_(host, non_blocking=True)
@@ -316,106 +360,3 @@ def _cuda_round(
         dev.copy_(host, non_blocking=True)
         torch.cuda.synchronize()
     torch.cuda.empty_cache()
-
-
-def _summarise(
-    t: dict[str, list[float]],
-    fio: list[float],
-    fio_jobs: list[float],
-    nbytes: int,
-    ntensors: int,
-    rounds: int,
-    threads: int,
-    size_bytes: int,
-) -> dict[str, Any]:
-    med = {k: statistics.median(v) for k, v in t.items()}
-    gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
-    if "pinned_h2d_1GiB" in med:
-        gbps["pinned_h2d_1GiB"] = 1024 * MB / med["pinned_h2d_1GiB"] / 1e9
-    fio_med = statistics.median(fio) / 1e9 if fio else None
-    fio_jobs_med = statistics.median(fio_jobs) / 1e9 if fio_jobs else None
-    shapes = llm_shapes(size_bytes)
-    small = sum(1 for _, s in shapes if math.prod(s) * 2 < 1e6)
-    ratios: dict[str, float | None] = {
-        "ours_cold_vs_fio": gbps["ours_cold"] / fio_med if fio_med else None,
-        "ours_cold_fresh_memory_vs_fio": gbps["ours_cold_fresh_memory"] / fio_med
-        if fio_med
-        else None,
-        "ours_cold_speedup_vs_safetensors_cold": med["safetensors_cold_every_byte"]
-        / med["ours_cold"],
-        "ours_cold_speedup_vs_safetensors_cold_every_page": med["safetensors_cold_every_page"]
-        / med["ours_cold"],
-        "ours_cold_speedup_vs_safetensors_pread_cold": med["safetensors_pread_cold_every_byte"]
-        / med["ours_cold"],
-        "ours_cold_speedup_vs_torch_load_cold": med["torch_load_cold"] / med["ours_cold"],
-        "dram_hit_speedup_vs_safetensors_warm": med["safetensors_warm_page_cache"]
-        / med["ours_dram_hit"],
-        "dram_hit_every_page_speedup_vs_safetensors_warm": med["safetensors_warm_page_cache"]
-        / med["ours_dram_hit_every_page"],
-    }
-    targets: dict[str, Any] = {
-        "ours_cold_vs_fio >= 0.9": _meets(ratios["ours_cold_vs_fio"], 0.9),
-        "ours_cold_speedup_vs_safetensors_cold >= 1.3": _meets(
-            ratios["ours_cold_speedup_vs_safetensors_cold"], 1.3
-        ),
-        "dram_hit_speedup_vs_safetensors_warm >= 20": _meets(
-            ratios["dram_hit_speedup_vs_safetensors_warm"], 20
-        ),
-    }
-    if "ours_nvme_to_gpu" in med:
-        ratios["ours_nvme_to_gpu_vs_fio"] = gbps["ours_nvme_to_gpu"] / fio_med if fio_med else None
-        ratios["ours_nvme_to_gpu_speedup_vs_safetensors"] = (
-            med["safetensors_cold_to_gpu"] / med["ours_nvme_to_gpu"]
-        )
-        targets["ours_dram_to_gpu >= 40 GB/s"] = gbps["ours_dram_to_gpu"] >= 40
-        targets["ours_nvme_to_gpu_vs_fio >= 0.9"] = _meets(ratios["ours_nvme_to_gpu_vs_fio"], 0.9)
-    return {
-        "benchmark": "load",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__,
-        },
-        "checkpoint": {
-            "bytes": nbytes,
-            "tensors": ntensors,
-            "tensors_under_1MB": small,
-            "dtype": "bf16",
-        },
-        "rounds": rounds,
-        "reader_threads": threads,
-        "fio_GBps": {"median": fio_med, "rounds": [b / 1e9 for b in fio]},
-        "fio_one_job_per_cpu_GBps": {"median": fio_jobs_med, "rounds": [b / 1e9 for b in fio_jobs]},
-        "seconds": {k: {"median": med[k], "rounds": v} for k, v in t.items()},
-        "GBps": gbps,
-        "ratios": ratios,
-        "targets_met": targets,
-    }
-
-
-def _meets(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value >= bound
-
-
-def _print_table(res: dict[str, Any], echo: Callable[[str], None]) -> None:
-    ck = res["checkpoint"]
-    echo(
-        f"\ncheckpoint: {ck['bytes'] / 1e9:.2f} GB, {ck['tensors']} tensors "
-        f"({ck['tensors_under_1MB']} under 1 MB), {res['rounds']} rounds, "
-        f"{res['reader_threads']} reader threads"
-    )
-    fio = res["fio_GBps"]["median"]
-    echo(f"{'measurement':42} {'median s':>10} {'GB/s':>8}")
-    if fio:
-        echo(f"{'fio (4 MiB, O_DIRECT, libaio, QD32)':42} {'':>10} {fio:8.2f}")
-    fio_jobs = res["fio_one_job_per_cpu_GBps"]["median"]
-    if fio_jobs:
-        echo(f"{'fio, same, one job per CPU':42} {'':>10} {fio_jobs:8.2f}")
-    for k, v in res["seconds"].items():
-        echo(f"{k:42} {v['median']:10.4f} {res['GBps'][k]:8.2f}")
-    echo("")
-    for k, v in res["ratios"].items():
-        echo(f"{k:52} {'n/a' if v is None else f'{v:.2f}'}")
-    for k, v in res["targets_met"].items():
-        echo(f"target {k:45} {'n/a' if v is None else ('met' if v else 'NOT met')}")

@@ -8,7 +8,7 @@ read_published(store, name)      the live version of a model
 list_models(store)               every published model
 """
 
-from ._base import ObjectInfo, Store
+from ._base import ObjectInfo, ShortObject, Store
 from ._local import LocalStore
 from ._published import (
     PublishedFile,
@@ -29,6 +29,7 @@ __all__ = [
     "PublishedModel",
     "PushResult",
     "S3Store",
+    "ShortObject",
     "Store",
     "StoreSettings",
     "default_store_uri",

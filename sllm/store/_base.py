@@ -22,6 +22,14 @@ MAX_KEY_LENGTH = 1024
 TEMP_NAME = re.compile(r"\..*\.tmp-[0-9a-f]{12}")
 
 
+class ShortObject(StoreError):
+    """The object ends before the requested range does.
+
+    The store cannot tell why; a caller that took the range from what was
+    published about the object knows it is corrupt, and says so (CorruptObject).
+    """
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object in a store: its key, size in bytes and an entity tag when the backend has one."""
@@ -46,11 +54,11 @@ class Store(Protocol):
         ...
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes from `offset`; StoreError when the object is shorter."""
+        """Exactly `length` bytes from `offset`; ShortObject when the object is shorter."""
         ...
 
     def get_range_into(self, key: str, offset: int, view: memoryview) -> None:
-        """Fill all of `view` with the object's bytes from `offset`."""
+        """Fill all of `view` with the object's bytes from `offset`; ShortObject if it ends first."""
         ...
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -127,7 +135,7 @@ class RangeReads:
         raise NotImplementedError
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes from `offset`; StoreError when the object is shorter."""
+        """Exactly `length` bytes from `offset`; ShortObject when the object is shorter."""
         check_range(offset, length)
         buf = bytearray(length)
         self.get_range_into(key, offset, memoryview(buf))

@@ -19,6 +19,7 @@ from ._base import (
     TEMP_NAME,
     ObjectInfo,
     RangeReads,
+    ShortObject,
     check_key,
     check_prefix,
     open_upload,
@@ -79,7 +80,7 @@ class LocalStore(RangeReads):
                 n = _pread_into(fd, target[done:], offset + done)
                 if n == 0:
                     size = os.fstat(fd).st_size
-                    raise StoreError(
+                    raise ShortObject(
                         f"{self.uri}: {key!r} is {size} bytes; the range "
                         f"[{offset}, {offset + target.nbytes}) runs past its end"
                     )

@@ -27,7 +27,15 @@ from urllib3.exceptions import ProtocolError
 
 from sllm.core.errors import InvalidRequest, NotFound, StoreError
 
-from ._base import ObjectInfo, RangeReads, check_key, check_prefix, open_upload, range_target
+from ._base import (
+    ObjectInfo,
+    RangeReads,
+    ShortObject,
+    check_key,
+    check_prefix,
+    open_upload,
+    range_target,
+)
 from ._settings import StoreSettings
 
 T = TypeVar("T")
@@ -149,7 +157,7 @@ class S3Store(RangeReads):
             try:
                 sent = response.headers.get("content-length")
                 if sent is not None and int(sent) != want:
-                    raise StoreError(
+                    raise (ShortObject if int(sent) < want else StoreError)(
                         f"{self.uri}: {key!r}: asked for {want} bytes at {offset + done}, the "
                         f"server sends {sent}; "
                         + (
@@ -161,7 +169,7 @@ class S3Store(RangeReads):
                 while done < target.nbytes:
                     n = _readinto(response, target[done:])
                     if not n:
-                        raise StoreError(
+                        raise ShortObject(
                             f"{self.uri}: {key!r} ended early; the range [{offset}, "
                             f"{offset + target.nbytes}) runs past its end"
                         )
@@ -263,6 +271,8 @@ class S3Store(RangeReads):
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise NotFound(f"{self.uri}: no object for {what}") from exc
+            if exc.code == "InvalidRange":  # the range starts at or past the object's end
+                raise ShortObject(f"{self.uri}: the range runs past the end ({what})") from exc
             if exc.code == "NoSuchBucket":
                 raise NotFound(f"{self.uri}: bucket {self.bucket!r} does not exist") from exc
             raise StoreError(

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm.native_loader import HostPool, convert, load, load_model, load_with_info, save_state_dict
+from sllm.native_loader import (
+    HostPool,
+    convert,
+    load,
+    load_model,
+    load_with_info,
+    read_manifest,
+    save_state_dict,
+)
 from sllm.tiny_models import build_tiny_model, reference_logits
 
 pytestmark = pytest.mark.gpu
@@ -82,3 +90,35 @@ def test_load_model_on_cuda_matches_reference(tmp_path: Path) -> None:
     torch.testing.assert_close(logits, reference_logits(src, ids), rtol=1e-4, atol=1e-4)
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert all(b.device.type == "cuda" for b in model.buffers())
+
+
+# About a second on any current GPU: far longer than reading and copying 8 MiB takes.
+_QUEUED_CYCLES = 2_000_000_000
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "dram-hit"])
+def test_device_copies_wait_for_work_queued_on_reused_memory(tmp_path: Path, pooled: bool) -> None:
+    """A device buffer reused from the caching allocator is filled only after its last user.
+
+    A previous owner's kernel still queued on the current stream writes to the block the
+    load gets next; copies on a side stream that did not wait for it would be overwritten.
+    """
+    weight = torch.arange(2 * 1024 * 1024, dtype=torch.int32)  # 8 MiB, one partition
+    save_state_dict({"w": weight}, tmp_path / "ckpt")
+    nbytes = read_manifest(tmp_path / "ckpt").partitions[0].nbytes  # the device buffer's size
+    pool = HostPool(64 * 1024 * 1024) if pooled else None
+    if pool is not None:
+        load(tmp_path / "ckpt", pool=pool)  # the host copy is resident: the load is a DRAM hit
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    previous = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    block = previous.data_ptr()
+    torch.cuda._sleep(_QUEUED_CYCLES)
+    previous.fill_(0xFF)  # still queued behind the sleep when the load starts
+    del previous  # the block goes back to the allocator, reusable on this stream at once
+    out = load(tmp_path / "ckpt", "cuda:0", pool=pool)
+    assert out["w"].untyped_storage().data_ptr() == block, (
+        "the load must get the freed block for this test"
+    )
+    torch.cuda.synchronize()
+    assert torch.equal(out["w"].cpu(), weight)

@@ -197,6 +197,21 @@ def test_corrupt_store_object_is_never_served(store: Store, tmp_path: Path) -> N
     assert cache.nvme.contents() == []
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["cut-in-half", "emptied"])
+def test_object_truncated_after_push_is_corrupt_not_unavailable(
+    store: Store, tmp_path: Path, keep: float
+) -> None:
+    model = publish(store, tmp_path)
+    key = model.prefix + "data.0"
+    blob = store.get_bytes(key)
+    store.put_bytes(key, blob[: int(len(blob) * keep) + 100 * (keep > 0)])
+    cache = make_cache(store, tmp_path / "cache")
+    with pytest.raises(CorruptObject, match=r"data\.0 in the store is shorter than the \d+ bytes"):
+        cache.load(model, torch.device("cpu"))
+    assert cache.locate(model) == "remote"
+    assert cache.nvme.contents() == []
+
+
 def test_nvme_eviction_is_lru_and_spares_models_in_use(store: Store, tmp_path: Path) -> None:
     models = [publish(store, tmp_path, f"m{i}", seed=i) for i in range(3)]
     size = max(m.total_bytes for m in models)

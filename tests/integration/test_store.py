@@ -17,6 +17,7 @@ from sllm.core.errors import InvalidRequest, NotFound, StoreError
 from sllm.store import (
     LocalStore,
     S3Store,
+    ShortObject,
     Store,
     StoreSettings,
     open_store,
@@ -94,9 +95,9 @@ def test_range_into_fills_the_callers_buffer(store: Store) -> None:
 @pytest.mark.parametrize(
     ("offset", "length"), [(99_999, 2), (100_000, 1), (200_000, 5)], ids=["tail", "end", "past"]
 )
-def test_range_past_the_end_is_a_store_error(store: Store, offset: int, length: int) -> None:
+def test_range_past_the_end_is_a_short_object(store: Store, offset: int, length: int) -> None:
     store.put_bytes("blob", bytes(100_000))
-    with pytest.raises(StoreError):
+    with pytest.raises(ShortObject):
         store.get_range("blob", offset, length)
 
 

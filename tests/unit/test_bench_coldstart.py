@@ -45,6 +45,8 @@ def test_small_run_writes_every_measurement_and_ratio(tmp_path: Path) -> None:
         key = f"{num} / {den}"
         assert saved["ratios"][key] > 0, key
         assert isinstance(saved["targets"][key]["met"], bool), key
+    assert [sorted(order) for order in saved["order"]["rounds"]] == [sorted(MEASUREMENTS)]
+    assert "baselines: fresh memory" in saved["memory"]
     assert saved["physical_limit"]["seconds"] > 0
     assert saved["first_tokens"]["match"] is True
     assert saved["request"]["prompt_tokens"] > 0

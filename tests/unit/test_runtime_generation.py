@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import Cache, PretrainedConfig
 
 from sllm import tiny_models
 from sllm.core.errors import Conflict, InvalidRequest, Overloaded, Unavailable
@@ -217,19 +218,21 @@ class ScriptedLM(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, 1)
         self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
-        self.config = SimpleNamespace(max_position_embeddings=128, eos_token_id=eos)
+        self.config = PretrainedConfig(
+            max_position_embeddings=128, eos_token_id=eos, num_hidden_layers=1
+        )
         self.generation_config = SimpleNamespace(eos_token_id=eos)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed
 
-    def forward(
-        self, input_ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = True
-    ) -> Any:
-        seen = (past_key_values or 0) + input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, cache: Cache, use_cache: bool = True) -> Any:
+        positions = torch.zeros(1, 1, input_ids.shape[1], 1)
+        cache.update(positions, positions, 0)  # the cache counts the tokens seen
+        seen = cache.get_seq_length()
         logits = torch.zeros(1, 1, self.vocab)
         logits[0, 0, self.script[min(seen - self.prompt_len, len(self.script) - 1)]] = 100.0
-        return SimpleNamespace(logits=logits, past_key_values=seen)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import Cache, PretrainedConfig
 
 from sllm import tiny_models
 from sllm.core.errors import InvalidRequest
@@ -157,16 +158,16 @@ class FixedLM(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(len(logits), 1)
         self.logits = logits
-        self.config = SimpleNamespace(max_position_embeddings=4096, eos_token_id=None)
+        self.config = PretrainedConfig(
+            max_position_embeddings=4096, eos_token_id=None, num_hidden_layers=1
+        )
         self.generation_config = SimpleNamespace(eos_token_id=None)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed
 
-    def forward(
-        self, input_ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = True
-    ) -> Any:
-        return SimpleNamespace(logits=self.logits.view(1, 1, -1), past_key_values=None)
+    def forward(self, input_ids: torch.Tensor, cache: Cache, use_cache: bool = True) -> Any:
+        return SimpleNamespace(logits=self.logits.view(1, 1, -1), cache=cache)
 
 
 # Token probabilities 0.4, 0.3, 0.2, 0.1 on ids 10..13; every other token is impossible.
