@@ -1055,7 +1055,13 @@ class Controller:
                 .values(in_flight=0)
                 .execution_options(synchronize_session=False)
             )
-            requeued, _ = expire(s.connection(), now)
+            requeued, interrupted = expire(s.connection(), now)
+        if requeued or interrupted:
+            log.warning(
+                "expired leases: %d activation(s) queued again (never sent), %d interrupted",
+                requeued,
+                interrupted,
+            )
         if requeued:
             self._wake.set()
         self._expire_idle(now)
