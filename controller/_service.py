@@ -58,9 +58,9 @@ from ._functions import FunctionDef, check_name, function_json
 from ._invokers import InvokerClient, InvokerLost
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
+from ._orphans import OrphanUnloader, instance_rows
 from ._prewarm import CLEARED as PREWARM_CLEARED
 from ._prewarm import load_error_json, record_failure
-from ._reconcile import Row as ReconcileRow
 from ._reconcile import held_instances, reconcile
 from ._scheduler import LocalityScheduler, Scheduler
 
@@ -127,8 +127,7 @@ class Controller:
         self._keys: dict[str, tuple[Principal, float]] = {}
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
-        self._orphans: set[tuple[str, str]] = set()  # (invoker url, function) being unloaded
-        self._orphans_lock = threading.Lock()
+        self._orphans = OrphanUnloader(db, self._pool, self._unload_on)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -554,10 +553,11 @@ class Controller:
                     fn = self._current_function(run)
                     deadline = started + fn.timeout_s
                     continue
-                if run.dispatched(slot.invoker) and run.persisted:
-                    self._mark_dispatched(run, raising=True)
+                first = run.dispatched(slot.invoker)
                 body = {**_instance_of(run.namespace, fn), **run.request}
                 try:
+                    if first and run.persisted:  # before it is sent: see _leases
+                        self._mark_dispatched(run, raising=True)
                     remaining = max(0.1, deadline - time.monotonic())
                     if fn.task == "embed":
                         result = self.invokers.call(slot.url, "/v1/embed", body, remaining)
@@ -840,68 +840,19 @@ class Controller:
             orphans = self._reconcile(s, row, status)
             invoker_id, invoker_url = row.id, row.url
         for function in orphans:
-            self._unload_orphan(invoker_id, invoker_url, function)
+            self._orphans.submit(invoker_id, invoker_url, function)
         return {"name": name, "state": "active", "heartbeat_timeout": self.config.heartbeat_timeout}
 
     def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> list[str]:
         """Forget the rows of instances `invoker` no longer holds; those it holds without one."""
-        rows = [
-            ReconcileRow(i, f"{ns}/{fname}", state, in_flight, created_at)
-            for i, state, in_flight, created_at, fname, ns in s.execute(
-                select(
-                    Instance.id,
-                    Instance.state,
-                    Instance.in_flight,
-                    Instance.created_at,
-                    Function.name,
-                    Namespace.name,
-                )
-                .join(Function, Function.id == Instance.function_id)
-                .join(Namespace, Namespace.id == Function.namespace_id)
-                .where(Instance.invoker_id == invoker.id)
-            ).all()
-        ]
         decision = reconcile(
-            rows,
+            instance_rows(s, invoker.id),
             held_instances(status),
             stale_before=time.time() - 2 * self.config.heartbeat_timeout,
         )
         if decision.forget:
             s.execute(delete(Instance).where(Instance.id.in_(decision.forget)))
         return list(decision.unload)
-
-    def _unload_orphan(self, invoker_id: int, url: str, function: str) -> None:
-        """Unload `function` on an invoker that holds it without a row, off the request thread."""
-        key = (url, function)
-        with self._orphans_lock:
-            if key in self._orphans:  # already on its way
-                return
-            self._orphans.add(key)
-
-        def unload() -> None:
-            try:
-                ns, _, name = function.partition("/")
-                with self.db.session() as s:  # placed there again since the heartbeat: keep it
-                    placed = s.execute(
-                        select(Instance.id)
-                        .join(Function, Function.id == Instance.function_id)
-                        .join(Namespace, Namespace.id == Function.namespace_id)
-                        .where(
-                            Instance.invoker_id == invoker_id,
-                            Namespace.name == ns,
-                            Function.name == name,
-                        )
-                    ).first()
-                if placed is None:
-                    log.info(
-                        "unloading %s on %s: the controller has no instance of it", function, url
-                    )
-                    self._unload_on(url, function)
-            finally:
-                with self._orphans_lock:
-                    self._orphans.discard(key)
-
-        self._pool.submit(unload)
 
     def list_invokers(self) -> list[dict[str, Any]]:
         """Every invoker with its state, last heartbeat and instances."""
