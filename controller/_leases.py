@@ -59,14 +59,19 @@ def _held(activation_id: str, claim: str) -> Any:
 
 
 def mark_dispatched(
-    conn: Connection, activation_id: str, claim: str, start_at: float, invoker: str
+    conn: Connection,
+    activation_id: str,
+    claim: str,
+    start_at: float,
+    invoker: str,
+    lease_until: float | None = None,
 ) -> bool:
-    """Record that the activation is about to reach `invoker`; False if the lease is lost."""
-    done = conn.execute(
-        update(_A)
-        .where(_held(activation_id, claim))
-        .values(start_at=start_at, invoker=invoker[:128])
-    )
+    """Record that the activation is about to reach `invoker` (its lease now ending at
+    `lease_until`, when given); False if the lease is lost."""
+    values: dict[str, Any] = {"start_at": start_at, "invoker": invoker[:128]}
+    if lease_until is not None:
+        values["lease_until"] = lease_until
+    done = conn.execute(update(_A).where(_held(activation_id, claim)).values(values))
     return rowcount(done) == 1
 
 

@@ -557,7 +557,11 @@ class Controller:
                 body = {**_instance_of(run.namespace, fn), **run.request}
                 try:
                     if first and run.persisted:  # before it is sent: see _leases
-                        self._mark_dispatched(run, raising=True)
+                        # The lease covers the run's deadline (a newer definition may have
+                        # given it a longer timeout than the one it was claimed under).
+                        lease = time.time() + (deadline - time.monotonic())
+                        if not self._mark_dispatched(run, lease + self.config.lease_margin):
+                            raise LeaseLost(f"the lease on {run.id} expired: it was not sent")
                     remaining = max(0.1, deadline - time.monotonic())
                     if fn.task == "embed":
                         result = self.invokers.call(slot.url, "/v1/embed", body, remaining)
@@ -682,13 +686,14 @@ class Controller:
 
         _again_if_disconnected(release)
 
-    def _mark_dispatched(self, run: Run, *, raising: bool) -> None:
-        """Record in the stored activation that it reaches an invoker now (see _leases)."""
+    def _mark_dispatched(self, run: Run, lease_until: float | None) -> bool:
+        """Record in the stored activation that it reaches an invoker now (see _leases);
+        False when this process no longer holds its lease."""
         assert run.start_at is not None and run.invoker is not None
         with self.db.connect(write=True) as conn:
-            held = mark_dispatched(conn, run.id, run.claim or "", run.start_at, run.invoker)
-        if not held and raising:
-            raise LeaseLost(f"activation {run.id}'s lease expired before it was sent; not sent")
+            return mark_dispatched(
+                conn, run.id, run.claim or "", run.start_at, run.invoker, lease_until
+            )
 
     def _store(self, run: Run, slot: Slot | None) -> None:
         """Release the slot and write the activation, in one transaction."""
@@ -755,7 +760,7 @@ class Controller:
         # Sent between the snapshot above and `persisted`: execute() did not mark it then.
         # (One of the two threads sees the other's write; marking twice is harmless.)
         if cols["start_at"] is None and run.start_at is not None:
-            self._mark_dispatched(run, raising=False)
+            self._mark_dispatched(run, None)
 
     # ------------------------------------------------------------ activations
     def list_activations(

@@ -139,6 +139,31 @@ def test_an_expired_lease_that_never_reached_an_invoker_is_queued_again_and_run_
     assert _prompts(stub) == ["waits"]
 
 
+def test_a_run_rebased_to_a_longer_timeout_keeps_its_lease(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    _function(ctl, limits={"timeout": 3})
+    aid = _submit(ctl, "rebased")  # no invoker yet: claimed under the 3 s timeout
+    _until("the activation to be claimed", lambda: _activation(ctl, aid)["status"] == "running")
+    with ctl.db.session() as s:
+        claimed_until = s.execute(
+            select(Activation.lease_until).where(Activation.id == aid)
+        ).scalar_one()
+    ctl.put_function(NS, "f", {"limits": {"timeout": 30}}, overwrite=True)
+    stub.hold = True
+    ctl.heartbeat(stub.status())
+    stub.wait_for("the invocation to reach the invoker", lambda s: _prompts(s) == ["rebased"])
+    _until("the lease of the claim to pass", lambda: time.time() > claimed_until)
+    ctl.maintain()  # the run goes on under its new timeout: its lease follows
+    assert _activation(ctl, aid)["status"] == "running"
+    stub.release.set()
+    done = _until(
+        "the activation to end",
+        lambda: (a := _activation(ctl, aid))["status"] not in ("queued", "running") and a,
+    )
+    assert (done["status"], done["version"]) == ("success", 2), done
+
+
 def test_queued_runs_start_while_blocking_runs_hold_the_pool(
     ctl: Controller, stub: StubInvoker
 ) -> None:
