@@ -6,7 +6,8 @@ Statuses follow OpenWhisk's classes of outcome:
 
 A blocking invocation is written once, when it ends (nothing was acknowledged
 before); a non-blocking one is written `queued` before its 202 and updated in
-place, so it survives a controller restart and runs exactly once.
+place under a lease (see _leases), so it survives a controller restart, runs
+at most once, and ends in one final state.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Run:
     invoker: str | None = None
     attempts: int = 0
     persisted: bool = False  # a row exists (queued, or stored as running)
+    claim: str | None = None  # the lease this process holds on the row (see _leases)
     # The caller's parameters as sent; `request` is them validated and merged with the
     # function's defaults. A queued activation stores `body` as its request until it runs.
     body: dict[str, Any] | None = None
@@ -82,13 +84,15 @@ class Run:
         stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.logs.append(f"{stamp} {message}")
 
-    def dispatched(self, invoker: str) -> None:
-        """The request left for `invoker`: the wait is over."""
+    def dispatched(self, invoker: str) -> bool:
+        """The request leaves for `invoker`: the wait is over. True the first time."""
         self.invoker = invoker
         self.attempts += 1
-        if self.wait_ms is None:
-            self.wait_ms = (time.monotonic() - self.received) * 1000
-            self.start_at = time.time()
+        if self.wait_ms is not None:
+            return False
+        self.wait_ms = (time.monotonic() - self.received) * 1000
+        self.start_at = time.time()
+        return True
 
     def started(self, event: dict[str, Any]) -> None:
         """The invoker's start event: how the model got ready."""
@@ -167,6 +171,7 @@ class Run:
             logs=list(row.logs or []),
             attempts=row.attempts,
             persisted=True,
+            claim=row.claimed_by,
             body=dict(row.request),  # as sent: validated again when it runs
             validated=False,
         )

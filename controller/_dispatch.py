@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sllm.core.errors import Overloaded
 from sllm.db import Database, Function, Instance, Invoker, table
 
+from ._prewarm import clear_for_instance
 from ._scheduler import Candidate, Scheduler
 
 LIVE_STATES = ("loading", "ready")
@@ -303,11 +304,13 @@ class Dispatcher:
     def loaded(self, slot: Slot, tier: str | None, load_ms: float | None) -> None:
         """The instance answered: it is ready (recording how it loaded, if it just did)."""
         with self.db.connect(write=True) as conn:
-            conn.execute(
+            became = conn.execute(
                 update(_I)
                 .where(_I.c.id == slot.instance_id, _I.c.state == "loading")
                 .values(state="ready", ready_at=time.time(), tier=tier, load_ms=load_ms)
             )
+            if rowcount(became):
+                clear_for_instance(conn, slot.instance_id)  # it loads now: no backoff, no error
 
     @staticmethod
     def release(conn: Connection | Session, slot: Slot) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Insert, bindparam, delete, func, insert, select, update
+from sqlalchemy import JSON, Insert, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
@@ -57,7 +57,12 @@ from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
 from ._invokers import InvokerClient, InvokerLost
+from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
+from ._orphans import OrphanUnloader, instance_rows
+from ._prewarm import CLEARED as PREWARM_CLEARED
+from ._prewarm import load_error_json, record_failure
+from ._reconcile import held_instances, reconcile
 from ._scheduler import LocalityScheduler, Scheduler
 
 log = logging.getLogger("sllm.controller")
@@ -105,13 +110,15 @@ class Controller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pool = ThreadPoolExecutor(
-            max(config.queue_workers, 1) + config.threads, thread_name_prefix="sllm-run"
-        )
+        # Blocking runs past their wait and prewarm loads; queued activations have their own
+        # workers, so a claimed one starts at once (its lease would run out in a backlog).
+        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="sllm-run")
+        self._queue_pool = ThreadPoolExecutor(config.queue_workers, thread_name_prefix="sllm-queue")
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
         self._keys: dict[str, tuple[Principal, float]] = {}
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
+        self._orphans = OrphanUnloader(db, self._pool, self._unload_on)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -128,6 +135,7 @@ class Controller:
         for t in self._threads:
             t.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._queue_pool.shutdown(wait=False, cancel_futures=True)
         self.invokers.close()
 
     # ------------------------------------------------------------ auth
@@ -330,6 +338,8 @@ class Controller:
                     setattr(row, key, value)
                 row.version += 1
                 row.updated_at = now
+                for key, value in PREWARM_CLEARED.items():  # a new definition loads afresh
+                    setattr(row, key, value)
                 created = False
                 if (spec.model, spec.task, spec.concurrency) != (
                     old.model,
@@ -343,7 +353,7 @@ class Controller:
                         .values(state="unloading")
                         .execution_options(synchronize_session=False)
                     )
-            doc = function_json(row, namespace)
+            doc = _function_doc(row, namespace)
         self._functions.pop((namespace, name), None)
         if created and doc["scaling"]["min_instances"] > 0:
             self._wake.set()
@@ -352,7 +362,7 @@ class Controller:
     def get_function(self, namespace: str, name: str) -> dict[str, Any]:
         """One function."""
         with self.db.session() as s:
-            return function_json(self._function(s, namespace, name), namespace)
+            return _function_doc(self._function(s, namespace, name), namespace)
 
     def list_functions(self, namespace: str, limit: int, skip: int) -> list[dict[str, Any]]:
         """A page of functions, by name."""
@@ -365,13 +375,13 @@ class Controller:
                 .offset(skip)
                 .limit(limit)
             ).scalars()
-            return [function_json(r, namespace) for r in rows]
+            return [_function_doc(r, namespace) for r in rows]
 
     def delete_function(self, namespace: str, name: str) -> dict[str, Any]:
         """Delete a function; its instances are unloaded."""
         with self.db.session(write=True) as s:
             row = self._function(s, namespace, name)
-            doc = function_json(row, namespace)
+            doc = _function_doc(row, namespace)
             placements = s.execute(
                 select(Invoker.url)
                 .join(Instance, Instance.invoker_id == Invoker.id)
@@ -537,9 +547,15 @@ class Controller:
                     fn = self._current_function(run)
                     deadline = started + fn.timeout_s
                     continue
-                run.dispatched(slot.invoker)
+                first = run.dispatched(slot.invoker)
                 body = {**_instance_of(run.namespace, fn), **run.request}
                 try:
+                    if first and run.persisted:  # before it is sent: see _leases
+                        # The lease covers the run's deadline (a newer definition may have
+                        # given it a longer timeout than the one it was claimed under).
+                        lease = time.time() + (deadline - time.monotonic())
+                        if not self._mark_dispatched(run, lease + self.config.lease_margin):
+                            raise LeaseLost(f"the lease on {run.id} expired: it was not sent")
                     remaining = max(0.1, deadline - time.monotonic())
                     if fn.task == "embed":
                         result = self.invokers.call(slot.url, "/v1/embed", body, remaining)
@@ -664,6 +680,15 @@ class Controller:
 
         _again_if_disconnected(release)
 
+    def _mark_dispatched(self, run: Run, lease_until: float | None) -> bool:
+        """Record in the stored activation that it reaches an invoker now (see _leases);
+        False when this process no longer holds its lease."""
+        assert run.start_at is not None and run.invoker is not None
+        with self.db.connect(write=True) as conn:
+            return mark_dispatched(
+                conn, run.id, run.claim or "", run.start_at, run.invoker, lease_until
+            )
+
     def _store(self, run: Run, slot: Slot | None) -> None:
         """Release the slot and write the activation, in one transaction."""
         if run.end_at is None:
@@ -672,14 +697,16 @@ class Controller:
 
         def write() -> None:
             try:
-                self._write_outcome(cols, slot, insert=not run.persisted)
+                self._write_outcome(cols, slot, run.claim, insert=not run.persisted)
             except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
-                self._write_outcome(cols, slot, insert=False)
+                self._write_outcome(cols, slot, run.claim, insert=False)
 
         _again_if_disconnected(write)
         self.metrics.observe_activation(run)
 
-    def _write_outcome(self, cols: Mapping[str, Any], slot: Slot | None, *, insert: bool) -> None:
+    def _write_outcome(
+        self, cols: Mapping[str, Any], slot: Slot | None, claim: str | None, *, insert: bool
+    ) -> None:
         if insert and slot is not None and self.db.dialect == "postgresql":
             # The common case in one statement (one round trip), prepared for the driver.
             keys = tuple(cols)
@@ -699,20 +726,17 @@ class Controller:
                 self.dispatcher.release(conn, slot)
             if insert:
                 conn.execute(_ACTIVATIONS.insert(), cols)
-            else:
-                self._update_activation(conn, cols)
-
-    @staticmethod
-    def _update_activation(conn: Connection, cols: Mapping[str, Any]) -> None:
-        conn.execute(
-            update(_ACTIVATIONS)
-            .where(_ACTIVATIONS.c.id == cols["id"])
-            .values(**{k: v for k, v in cols.items() if k != "id"}, lease_until=None)
-        )
+            elif not finish(conn, cols, claim):
+                log.warning(
+                    "activation %s ended meanwhile (its lease expired): outcome %s not stored",
+                    cols["id"],
+                    cols["status"],
+                )
 
     def _persist_running(self, run: Run, fn: Function) -> None:
         """Store a blocking invocation that outlived the blocking wait as running."""
-        cols = {**run.columns(), "status": "running"}
+        run.claim = new_claim(self.name)
+        cols = {**run.columns(), "status": "running"}  # start_at: whether it was sent yet
         try:
             with self.db.session(write=True) as s:
                 exists = s.execute(select(Activation.id).where(Activation.id == run.id)).scalar()
@@ -720,13 +744,17 @@ class Controller:
                     s.add(
                         Activation(
                             **cols,
-                            claimed_by=self.name,
+                            claimed_by=run.claim,
                             lease_until=time.time() + fn.timeout_s + self.config.lease_margin,
                         )
                     )
             run.persisted = True
         except IntegrityError:
-            pass  # it finished and stored itself meanwhile
+            return  # it finished and stored itself meanwhile
+        # Sent between the snapshot above and `persisted`: execute() did not mark it then.
+        # (One of the two threads sees the other's write; marking twice is harmless.)
+        if cols["start_at"] is None and run.start_at is not None:
+            self._mark_dispatched(run, None)
 
     # ------------------------------------------------------------ activations
     def list_activations(
@@ -808,31 +836,22 @@ class Controller:
                 row.url, row.device = url.rstrip("/"), str(device)[:64]
                 row.capacity, row.status = dict(capacity), dict(status)
                 row.state, row.last_heartbeat = "active", now
-            self._reconcile(s, row, status)
+            orphans = self._reconcile(s, row, status)
+            invoker_id, invoker_url = row.id, row.url
+        for function in orphans:
+            self._orphans.submit(invoker_id, invoker_url, function)
         return {"name": name, "state": "active", "heartbeat_timeout": self.config.heartbeat_timeout}
 
-    def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> None:
-        """Make the instance rows of `invoker` match what it reports it holds."""
-        reported: dict[str, str | None] = {}
-        for inst in status.get("instances") or []:
-            if isinstance(inst, Mapping) and isinstance(inst.get("function"), str):
-                reported[inst["function"]] = None if inst.get("loading") else inst.get("model")
-        rows = s.execute(
-            select(Instance, Function.name, Namespace.name)
-            .join(Function, Function.id == Instance.function_id)
-            .join(Namespace, Namespace.id == Function.namespace_id)
-            .where(Instance.invoker_id == invoker.id)
-        ).all()
-        grace = time.time() - 2 * self.config.heartbeat_timeout
-        for inst, fname, ns in rows:
-            key = f"{ns}/{fname}"
-            if key in reported:
-                continue
-            # A ready instance the invoker no longer holds was unloaded there (under
-            # pressure); a load it never heard of failed on the way.
-            idle = inst.state == "ready" and inst.in_flight == 0
-            if idle or (inst.state == "loading" and inst.created_at < grace):
-                s.delete(inst)
+    def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> list[str]:
+        """Forget the rows of instances `invoker` no longer holds; those it holds without one."""
+        decision = reconcile(
+            instance_rows(s, invoker.id),
+            held_instances(status),
+            stale_before=time.time() - 2 * self.config.heartbeat_timeout,
+        )
+        if decision.forget:
+            s.execute(delete(Instance).where(Instance.id.in_(decision.forget)))
+        return list(decision.unload)
 
     def list_invokers(self) -> list[dict[str, Any]]:
         """Every invoker with its state, last heartbeat and instances."""
@@ -909,7 +928,7 @@ class Controller:
                     ).one()
                     act, ns, fn = row
                     timeout = fn.timeout_s if fn is not None else 0.0
-                    act.status, act.claimed_by = "running", self.name
+                    act.status, act.claimed_by = "running", new_claim(self.name)
                     act.lease_until = now + timeout + self.config.lease_margin
                     act.attempts += 1
                     rows.append((Run.of(act, ns), fn))
@@ -920,7 +939,7 @@ class Controller:
         for _ in range(free - len(rows)):
             self._queue_slots.release()
         for run, fn in rows:
-            self._pool.submit(self._run_queued, run, fn)
+            self._queue_pool.submit(self._run_queued, run, fn)
         return len(rows)
 
     def _run_queued(self, run: Run, fn: Function | None) -> None:
@@ -986,21 +1005,15 @@ class Controller:
                 .values(in_flight=0)
                 .execution_options(synchronize_session=False)
             )
-            s.execute(
-                update(Activation)
-                .where(Activation.status == "running", Activation.lease_until < now)
-                .values(
-                    status="platform_error",
-                    end_at=now,
-                    error={
-                        "code": "interrupted",
-                        "message": "the controller running this activation stopped; "
-                        "it is not run twice",
-                    },
-                    lease_until=None,
-                )
-                .execution_options(synchronize_session=False)
+            requeued, interrupted = expire(s.connection(), now)
+        if requeued or interrupted:
+            log.warning(
+                "expired leases: %d activation(s) queued again (never sent), %d interrupted",
+                requeued,
+                interrupted,
             )
+        if requeued:
+            self._wake.set()
         self._expire_idle(now)
         self._prewarm()
 
@@ -1051,12 +1064,14 @@ class Controller:
             self._unload_on(url, function)
 
     def _prewarm(self) -> None:
+        now = time.time()
         with self.db.session() as s:
             short = list(
                 s.execute(
                     select(Function, Namespace.name)
                     .join(Namespace, Namespace.id == Function.namespace_id)
                     .where(
+                        or_(Function.load_retry_at.is_(None), Function.load_retry_at <= now),
                         Function.min_instances
                         > select(func.count())
                         .select_from(Instance)
@@ -1064,7 +1079,7 @@ class Controller:
                             Instance.function_id == Function.id,
                             Instance.state.in_(("loading", "ready")),
                         )
-                        .scalar_subquery()
+                        .scalar_subquery(),
                     )
                 ).all()
             )
@@ -1081,8 +1096,16 @@ class Controller:
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
         except SllmError as exc:
-            log.warning("prewarm of %s on %s failed: %s", body["function"], slot.invoker, exc)
             self.dispatcher.drop(slot)
+            with self.db.connect(write=True) as conn:
+                wait = record_failure(conn, fn.id, fn.version, exc, time.time())
+            log.warning(
+                "prewarm of %s on %s failed (next try in %.0f s): %s",
+                body["function"],
+                slot.invoker,
+                wait,
+                exc.message,
+            )
             return
         tier = report.get("tier") if report.get("cold") else None
         load_ms = float(report.get("load_seconds", 0.0)) * 1000
@@ -1112,6 +1135,11 @@ class Controller:
         if row is None:
             raise NotFound(f"no function {name!r} in namespace {namespace!r}")
         return row
+
+
+def _function_doc(row: Function, namespace: str) -> dict[str, Any]:
+    """A function as the API shows it, with why it is not warm (`load_error`, or null)."""
+    return {**function_json(row, namespace), "load_error": load_error_json(row)}
 
 
 def _instance_of(namespace: str, fn: Function) -> dict[str, Any]:

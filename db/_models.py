@@ -104,6 +104,11 @@ class Function(Base):
     version: Mapped[int] = mapped_column(default=1, server_default=text("1"))
     created_at: Mapped[float]
     updated_at: Mapped[float]
+    # The last failed prewarm load ({code, message, at}) until one succeeds: shown on the
+    # function; the next prewarm waits until load_retry_at (backoff over load_failures).
+    load_error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    load_failures: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    load_retry_at: Mapped[float | None]
 
 
 class Activation(Base):

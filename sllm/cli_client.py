@@ -403,6 +403,7 @@ def fn_get(name: str, as_json: bool) -> None:
     limits, scaling = doc["limits"], doc["scaling"]
     from sllm.core.config import format_bytes
 
+    failed = doc.get("load_error")
     _fields(
         [
             ("name", f"{doc['namespace']}/{doc['name']}"),
@@ -424,6 +425,17 @@ def fn_get(name: str, as_json: bool) -> None:
             ("version", str(doc["version"])),
             ("created", _when(doc["created"])),
             ("updated", _when(doc["updated"])),
+            *(
+                [
+                    (
+                        "load error",
+                        f"{failed['message']} ({failed['code']}; {failed['failures']} failed "
+                        f"load(s), last {_when(failed['at'])}, next try {_when(failed['retry_at'])})",
+                    )
+                ]
+                if failed
+                else []
+            ),
         ]
     )
 

@@ -152,9 +152,13 @@ def test_a_queued_run_is_validated_against_the_definition_it_runs_under(
         v1 = other.function_for("alpha", "requeued")
         submitted = other.new_run("alpha", v1, {"prompt": "tell me a long story"}, blocking=False)
         assert submitted.request["max_tokens"] == 8
-        # What the queue loop makes of the stored row (`submit` stores the body as sent).
-        row = Activation(**{**submitted.columns(), "request": submitted.body})
-        queued = Run.of(row, "alpha")
+        # What the queue loop makes of the stored row it claimed (`submit` stores the body
+        # as sent); the run writes its outcome to that row, under that claim.
+        cols = {**submitted.columns(), "request": submitted.body, "status": "running"}
+        claim = {"claimed_by": "test-claim", "lease_until": time.time() + 60}
+        queued = Run.of(Activation(**cols, **claim), "alpha")
+        with other.db.session(write=True) as s:
+            s.add(Activation(**cols, **claim))
         up = c.put(
             "/api/v1/namespaces/_/functions/requeued?overwrite=true",
             json={"limits": {"max_tokens": 2}},

@@ -1,0 +1,84 @@
+"""The database side of reconciling with an invoker: its instance rows, and unloading orphans.
+
+The decision itself is pure (see _reconcile); this module reads the rows it
+takes and carries out its unloads, off the heartbeat's request thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sllm.db import Database, Function, Instance, Namespace
+
+from ._reconcile import Row
+
+log = logging.getLogger("sllm.controller")
+
+
+def instance_rows(s: Session, invoker_id: int) -> list[Row]:
+    """The controller's instance rows on one invoker, named as the invoker names them."""
+    return [
+        Row(i, f"{ns}/{name}", state, in_flight, created_at)
+        for i, state, in_flight, created_at, name, ns in s.execute(
+            select(
+                Instance.id,
+                Instance.state,
+                Instance.in_flight,
+                Instance.created_at,
+                Function.name,
+                Namespace.name,
+            )
+            .join(Function, Function.id == Instance.function_id)
+            .join(Namespace, Namespace.id == Function.namespace_id)
+            .where(Instance.invoker_id == invoker_id)
+        ).all()
+    ]
+
+
+class OrphanUnloader:
+    """Unloads instances an invoker holds without a row, one call at a time per instance."""
+
+    def __init__(self, db: Database, pool: Executor, unload: Callable[[str, str], None]) -> None:
+        self._db = db
+        self._pool = pool
+        self._unload = unload  # (invoker url, "namespace/function")
+        self._lock = threading.Lock()
+        self._pending: set[tuple[str, str]] = set()
+
+    def submit(self, invoker_id: int, url: str, function: str) -> None:
+        """Unload `function` on the invoker soon, unless that is already under way."""
+        key = (url, function)
+        with self._lock:
+            if key in self._pending:  # every heartbeat reports it until it is gone
+                return
+            self._pending.add(key)
+        self._pool.submit(self._run, invoker_id, url, function)
+
+    def _run(self, invoker_id: int, url: str, function: str) -> None:
+        try:
+            if not self._placed(invoker_id, function):
+                log.info("unloading %s on %s: the controller has no instance of it", function, url)
+                self._unload(url, function)
+        finally:
+            with self._lock:
+                self._pending.discard((url, function))
+
+    def _placed(self, invoker_id: int, function: str) -> bool:
+        # Placed there again since the heartbeat was read: it is no orphan any more.
+        ns, _, name = function.partition("/")
+        with self._db.session() as s:
+            found = s.execute(
+                select(Instance.id)
+                .join(Function, Function.id == Instance.function_id)
+                .join(Namespace, Namespace.id == Function.namespace_id)
+                .where(
+                    Instance.invoker_id == invoker_id, Namespace.name == ns, Function.name == name
+                )
+            ).first()
+        return found is not None

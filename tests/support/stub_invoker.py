@@ -1,0 +1,117 @@
+"""A stand-in invoker on loopback that the test steers: held invocations, failing loads.
+
+It speaks the controller-facing part of the invoker's HTTP API (/v1/invoke
+without streaming, /v1/load, /v1/unload), records every call, and registers
+with a controller only when the test sends a heartbeat for it (`status`), so
+the test decides what the controller believes the invoker holds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+HOLD_LIMIT_S = 30.0  # a held invocation answers after this long even if never released
+
+ANSWER = {
+    "text": "ok",
+    "finish_reason": "stop",
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    "timing": {"ttft_s": 0.001, "tpot_s": 0.001},
+    "load": {"cold": False},
+}
+
+
+class StubInvoker:
+    """An HTTP server bound to 127.0.0.1 on a port the OS picked at start-up."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.hold = False  # invocations wait for `release` (or HOLD_LIMIT_S)
+        self.release = threading.Event()
+        self.load_error: dict[str, Any] | None = None  # answered by /v1/load with a 500
+        self._cond = threading.Condition()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with stub._cond:
+                    stub.calls.append((self.path, body))
+                    stub._cond.notify_all()
+                status, answer = stub._answer(self.path)
+                raw = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        return Handler
+
+    def _answer(self, path: str) -> tuple[int, dict[str, Any]]:
+        if path == "/v1/invoke":
+            if self.hold:
+                self.release.wait(HOLD_LIMIT_S)
+            return 200, ANSWER
+        if path == "/v1/load":
+            if self.load_error is not None:
+                return 500, {"error": self.load_error}
+            return 200, {"cold": True, "tier": "remote", "load_seconds": 0.01}
+        if path == "/v1/unload":
+            return 200, {"unloaded": True}
+        return 404, {"error": {"code": "not_found", "message": path}}
+
+    def called(self, path: str) -> list[dict[str, Any]]:
+        """The bodies of the calls to `path` so far."""
+        with self._cond:
+            return [body for p, body in self.calls if p == path]
+
+    def wait_for(
+        self, what: str, predicate: Callable[[StubInvoker], bool], timeout: float = 10.0
+    ) -> None:
+        """Wait (bounded) until `predicate(self)` holds after some call; AssertionError if not."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                self._cond.wait(left)
+
+    def status(self, instances: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """A heartbeat body for a controller: this stub holding `instances`."""
+        return {
+            "name": "stub",
+            "url": self.url,
+            "device": "cpu",
+            "capacity": {},
+            "status": {"instances": list(instances or [])},
+        }
+
+    @contextmanager
+    def running(self) -> Iterator[StubInvoker]:
+        """Serve while the block runs; held invocations are released at the end."""
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self.release.set()
+            self._server.shutdown()
+            self._server.server_close()
