@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -42,6 +41,7 @@ from ._auth import Principal, credentials
 from ._functions import check_name
 from ._openapi import openapi_document
 from ._service import Controller, page
+from ._streams import StartedEvents, native_events, sse_events, stream_response
 
 log = logging.getLogger("sllm.controller")
 
@@ -185,9 +185,12 @@ def create_app(controller: Controller) -> Flask:
             if fn.task != "generate":
                 raise InvalidRequest(f"only generate functions stream; {name!r} is {fn.task}")
             run.stream = True
-            return _stream(
-                _native_events(controller.execute(run, fn), run), "application/x-ndjson", run
-            )
+            try:
+                events = StartedEvents(controller.execute(run, fn))
+            except SllmError as exc:  # before the first event: answered as a blocking call is
+                doc = {**exc.to_json(), "activationId": run.id}
+                return _json(doc, exc.status, exc.retry_after, {"X-Activation-Id": run.id})
+            return stream_response(events, native_events(events, run), "application/x-ndjson", run)
         if not blocking:
             return _json({"activationId": controller.submit(run)}, 202)
         run, finished = controller.invoke(run, fn)
@@ -282,6 +285,12 @@ def create_app(controller: Controller) -> Flask:
         return _json(oai.embeddings_response(fn.name, run.result, req.encoding_format))
 
     def _openai_generate(req: oai.OpenAIRequest) -> Response:
+        try:
+            return _openai_generation(req)
+        except SllmError as exc:
+            raise req.in_client_terms(exc) from None
+
+    def _openai_generation(req: oai.OpenAIRequest) -> Response:
         ns = _own_namespace()
         fn = controller.function_for(ns, req.function)
         if fn.task != "generate":
@@ -293,8 +302,8 @@ def create_app(controller: Controller) -> Flask:
             chunks = oai.CompletionStream(
                 req.kind, fn.name, run.id, created, include_usage=req.include_usage
             )
-            events = controller.execute(run, fn)
-            return _stream(_sse(events, chunks), "text/event-stream", run)
+            events = StartedEvents(controller.execute(run, fn))
+            return stream_response(events, sse_events(events, chunks), "text/event-stream", run)
         run, _ = controller.invoke(run, fn)
         _raise_if_failed(run)
         result = run.result or {}
@@ -432,8 +441,7 @@ def _body() -> Any:
 def _raise_if_failed(run: Run) -> None:
     if run.status == "success":
         return
-    err = run.error or {"code": "error", "message": run.status}
-    raise (error_class(err.get("code")) or SllmError)(err.get("message", run.status))
+    raise SllmError.from_json(run.error, run.status)
 
 
 def _json(
@@ -443,63 +451,12 @@ def _json(
     headers: dict[str, str] | None = None,
 ) -> Response:
     response = Response(json.dumps(doc), status=status, mimetype="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(retry_after)))
     for k, v in (headers or {}).items():
         response.headers[k] = v
+    return _retry_after(response, retry_after)
+
+
+def _retry_after(response: Response, seconds: float | None) -> Response:
+    if seconds is not None:
+        response.headers["Retry-After"] = str(max(1, round(seconds)))
     return response
-
-
-def _stream(chunks: Iterator[bytes], mimetype: str, run: Run) -> Response:
-    response = Response(chunks, mimetype=mimetype)
-    response.headers["X-Activation-Id"] = run.id
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
-
-
-def _native_events(events: Generator[dict[str, Any], None, None], run: Run) -> Iterator[bytes]:
-    """The native stream: NDJSON start / token* / done, or a final error line."""
-    try:
-        for ev in events:
-            kind = ev.get("event")
-            if kind == "start":
-                out = {
-                    "event": "start",
-                    "activationId": run.id,
-                    "invoker": run.invoker,
-                    "load": ev.get("load"),
-                }
-            elif kind == "token":
-                out = {"event": "token", "text": ev.get("text", ""), "index": ev.get("index")}
-            elif kind == "done":
-                out = {
-                    "event": "done",
-                    "activationId": run.id,
-                    "finish_reason": ev.get("finish_reason"),
-                    "usage": ev.get("usage"),
-                }
-            else:
-                continue
-            yield (json.dumps(out) + "\n").encode()
-    except SllmError as exc:
-        yield (
-            json.dumps({"event": "error", "activationId": run.id, **exc.to_json()}) + "\n"
-        ).encode()
-    finally:
-        events.close()
-
-
-def _sse(
-    events: Generator[dict[str, Any], None, None], chunks: oai.CompletionStream
-) -> Iterator[bytes]:
-    """The OpenAI stream: SSE chunks, then [DONE]; an error mid-stream is an error event."""
-    try:
-        for ev in events:
-            for chunk in chunks.feed(ev):
-                yield oai.sse(chunk)
-        yield oai.SSE_DONE
-    except SllmError as exc:
-        yield oai.sse_error(exc)
-    finally:
-        events.close()
