@@ -76,9 +76,8 @@ def create_app(controller: Controller) -> Flask:
 
     @app.errorhandler(SllmError)
     def sllm_error(exc: SllmError) -> Response:
-        if _openai_path():
-            return _json(oai.error_body(exc), exc.status, exc.retry_after)
-        return _json(exc.to_json(), exc.status, exc.retry_after)
+        body = oai.error_body(exc) if _openai_path() else exc.to_json()
+        return _error(body, exc.status, exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -86,7 +85,22 @@ def create_app(controller: Controller) -> Flask:
         body: dict[str, Any] = {"error": {"code": code, "message": exc.description or exc.name}}
         if _openai_path():
             body["error"].update(type="invalid_request_error", param=None)
-        return _json(body, exc.code or 500)
+        return _error(body, exc.code or 500)
+
+    def _error(body: dict[str, Any], status: int, retry_after: float | None = None) -> Response:
+        """An error answer; a trigger's is a CloudEvent when the caller sent one."""
+        if request.endpoint not in ("trigger", "host_trigger"):
+            return _json(body, status, retry_after)
+        trigger = g.get("trigger") or ce.unparsed_trigger(dict(request.headers.items()))
+        args = request.view_args or {}
+        route = (
+            (args["ns"], args["name"])
+            if "ns" in args
+            else ce.route_from_host(request.host, config.domain)
+        )
+        source = f"/sllm/{route[0]}/{route[1]}" if route else "/sllm"
+        status, headers, data = ce.error_reply(trigger, body, status, source)
+        return _retry_after(Response(data, status=status, headers=headers), retry_after)
 
     # ------------------------------------------------------------ open
     @app.get("/healthz")
@@ -338,6 +352,7 @@ def create_app(controller: Controller) -> Flask:
 
     def _trigger(namespace: str, name: str) -> Response:
         req = ce.parse_trigger(dict(request.headers.items()), request.get_data(cache=False))
+        g.trigger = req  # errors from here on answer the event it carries
         fn = controller.function_for(namespace, name)
         run = controller.new_run(namespace, fn, req.payload, blocking=True, body_bytes=_length())
         run, finished = controller.invoke(run, fn)

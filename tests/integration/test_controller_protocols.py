@@ -227,7 +227,64 @@ def test_cloudevents_binary_and_structured(stack: dict[str, Any]) -> None:
         content=json.dumps({k: v for k, v in event.items() if k != "source"}),
         headers={**_ce_headers(stack), "content-type": "application/cloudevents+json"},
     )
-    assert missing.status_code == 400 and "source" in missing.json()["error"]["message"]
+    assert missing.status_code == 400
+    assert missing.headers["content-type"] == "application/cloudevents+json"
+    assert missing.json()["type"] == "dev.sllm.function.error"
+    assert "source" in missing.json()["data"]["error"]["message"]
+
+
+def test_cloudevents_errors_before_dispatch_are_cloudevents(stack: dict[str, Any]) -> None:
+    """Unknown function, bad parameters, a bad key: the caller sent a CloudEvent, so the
+    error comes back as one (in its mode), as errors after dispatch do."""
+    make_fn(api(stack), "ce-strict")
+    binary = {
+        "ce-specversion": "1.0",
+        "ce-id": "evt-9",
+        "ce-source": "/tests",
+        "ce-type": "dev.example.prompt",
+        "content-type": "application/json",
+    }
+    data = json.dumps({"prompt": "hi", "max_tokens": 1})
+    base = stack["ctl"].url + "/t/alpha/"
+    unknown = httpx.post(
+        base + "no-such-fn", content=data, headers={**_ce_headers(stack), **binary}
+    )
+    assert unknown.status_code == 404
+    assert unknown.headers["ce-type"] == "dev.sllm.function.error"
+    assert unknown.headers["ce-subject"] == "evt-9"
+    assert unknown.headers["ce-source"] == "/sllm/alpha/no-such-fn"
+    assert unknown.json()["error"]["code"] == "not_found"
+
+    bad_key = httpx.post(
+        base + "ce-strict",
+        content=data,
+        headers={**binary, "Authorization": "Bearer nobody:nothing"},
+    )
+    assert bad_key.status_code == 401
+    assert bad_key.headers["ce-type"] == "dev.sllm.function.error"
+    assert bad_key.json()["error"]["code"] == "unauthorized"
+
+    event = {
+        "specversion": "1.0",
+        "id": "evt-10",
+        "source": "/tests",
+        "type": "dev.example.prompt",
+        "data": {"prompt": "hi", "no_such_param": 1},
+    }
+    bad_params = httpx.post(
+        base + "ce-strict",
+        content=json.dumps(event),
+        headers={**_ce_headers(stack), "content-type": "application/cloudevents+json"},
+    )
+    assert bad_params.status_code == 400
+    reply = bad_params.json()
+    assert reply["type"] == "dev.sllm.function.error" and reply["subject"] == "evt-10"
+    assert "no_such_param" in reply["data"]["error"]["message"]
+
+    # A plain JSON caller still gets plain JSON.
+    plain = httpx.post(base + "no-such-fn", json={"prompt": "hi"}, headers=_ce_headers(stack))
+    assert plain.status_code == 404 and "ce-type" not in plain.headers
+    assert plain.json()["error"]["code"] == "not_found"
 
 
 def test_knative_host_routing(stack: dict[str, Any]) -> None:
