@@ -118,7 +118,7 @@ class Run:
         if result is not None:
             self.result = result
         if error is not None:
-            self.error = {"code": error.code, "message": error.message}
+            self.error = error.to_json()["error"]
             self.log(f"{status}: {error.message}")
         else:
             self.log(status)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -63,6 +62,7 @@ from ._request import (
     time_arg,
 )
 from ._service import Controller
+from ._streams import StartedEvents, native_events, sse_events, stream_response
 
 log = logging.getLogger("sllm.controller")
 
@@ -99,9 +99,8 @@ def create_app(controller: Controller) -> Flask:
 
     @app.errorhandler(SllmError)
     def sllm_error(exc: SllmError) -> Response:
-        if _openai_path():
-            return _json(oai.error_body(exc), exc.status, exc.retry_after)
-        return _json(exc.to_json(), exc.status, exc.retry_after)
+        body = oai.error_body(exc) if _openai_path() else exc.to_json()
+        return _error(body, exc.status, exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -109,7 +108,22 @@ def create_app(controller: Controller) -> Flask:
         body: dict[str, Any] = {"error": {"code": code, "message": exc.description or exc.name}}
         if _openai_path():
             body["error"].update(type="invalid_request_error", param=None)
-        return _json(body, exc.code or 500)
+        return _error(body, exc.code or 500)
+
+    def _error(body: dict[str, Any], status: int, retry_after: float | None = None) -> Response:
+        """An error answer; a trigger's is a CloudEvent when the caller sent one."""
+        if request.endpoint not in ("trigger", "host_trigger"):
+            return _json(body, status, retry_after)
+        trigger = g.get("trigger") or ce.unparsed_trigger(dict(request.headers.items()))
+        args = request.view_args or {}
+        route = (
+            (args["ns"], args["name"])
+            if "ns" in args
+            else ce.route_from_host(request.host, config.domain)
+        )
+        source = f"/sllm/{route[0]}/{route[1]}" if route else "/sllm"
+        status, headers, data = ce.error_reply(trigger, body, status, source)
+        return _retry_after(Response(data, status=status, headers=headers), retry_after)
 
     # ------------------------------------------------------------ open
     @app.get("/healthz")
@@ -212,9 +226,12 @@ def create_app(controller: Controller) -> Flask:
             if fn.task != "generate":
                 raise InvalidRequest(f"only generate functions stream; {name!r} is {fn.task}")
             run.stream = True
-            return _stream(
-                _native_events(controller.execute(run, fn), run), "application/x-ndjson", run
-            )
+            try:
+                events = StartedEvents(controller.execute(run, fn))
+            except SllmError as exc:  # before the first event: answered as a blocking call is
+                doc = {**exc.to_json(), "activationId": run.id}
+                return _json(doc, exc.status, exc.retry_after, {"X-Activation-Id": run.id})
+            return stream_response(events, native_events(events, run), "application/x-ndjson", run)
         if not blocking:
             return _json({"activationId": controller.submit(run)}, 202)
         run, finished = controller.invoke(run, fn)
@@ -308,6 +325,12 @@ def create_app(controller: Controller) -> Flask:
         return _json(oai.embeddings_response(fn.name, run.result, req.encoding_format))
 
     def _openai_generate(req: oai.OpenAIRequest) -> Response:
+        try:
+            return _openai_generation(req)
+        except SllmError as exc:
+            raise req.in_client_terms(exc) from None
+
+    def _openai_generation(req: oai.OpenAIRequest) -> Response:
         ns, fn = _function("_", req.function)
         if fn.task != "generate":
             raise InvalidRequest(f"function {fn.name!r} computes embeddings; it does not generate")
@@ -318,8 +341,8 @@ def create_app(controller: Controller) -> Flask:
             chunks = oai.CompletionStream(
                 req.kind, fn.name, run.id, created, include_usage=req.include_usage
             )
-            events = controller.execute(run, fn)
-            return _stream(_sse(events, chunks), "text/event-stream", run)
+            events = StartedEvents(controller.execute(run, fn))
+            return stream_response(events, sse_events(events, chunks), "text/event-stream", run)
         run, _ = controller.invoke(run, fn)
         _raise_if_failed(run)
         result = run.result or {}
@@ -354,6 +377,7 @@ def create_app(controller: Controller) -> Flask:
 
     def _trigger(ns: str, name: str) -> Response:
         req = ce.parse_trigger(dict(request.headers.items()), body_bytes())
+        g.trigger = req  # errors from here on answer the event it carries
         namespace, fn = _function(ns, name)
         run = controller.new_run(
             namespace, fn, req.payload, blocking=True, body_bytes=body_length()
@@ -454,8 +478,7 @@ def _openai_path() -> bool:
 def _raise_if_failed(run: Run) -> None:
     if run.status == "success":
         return
-    err = run.error or {"code": "error", "message": run.status}
-    raise (error_class(err.get("code")) or SllmError)(err.get("message", run.status))
+    raise SllmError.from_json(run.error, run.status)
 
 
 def _json(
@@ -465,63 +488,12 @@ def _json(
     headers: dict[str, str] | None = None,
 ) -> Response:
     response = Response(json.dumps(doc), status=status, mimetype="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(retry_after)))
     for k, v in (headers or {}).items():
         response.headers[k] = v
+    return _retry_after(response, retry_after)
+
+
+def _retry_after(response: Response, seconds: float | None) -> Response:
+    if seconds is not None:
+        response.headers["Retry-After"] = str(max(1, round(seconds)))
     return response
-
-
-def _stream(chunks: Iterator[bytes], mimetype: str, run: Run) -> Response:
-    response = Response(chunks, mimetype=mimetype)
-    response.headers["X-Activation-Id"] = run.id
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
-
-
-def _native_events(events: Generator[dict[str, Any], None, None], run: Run) -> Iterator[bytes]:
-    """The native stream: NDJSON start / token* / done, or a final error line."""
-    try:
-        for ev in events:
-            kind = ev.get("event")
-            if kind == "start":
-                out = {
-                    "event": "start",
-                    "activationId": run.id,
-                    "invoker": run.invoker,
-                    "load": ev.get("load"),
-                }
-            elif kind == "token":
-                out = {"event": "token", "text": ev.get("text", ""), "index": ev.get("index")}
-            elif kind == "done":
-                out = {
-                    "event": "done",
-                    "activationId": run.id,
-                    "finish_reason": ev.get("finish_reason"),
-                    "usage": ev.get("usage"),
-                }
-            else:
-                continue
-            yield (json.dumps(out) + "\n").encode()
-    except SllmError as exc:
-        yield (
-            json.dumps({"event": "error", "activationId": run.id, **exc.to_json()}) + "\n"
-        ).encode()
-    finally:
-        events.close()
-
-
-def _sse(
-    events: Generator[dict[str, Any], None, None], chunks: oai.CompletionStream
-) -> Iterator[bytes]:
-    """The OpenAI stream: SSE chunks, then [DONE]; an error mid-stream is an error event."""
-    try:
-        for ev in events:
-            for chunk in chunks.feed(ev):
-                yield oai.sse(chunk)
-        yield oai.SSE_DONE
-    except SllmError as exc:
-        yield oai.sse_error(exc)
-    finally:
-        events.close()

@@ -1,14 +1,18 @@
 """Knative-style triggers: CloudEvents v1.0 over HTTP (binary and structured mode) and plain JSON.
 
     parse_trigger(headers, body)             -> TriggerRequest (mode, event, payload)
+    unparsed_trigger(headers)                -> TriggerRequest: the mode of one that failed to parse
     reply_headers_and_body(request, ...)     -> (status, headers, body), in the request's mode
+    error_reply(request, error, status, src) -> (status, headers, body) of an error before dispatch
     route_from_host(host, domain)            -> (namespace, function) of `{fn}.{ns}.{domain}`
 
 The mode follows the HTTP protocol binding: a `application/cloudevents+json`
 body is a structured event, a `ce-specversion` header marks a binary event
 (attributes in `ce-*` headers, data in the body), anything else is a plain
 JSON invocation. Whatever the mode, the invocation parameters are one JSON
-object: the body, or the event's data.
+object: the body, or the event's data. A CloudEvents caller gets every answer as a
+CloudEvent, errors found before dispatch (a bad event, an unknown function, a bad
+key) as much as a function's failure.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import base64
 import binascii
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,18 +102,39 @@ def _payload(data: Any) -> dict[str, Any]:
     return data
 
 
+def _mode(lower: Mapping[str, str]) -> str:
+    """The binding's mode of a request with lower-case header names ("batch" is structured's
+    batched form)."""
+    media_type = _media_type(lower.get("content-type"))
+    if media_type == STRUCTURED:
+        return "structured"
+    if media_type == BATCH:
+        return "batch"
+    return "binary" if "ce-specversion" in lower else "plain"
+
+
+def unparsed_trigger(headers: Mapping[str, str]) -> TriggerRequest:
+    """What is known of a trigger that was not (or could not be) parsed: its mode.
+
+    A batch is answered as one structured event: there is no event to answer per item.
+    """
+    mode = _mode({name.lower(): value for name, value in headers.items()})
+    return TriggerRequest("structured" if mode == "batch" else mode, None, {})
+
+
 def parse_trigger(headers: Mapping[str, str], body: bytes) -> TriggerRequest:
     """Read an HTTP trigger in whichever mode it arrives; a bad one is an InvalidRequest."""
     lower = {name.lower(): value for name, value in headers.items()}
-    media_type = _media_type(lower.get("content-type"))
-    if media_type == STRUCTURED:
+    mode = _mode(lower)
+    if mode == "structured":
         event = _structured(body)
         return TriggerRequest("structured", event, _payload(event.data))
-    if media_type == BATCH:
+    if mode == "batch":
         raise InvalidRequest("batched CloudEvents are not supported; send one event per request")
-    if "ce-specversion" in lower:
+    if mode == "binary":
         event = _binary(lower, body)
         return TriggerRequest("binary", event, _payload(event.data))
+    media_type = _media_type(lower.get("content-type"))
     if media_type and not _is_json(media_type):
         raise InvalidRequest(
             f"unsupported content type {media_type!r}: send application/json, "
@@ -223,23 +249,40 @@ def reply_headers_and_body(
     """The HTTP reply to a trigger: plain JSON, or a CloudEvent in the request's mode.
 
     The reply event's id is the activation's, its subject the request event's
-    id, its type says whether the function succeeded, and its data is `result`.
+    id (when it could be read), its type says whether the function succeeded,
+    and its data is `result`.
     """
     data = json.dumps(result).encode()
-    if request.event is None:
+    if request.mode == "plain":
         return status, {"content-type": "application/json"}, data
     attrs = {
         "specversion": SPECVERSION,
         "id": activation_id,
         "source": source,
         "type": RESPONSE_TYPE if ok else ERROR_TYPE,
-        "subject": request.event.id,
     }
+    if request.event is not None:
+        attrs["subject"] = request.event.id
     if request.mode == "structured":
         doc = {**attrs, "datacontenttype": "application/json", "data": result}
         return status, {"content-type": STRUCTURED}, json.dumps(doc).encode()
     headers = {f"ce-{name}": quote(value, safe=_HEADER_SAFE) for name, value in attrs.items()}
     return status, {**headers, "content-type": "application/json"}, data
+
+
+def error_reply(
+    request: TriggerRequest, error: Mapping[str, Any], status: int, source: str
+) -> tuple[int, dict[str, str], bytes]:
+    """The reply to a trigger that failed before it ran: `status` and the `{"error": ...}`
+    body, in the request's mode (an error event with a fresh id: no activation exists)."""
+    return reply_headers_and_body(
+        request,
+        activation_id=uuid.uuid4().hex,
+        source=source,
+        result=error,
+        ok=False,
+        status=status,
+    )
 
 
 def route_from_host(host: str, domain: str) -> tuple[str, str] | None:

@@ -8,6 +8,7 @@ answering, surfaces as `InvokerLost` so the dispatcher can retry elsewhere
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import select
@@ -17,7 +18,7 @@ from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from sllm.core.errors import PlatformError, SllmError, Unauthorized, error_class
+from sllm.core.errors import PlatformError, SllmError, Unauthorized
 
 # A reused connection that fails this soon after the request went out was closed by the
 # invoker before it read the request: the request is sent again on a fresh connection.
@@ -34,19 +35,13 @@ class InvokerLost(PlatformError):
 def error_from(doc: Any, status: int, retry_after: str | None = None) -> SllmError:
     """The SllmError an invoker's error body (or event) stands for."""
     err = doc.get("error") if isinstance(doc, Mapping) else None
-    code = err.get("code") if isinstance(err, Mapping) else None
-    message = err.get("message") if isinstance(err, Mapping) else None
-    cls = error_class(code) or PlatformError
-    if cls is Unauthorized:  # the controller's token was refused: that is our fault
-        cls = PlatformError
-    text = message if isinstance(message, str) else f"invoker answered {status}"
-    after = None
+    exc = PlatformError.from_json(err, f"invoker answered {status}")
+    if isinstance(exc, Unauthorized):  # the controller's token was refused: that is our fault
+        exc = PlatformError(exc.message)
     if retry_after:
-        try:
-            after = float(retry_after)
-        except ValueError:
-            after = None
-    return cls(text, retry_after=after)
+        with contextlib.suppress(ValueError):  # a malformed header is no hint at all
+            exc.retry_after = float(retry_after)
+    return exc
 
 
 class InvokerClient:

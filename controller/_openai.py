@@ -5,6 +5,9 @@
     completion_response, embeddings_response, models_response, model_response
     sse(obj), SSE_DONE, sse_error(exc), error_body(exc), error_from_event(event)
 
+Errors about one field name it as `param`, in the client's terms: the invoker's
+`max_tokens` is the `max_completion_tokens` a client sent, its `tokens` the `prompt`.
+
 A parameter that would change the output in a way a single-choice text model
 cannot honour (n > 1, logprobs, penalties, tools, JSON mode) is a 400 naming it
 rather than silently ignored; unknown fields are ignored, since clients add new
@@ -21,11 +24,11 @@ import json
 import math
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.core.errors import InvalidRequest, PlatformError, SllmError, error_class
-from sllm.core.messages import require_object, show_value
+from sllm.core.errors import InvalidRequest, PlatformError, SllmError
+from sllm.core.messages import embedding_inputs, require_object, show_value
 
 MAX_INT = 2**31 - 1
 MAX_SEED = 2**63 - 1
@@ -47,6 +50,13 @@ class OpenAIRequest:
     include_usage: bool = False
     encoding_format: str = "float"  # embeddings only: "float" | "base64"
     user: str | None = None
+    client_names: Mapping[str, str] = field(default_factory=dict, compare=False)  # param -> field
+
+    def in_client_terms(self, exc: SllmError) -> SllmError:
+        """`exc` with its `param` named as this request's client named the field."""
+        if exc.param is not None:
+            exc.param = self.client_names.get(exc.param, exc.param)
+        return exc
 
 
 # ------------------------------------------------------------------ field checks
@@ -65,7 +75,7 @@ def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     value = body.get(name)
     if value is not None and (not _is_int(value) or not lo <= value <= hi):
         raise InvalidRequest(
-            f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}"
+            f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}", param=name
         )
     return value
 
@@ -78,15 +88,17 @@ def _number(body: Mapping[str, Any], name: str, hi: int, *, open_lo: bool) -> fl
     if not _is_number(value) or value > hi or value < 0 or (open_lo and value == 0):
         bracket = "(" if open_lo else "["
         raise InvalidRequest(
-            f"{name!r} must be a number in {bracket}0, {hi}], got {show_value(value)}"
+            f"{name!r} must be a number in {bracket}0, {hi}], got {show_value(value)}",
+            param=name,
         )
     return float(value)
 
 
-def _bool(body: Mapping[str, Any], name: str) -> bool:
+def _bool(body: Mapping[str, Any], name: str, where: str = "") -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise InvalidRequest(f"{name!r} must be a boolean, got {show_value(value)}")
+        param = where + name
+        raise InvalidRequest(f"{param!r} must be a boolean, got {show_value(value)}", param=param)
     return bool(value)
 
 
@@ -102,17 +114,18 @@ def _stop(body: Mapping[str, Any]) -> list[str] | None:
     ):
         raise InvalidRequest(
             f"'stop' must be a string or a list of up to {MAX_STOPS} strings, "
-            f"each 1-{MAX_STOP_CHARS} characters, got {show_value(value)}"
+            f"each 1-{MAX_STOP_CHARS} characters, got {show_value(value)}",
+            param="stop",
         )
     return stops
 
 
 def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampling fields the client gave, validated; `max_completion_tokens` is read as
-    `max_tokens` (the newer chat name) when `max_tokens` is absent."""
-    limit_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    """The sampling fields the client gave, validated; `max_completion_tokens` (the newer
+    name) wins over `max_tokens` when both are given, as with OpenAI and vLLM."""
+    max_tokens = _int(body, "max_tokens", 1, MAX_INT)
     fields = {
-        "max_tokens": _int(body, limit_key, 1, MAX_INT),
+        "max_tokens": _int(body, "max_completion_tokens", 1, MAX_INT) or max_tokens,
         "temperature": _number(body, "temperature", 2, open_lo=False),
         "top_p": _number(body, "top_p", 1, open_lo=True),
         "top_k": _int(body, "top_k", 0, MAX_INT),
@@ -175,18 +188,19 @@ _CHAT_RULES: tuple[_Rule, ...] = (
 def _check_rules(body: Mapping[str, Any], rules: tuple[_Rule, ...]) -> None:
     for name, allowed, rule in rules:
         if not allowed(body.get(name)):
-            raise InvalidRequest(f"{name!r} {rule}, got {show_value(body[name])}")
+            raise InvalidRequest(f"{name!r} {rule}, got {show_value(body[name])}", param=name)
 
 
 def _model_and_user(body: Mapping[str, Any]) -> tuple[str, str | None]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest(
-            f"'model' must be a non-empty string (a function), got {show_value(model)}"
+            f"'model' must be a non-empty string (a function), got {show_value(model)}",
+            param="model",
         )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise InvalidRequest(f"'user' must be a string, got {show_value(user)}")
+        raise InvalidRequest(f"'user' must be a string, got {show_value(user)}", param="user")
     return model, user
 
 
@@ -196,12 +210,26 @@ def _generation(body: Mapping[str, Any], kind: str, params: dict[str, Any]) -> O
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true")
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+        )
     if options is not None and not isinstance(options, dict):
-        raise InvalidRequest(f"'stream_options' must be an object, got {show_value(options)}")
-    include_usage = _bool(options or {}, "include_usage")
+        raise InvalidRequest(
+            f"'stream_options' must be an object, got {show_value(options)}",
+            param="stream_options",
+        )
+    include_usage = _bool(options or {}, "include_usage", "stream_options.")
+    names = {"tokens": "prompt"}
+    if body.get("max_completion_tokens") is not None:
+        names["max_tokens"] = "max_completion_tokens"
     return OpenAIRequest(
-        model, kind, {**params, **_sampling(body)}, stream, include_usage, user=user
+        model,
+        kind,
+        {**params, **_sampling(body)},
+        stream,
+        include_usage,
+        user=user,
+        client_names=names,
     )
 
 
@@ -215,7 +243,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, list) and len(prompt) > 1 and not any(_is_int(p) for p in prompt):
         raise InvalidRequest(
-            f"'prompt': only one prompt per request is supported, got {len(prompt)}"
+            f"'prompt': only one prompt per request is supported, got {len(prompt)}",
+            param="prompt",
         )
     if isinstance(prompt, str) and prompt:
         params: dict[str, Any] = {"prompt": prompt}
@@ -224,7 +253,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
     else:
         raise InvalidRequest(
             "'prompt' must be a non-empty string, a list holding one such string, or a "
-            f"non-empty list of token ids, got {show_value(doc.get('prompt'))}"
+            f"non-empty list of token ids, got {show_value(doc.get('prompt'))}",
+            param="prompt",
         )
     return _generation(doc, "completion", params)
 
@@ -236,7 +266,8 @@ def parse_chat(body: Any) -> OpenAIRequest:
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(
-            f"'messages' must be a non-empty list of message objects, got {show_value(messages)}"
+            f"'messages' must be a non-empty list of message objects, got {show_value(messages)}",
+            param="messages",
         )
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
     return _generation(doc, "chat", {"messages": checked})
@@ -245,23 +276,29 @@ def parse_chat(body: Any) -> OpenAIRequest:
 def _message(message: Any, where: str) -> dict[str, str]:
     """One chat message as `{"role", "content"}`; developer is the newer name of system."""
     if not isinstance(message, dict):
-        raise InvalidRequest(f"{where!r} must be an object, got {show_value(message)}")
+        raise InvalidRequest(f"{where!r} must be an object, got {show_value(message)}", param=where)
     role = message.get("role")
     if role in ("tool", "function"):
-        raise InvalidRequest(f"'{where}.role' is {role!r}: tools are not supported")
+        raise InvalidRequest(
+            f"'{where}.role' is {role!r}: tools are not supported", param=f"{where}.role"
+        )
     for name in ("tool_calls", "function_call"):
         if message.get(name):
-            raise InvalidRequest(f"'{where}.{name}': tools are not supported")
+            raise InvalidRequest(
+                f"'{where}.{name}': tools are not supported", param=f"{where}.{name}"
+            )
     if role not in _ROLES:
         raise InvalidRequest(
-            f"'{where}.role' must be one of {list(_ROLES)}, got {show_value(role)}"
+            f"'{where}.role' must be one of {list(_ROLES)}, got {show_value(role)}",
+            param=f"{where}.role",
         )
     content = message.get("content")
     if isinstance(content, str):
         return {"role": _ROLES[role], "content": content}
     if not isinstance(content, list):
         raise InvalidRequest(
-            f"'{where}.content' must be a string or a list of text parts, got {show_value(content)}"
+            f"'{where}.content' must be a string or a list of text parts, got {show_value(content)}",
+            param=f"{where}.content",
         )
     texts = []
     for j, part in enumerate(content):
@@ -269,40 +306,31 @@ def _message(message: Any, where: str) -> dict[str, str]:
         if kind != "text" or not isinstance(part.get("text"), str):
             raise InvalidRequest(
                 f"'{where}.content[{j}]': only text content is supported "
-                f"({{'type': 'text', 'text': str}}), got {show_value(part)}"
+                f"({{'type': 'text', 'text': str}}), got {show_value(part)}",
+                param=f"{where}.content[{j}]",
             )
         texts.append(part["text"])
     return {"role": _ROLES[role], "content": "".join(texts)}
 
 
 def parse_embedding(body: Any) -> OpenAIRequest:
-    """A `/v1/embeddings` body as an invoker request: a list of texts and the reply encoding."""
+    """A `/v1/embeddings` body as an invoker request: texts or token ids, the reply encoding."""
     doc = require_object(body)
-    value = doc.get("input")
-    texts = [value] if isinstance(value, str) else value
-    if isinstance(texts, list) and texts and all(_is_int(t) or isinstance(t, list) for t in texts):
-        raise InvalidRequest("'input': token arrays are not supported; send text")
-    if (
-        not isinstance(texts, list)
-        or not 1 <= len(texts) <= MAX_EMBED_INPUTS
-        or not all(isinstance(t, str) and t for t in texts)
-    ):
-        raise InvalidRequest(
-            f"'input' must be a non-empty string or a list of 1-{MAX_EMBED_INPUTS} non-empty "
-            f"strings, got {show_value(value)}"
-        )
+    inputs = embedding_inputs(doc.get("input"), MAX_EMBED_INPUTS)
     encoding = doc.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise InvalidRequest(
-            f"'encoding_format' must be 'float' or 'base64', got {show_value(encoding)}"
+            f"'encoding_format' must be 'float' or 'base64', got {show_value(encoding)}",
+            param="encoding_format",
         )
     if doc.get("dimensions") is not None:
         raise InvalidRequest(
             f"'dimensions' must be null: shortening embeddings is not supported, "
-            f"got {show_value(doc['dimensions'])}"
+            f"got {show_value(doc['dimensions'])}",
+            param="dimensions",
         )
     model, user = _model_and_user(doc)
-    return OpenAIRequest(model, "embedding", {"input": texts}, encoding_format=encoding, user=user)
+    return OpenAIRequest(model, "embedding", {"input": inputs}, encoding_format=encoding, user=user)
 
 
 # --------------------------------------------------------------------- responses
@@ -455,7 +483,7 @@ def error_body(exc: SllmError) -> dict[str, Any]:
         "error": {
             "message": exc.message,
             "type": _error_type(exc.status),
-            "param": None,
+            "param": exc.param,
             "code": code,
         }
     }
@@ -466,10 +494,8 @@ def error_from_event(event: Mapping[str, Any]) -> SllmError:
 
     The class is found by its `code`; an unknown code is a PlatformError.
     """
-    error = event.get("error")
-    detail = error if isinstance(error, Mapping) else {}
-    message = str(detail.get("message") or "the invoker reported an error without a message")
-    return (error_class(detail.get("code")) or PlatformError)(message)
+    default = "the invoker reported an error without a message"
+    return PlatformError.from_json(event.get("error"), default)
 
 
 # --------------------------------------------------------------------------- SSE

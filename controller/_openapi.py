@@ -13,7 +13,11 @@ _ERROR = {
         "error": {
             "type": "object",
             "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "param": {"type": "string", "description": "the one request field at fault"},
+            },
         }
     },
 }
@@ -66,13 +70,24 @@ _INVOCATION = {
         "prompt": {"type": "string"},
         "messages": {"type": "array", "items": {"type": "object"}},
         "tokens": {"type": "array", "items": {"type": "integer"}},
-        "max_tokens": {"type": "integer"},
+        "max_tokens": {
+            "type": "integer",
+            "description": "absent: what the context leaves after the prompt, up to the limit",
+        },
         "temperature": {"type": "number"},
         "top_p": {"type": "number"},
         "top_k": {"type": "integer"},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
         "seed": {"type": "integer"},
-        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "input": {
+            "description": "texts or token ids, each at most the model's context",
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "array", "items": {"type": "integer"}},
+                {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+            ],
+        },
     },
 }
 

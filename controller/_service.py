@@ -462,8 +462,7 @@ class Controller:
             given = [k for k in ("prompt", "messages", "tokens") if params.get(k) is not None]
             if len(given) != 1:
                 raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
-            if params.get("max_tokens") is None:
-                params["max_tokens"] = fn.max_tokens
+            # No max_tokens: the invoker fills what the context leaves, up to fn.max_tokens.
             SamplingParams.from_request(params, max_tokens_limit=fn.max_tokens)
         elif params.get("input") is None:
             raise InvalidRequest("'input' is required: a string or a list of strings to embed")
@@ -548,7 +547,8 @@ class Controller:
                     deadline = started + fn.timeout_s
                     continue
                 first = run.dispatched(slot.invoker)
-                body = {**_instance_of(run.namespace, fn), **run.request}
+                limit = {"max_tokens_limit": fn.max_tokens}  # the invoker fits max_tokens under it
+                body = {**_instance_of(run.namespace, fn), **limit, **run.request}
                 try:
                     if first and run.persisted:  # before it is sent: see _leases
                         # The lease covers the run's deadline (a newer definition may have

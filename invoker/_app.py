@@ -51,12 +51,13 @@ def create_app(invoker: Invoker) -> Flask:
 
     @app.errorhandler(SllmError)
     def sllm_error(exc: SllmError) -> Response:
-        return _error(exc.status, exc.code, exc.message, exc.retry_after)
+        return _error(exc.status, exc.to_json(), exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return _error(exc.code or 500, code, exc.description or exc.name)
+        body = {"error": {"code": code, "message": exc.description or exc.name}}
+        return _error(exc.code or 500, body)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -65,7 +66,7 @@ def create_app(invoker: Invoker) -> Flask:
     @app.get("/readyz")
     def readyz() -> Response:
         if not invoker.ready():
-            return _error(503, "unavailable", "starting up", 1.0)
+            return _error(503, {"error": {"code": "unavailable", "message": "starting up"}}, 1.0)
         return _json({"status": "ready"})
 
     @app.get("/metrics")
@@ -120,8 +121,8 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(json.dumps(doc), status=status, mimetype="application/json")
 
 
-def _error(status: int, code: str, message: str, retry_after: float | None = None) -> Response:
-    response = _json({"error": {"code": code, "message": message}}, status)
+def _error(status: int, body: dict[str, Any], retry_after: float | None = None) -> Response:
+    response = _json(body, status)
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(retry_after)))
     return response

@@ -12,7 +12,13 @@ import httpx
 import torch
 
 from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError, Unavailable
-from sllm.core.messages import FunctionSpec, LoadReport, require_object
+from sllm.core.messages import (
+    FunctionSpec,
+    LoadReport,
+    embedding_inputs,
+    field_int,
+    require_object,
+)
 from sllm.native_loader import HostPool
 from sllm.runtime import SamplingParams
 from sllm.store import Store, open_store
@@ -199,13 +205,17 @@ class Invoker:
         spec = self._spec(doc)
         if spec.task != "generate":
             raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
-        params = SamplingParams.from_request(doc, max_tokens_limit=self.config.max_tokens_limit)
-        _check_prompt(doc)
+        # The function's own limit comes from the controller; this host's caps it.
+        cap = self.config.max_tokens_limit
+        limit = min(field_int(doc, "max_tokens_limit", cap, 1, 2**31 - 1), cap)
+        params = SamplingParams.from_request(doc, max_tokens_limit=limit)
+        prompt_param = _check_prompt(doc)
         for attempt in range(2):
             inst, report = self.instances.ensure(spec)
             tokens = _prompt_tokens(inst, doc)
             try:
-                gen = inst.runtime.start(tokens, params)  # prefill: the first forward pass
+                # Fitted to the context, then prefilled: the first forward pass.
+                gen = inst.runtime.start(tokens, params, prompt_param=prompt_param)
                 break
             except Unavailable:  # unloaded between ensure and start: load it again
                 if attempt:
@@ -261,27 +271,16 @@ class Invoker:
             gen.close()
 
     def embed(self, body: Any) -> dict[str, Any]:
-        """Embeddings of `input` (a string or a list of strings)."""
+        """Embeddings of `input`: a string, a list of them, token ids, or a list of those."""
         doc = require_object(body)
         spec = self._spec({**doc, "task": doc.get("task", "embed")})
         if spec.task != "embed":
             raise InvalidRequest(f"function {spec.function!r} is a {spec.task} function")
-        texts = doc.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if (
-            not isinstance(texts, list)
-            or not 1 <= len(texts) <= MAX_EMBED_INPUTS
-            or not all(isinstance(t, str) and t for t in texts)
-        ):
-            raise InvalidRequest(
-                f"'input' must be a non-empty string or a list of 1-{MAX_EMBED_INPUTS} "
-                "non-empty strings"
-            )
+        inputs = embedding_inputs(doc.get("input"), MAX_EMBED_INPUTS)  # before any load
         for attempt in range(2):
             inst, report = self.instances.ensure(spec)
             try:
-                vectors, used = inst.runtime.embed(texts)
+                vectors, used = inst.runtime.embed(inputs)
                 break
             except Unavailable:  # unloaded between ensure and embed: load it again
                 if attempt:
@@ -323,29 +322,37 @@ class Invoker:
         }
 
 
-def _check_prompt(doc: Mapping[str, Any]) -> None:
-    """Checks of the prompt fields that need no model (so a bad request costs no load)."""
+def _check_prompt(doc: Mapping[str, Any]) -> str:
+    """Checks of the prompt fields that need no model (so a bad request costs no load).
+
+    Returns the field the prompt came in: "prompt", "messages" or "tokens".
+    """
     given = [k for k in ("prompt", "messages", "tokens") if doc.get(k) is not None]
     if len(given) != 1:
         raise InvalidRequest("give exactly one of 'prompt', 'messages' or 'tokens'")
     if "prompt" in given and (not isinstance(doc["prompt"], str) or not doc["prompt"]):
-        raise InvalidRequest("'prompt' must be a non-empty string")
+        raise InvalidRequest("'prompt' must be a non-empty string", param="prompt")
     if "messages" in given and (not isinstance(doc["messages"], list) or not doc["messages"]):
-        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects")
+        raise InvalidRequest(
+            "'messages' must be a non-empty list of {role, content} objects", param="messages"
+        )
     tokens = doc.get("tokens")
     if "tokens" in given and (
         not isinstance(tokens, list)
         or not tokens
         or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)
     ):
-        raise InvalidRequest("'tokens' must be a non-empty list of non-negative token ids")
+        raise InvalidRequest(
+            "'tokens' must be a non-empty list of non-negative token ids", param="tokens"
+        )
+    return given[0]
 
 
 def _prompt_tokens(inst: Instance, doc: Mapping[str, Any]) -> list[int]:
     if doc.get("tokens") is not None:
         vocab = len(inst.runtime.tokenizer)
         if any(t >= vocab for t in doc["tokens"]):
-            raise InvalidRequest(f"'tokens' must be token ids in [0, {vocab})")
+            raise InvalidRequest(f"'tokens' must be token ids in [0, {vocab})", param="tokens")
         return list(doc["tokens"])
     if doc.get("prompt") is not None:
         return inst.runtime.encode(prompt=doc["prompt"])

@@ -24,7 +24,7 @@ import torch
 from sllm.core.errors import InvalidRequest
 
 MODES = ("cls", "mean", "max", "lasttoken")
-MAX_TEXTS = 256
+MAX_INPUTS = 256
 _FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -96,16 +96,6 @@ def _max_seq_length(folder: Path) -> int | None:
     value = _read_json(path)
     value = value.get("max_seq_length") if isinstance(value, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def check_texts(texts: Any) -> list[str]:
-    """`texts` as 1..256 non-empty strings, or InvalidRequest."""
-    if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_TEXTS:
-        raise InvalidRequest(f"'input' must be a list of 1-{MAX_TEXTS} strings")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"'input[{i}]' must be a non-empty string, got {text!r:.80}")
-    return list(texts)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> torch.Tensor:

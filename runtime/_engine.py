@@ -48,11 +48,12 @@ class Engine:
     def check_tokens(self, tokens: Any, what: str = "tokens") -> list[int]:
         """`tokens` as a list of valid token ids, or InvalidRequest."""
         if not isinstance(tokens, list) or not tokens:
-            raise InvalidRequest(f"{what!r} must be a non-empty list of token ids")
+            raise InvalidRequest(f"{what!r} must be a non-empty list of token ids", param=what)
         for t in tokens:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab:
                 raise InvalidRequest(
-                    f"{what!r} must hold token ids in [0, {self.vocab - 1}], got {t!r}"
+                    f"{what!r} must hold token ids in [0, {self.vocab - 1}], got {t!r}",
+                    param=what,
                 )
         return list(tokens)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from sllm.core.errors import InvalidRequest
+from sllm.core.errors import ContextLengthExceeded, InvalidRequest
+from sllm.core.messages import EmbedInput, embedding_inputs
 
 from . import _embed, _prompt
 from ._engine import Engine, Slots
@@ -66,11 +67,17 @@ class Runtime:
                 return _prompt.encode_messages(self.tokenizer, messages)
             return _prompt.encode_prompt(self.tokenizer, prompt)
 
-    def start(self, tokens: list[int], params: SamplingParams) -> Generation:
-        """A generation of `tokens`, prefilled; waits for a slot, then raises Overloaded."""
+    def start(
+        self, tokens: list[int], params: SamplingParams, *, prompt_param: str = "prompt"
+    ) -> Generation:
+        """A generation of `tokens`, prefilled; waits for a slot, then raises Overloaded.
+
+        `params` are fitted to the context first (see `SamplingParams.fitted`); a prompt too
+        long for it is a ContextLengthExceeded naming `prompt_param`, the field it came in.
+        """
         self._require("generate")
-        tokens = self._engine.check_tokens(tokens, "prompt")
-        self._check_budget(len(tokens), params)
+        tokens = self._engine.check_tokens(tokens, prompt_param)
+        params = params.fitted(len(tokens), self.max_context, prompt_param=prompt_param)
         slot = self._slots.acquire()
         generation = Generation(self._engine, slot, prompt_len=len(tokens), params=params)
         try:
@@ -84,7 +91,7 @@ class Runtime:
         """A generation continuing from `Generation.export_state()` (possibly from another host)."""
         self._require("generate")
         parsed = _parse_state(state, self._engine)
-        self._check_budget(parsed.prompt_len, parsed.params)
+        parsed.params.fitted(parsed.prompt_len, self.max_context)
         slot = self._slots.acquire()
         generation = Generation(
             self._engine, slot, prompt_len=parsed.prompt_len, params=parsed.params
@@ -97,33 +104,58 @@ class Runtime:
         return generation
 
     def generate(
-        self, tokens: list[int], params: SamplingParams
+        self, tokens: list[int], params: SamplingParams, *, prompt_param: str = "prompt"
     ) -> Generator[TokenEvent, None, None]:
         """Start a generation now and stream its events; ending or closing the stream frees it."""
-        generation = self.start(tokens, params)  # errors surface here, not at the first next()
+        # Errors surface here, not at the first next().
+        generation = self.start(tokens, params, prompt_param=prompt_param)
         return _stream(generation)
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One vector per text and the number of input tokens used."""
+    def embed(self, inputs: list[EmbedInput]) -> tuple[list[list[float]], int]:
+        """One vector per input (a text or its token ids) and the number of tokens used.
+
+        An input longer than the model takes is a ContextLengthExceeded, as with OpenAI and
+        vLLM: cutting it would embed a text other than the one sent.
+        """
         self._require("embed")
-        texts = _embed.check_texts(texts)
+        inputs = embedding_inputs(inputs, _embed.MAX_INPUTS)
         pooling = self.pooling or _embed.PoolingConfig()
         limit = min(self.max_context, pooling.max_seq_length or self.max_context)
+        ids = self._input_ids(inputs, limit)
+        # Right padding: real tokens never see pads and keep their positions, so an input
+        # embeds the same alone or in a batch.
+        width = max(len(row) for row in ids)
+        batch = {
+            "input_ids": torch.full((len(ids), width), self.tokenizer.pad_token_id or 0),
+            "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
+        }
+        for i, row in enumerate(ids):
+            batch["input_ids"][i, : len(row)] = torch.tensor(row)
+            batch["attention_mask"][i, : len(row)] = 1
         with self._slots.held():
-            with self._engine.tokenizer_lock:
-                # Right padding: real tokens never see pads and keep their positions, so a
-                # text embeds the same alone or in a batch.
-                batch = self.tokenizer(
-                    texts,
-                    padding=True,
-                    truncation=True,
-                    max_length=limit,
-                    return_tensors="pt",
-                    padding_side="right",
+            vectors = self._pooled(batch, pooling)
+        return vectors.tolist(), sum(len(row) for row in ids)
+
+    def _input_ids(self, inputs: list[EmbedInput], limit: int) -> list[list[int]]:
+        """Token ids of each input (texts tokenized together), each at most `limit` long."""
+        texts = [item for item in inputs if isinstance(item, str)]
+        with self._engine.tokenizer_lock:
+            encoded = iter(self.tokenizer(texts)["input_ids"] if texts else [])
+        ids = [
+            list(next(encoded))
+            if isinstance(item, str)
+            else self._engine.check_tokens(item, "input")
+            for item in inputs
+        ]
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {len(row)} tokens in 'input[{i}]' for embedding generation. "
+                    "Please reduce the length of the input.",
+                    param="input",
                 )
-            vectors = self._pooled(dict(batch), pooling)
-        used = int(batch["attention_mask"].sum())
-        return vectors.tolist(), used
+        return ids
 
     def _pooled(self, batch: dict[str, Any], pooling: _embed.PoolingConfig) -> torch.Tensor:
         hidden = self._engine.hidden_states(batch)
@@ -142,13 +174,6 @@ class Runtime:
     def _require(self, task: str) -> None:
         if self.task != task:
             raise InvalidRequest(f"this function's task is {self.task!r}, not {task!r}")
-
-    def _check_budget(self, prompt_len: int, params: SamplingParams) -> None:
-        if prompt_len + params.max_tokens > self.max_context:
-            raise InvalidRequest(
-                f"prompt of {prompt_len} tokens plus max_tokens {params.max_tokens} exceeds the "
-                f"model's context of {self.max_context} tokens"
-            )
 
 
 def _stream(generation: Generation) -> Generator[TokenEvent, None, None]:

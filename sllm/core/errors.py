@@ -3,6 +3,7 @@
     SllmError                       code, message, HTTP status
     ├── ClientError                 the caller's fault: 4xx
     │   ├── InvalidRequest          400 malformed body, bad field values
+    │   │   └── ContextLengthExceeded   400 prompt (+ max_tokens) longer than the model's context
     │   ├── Unauthorized            401 missing or wrong token / API key
     │   ├── Forbidden               403 authenticated but not allowed
     │   ├── NotFound                404 unknown model, function, activation
@@ -16,11 +17,13 @@
         ├── InsufficientCapacity    507 the model does not fit the tier budgets
         └── Unavailable             503 shutting down / not ready; carries Retry-After
 
-Every service maps these to `{"error": {"code", "message"}}` in one handler.
+Every service maps these to `{"error": {"code", "message"}}` in one handler; an error
+about one request field also names it, as `param` (OpenAI's name for it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -30,14 +33,35 @@ class SllmError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.param = param  # the request field at fault, when it is one field
 
     def to_json(self) -> dict[str, Any]:
-        """The error body every HTTP surface returns."""
-        return {"error": {"code": self.code, "message": self.message}}
+        """The error body every HTTP surface returns (`param` only when one field is at fault)."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+    @classmethod
+    def from_json(cls, error: Any, default: str) -> SllmError:
+        """The error an `{"code", "message", "param"?}` object stands for (found by its code).
+
+        A code no class has is a `cls`; `default` is the message when none is given.
+        """
+        detail = error if isinstance(error, Mapping) else {}
+        message = detail.get("message")
+        param = detail.get("param")
+        kind = error_class(detail.get("code")) or cls
+        return kind(
+            message if isinstance(message, str) and message else default,
+            param=param if isinstance(param, str) else None,
+        )
 
 
 def error_class(code: object) -> type[SllmError] | None:
@@ -67,6 +91,13 @@ class InvalidRequest(ClientError):
 
     status = 400
     code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, with the completion asked for, does not fit the model's context."""
+
+    status = 400
+    code = "context_length_exceeded"
 
 
 class Unauthorized(ClientError):

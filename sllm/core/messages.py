@@ -33,6 +33,39 @@ def require_object(doc: Any, what: str = "request body") -> Mapping[str, Any]:
     return doc
 
 
+EmbedInput = str | list[int]  # one text, or its token ids in the model's vocabulary
+
+
+def embedding_inputs(value: Any, max_inputs: int) -> list[EmbedInput]:
+    """An embeddings `input` as 1..max_inputs items: OpenAI's string, list of strings, list
+    of token ids or list of such lists (what LangChain sends by default).
+
+    E.g. "a" -> ["a"], [1, 2] -> [[1, 2]], [[1, 2], [3]] -> [[1, 2], [3]].
+    """
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(_is_token(t) for t in value)
+    ):
+        value = [value]
+    rule = (
+        f"'input' must be a non-empty string or token id list, or a list of 1-{max_inputs} of them"
+    )
+    if not isinstance(value, list) or not 1 <= len(value) <= max_inputs:
+        raise InvalidRequest(f"{rule}, got {show_value(value)}", param="input")
+    for i, item in enumerate(value):
+        text = isinstance(item, str) and item
+        ids = isinstance(item, list) and item and all(_is_token(t) for t in item)
+        if not (text or ids):
+            raise InvalidRequest(
+                f"{rule}; 'input[{i}]' is {show_value(item)} (token ids are integers >= 0)",
+                param="input",
+            )
+    return list(value)
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def field_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str], rule: str) -> str:
     """A required string field matching all of `pattern`, without '..'; the error states `rule`."""
     value = doc.get(name)

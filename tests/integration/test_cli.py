@@ -382,7 +382,7 @@ def test_invoker_list_needs_an_admin_key(stack: Stack) -> None:
 def test_a_failed_invocation_exits_1_naming_its_activation(stack: Stack) -> None:
     with stack.api() as api:
         api.put_function("ghost", {"model": "never-published"})
-    for flag in ("--stream", "--blocking"):  # an error event; an error answer
+    for flag in ("--stream", "--blocking"):  # an error answer either way (before any token)
         failed = run(stack, "fn", "invoke", "ghost", "-p", "prompt", "x", flag)
         assert failed.exit_code == 1 and failed.stdout == ""
         message, activation = failed.stderr.splitlines()

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from tests.support.controller import api, make_fn
 
@@ -79,6 +80,72 @@ def test_openai_completions_and_errors(stack: dict[str, Any]) -> None:
         oai(stack, "beta").completions.create(model="text-fn", prompt="x", max_tokens=1)
 
 
+def test_openai_without_max_tokens_a_long_prompt_gets_the_rest_of_the_context(
+    stack: dict[str, Any],
+) -> None:
+    """The function allows 512 tokens, more than the model's context (128): a request that
+    names no max_tokens generates what the context leaves instead of failing."""
+    make_fn(api(stack), "roomy")
+    client = oai(stack)
+    prompt = [5] * 100
+    done = client.completions.create(model="roomy", prompt=prompt, temperature=0)
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (100, 28)
+    assert done.choices[0].finish_reason == "length"  # greedy on [5] * n meets no eos
+    chat = client.chat.completions.create(
+        model="roomy", messages=[{"role": "user", "content": "hi"}], temperature=0, stream=True
+    )
+    assert [c.choices[0].finish_reason for c in chat if c.choices][-1] in ("length", "stop")
+    # max_completion_tokens wins over max_tokens.
+    both = client.completions.create(
+        model="roomy",
+        prompt=prompt,
+        temperature=0,
+        max_tokens=1,
+        extra_body={"max_completion_tokens": 28},
+    )
+    assert both.usage.completion_tokens == 28
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "stream"])
+def test_openai_context_overflow_is_a_400_naming_the_field(
+    stack: dict[str, Any], stream: bool
+) -> None:
+    """Found before the first byte, so a streaming client gets a real 400 too."""
+    name = "tight-stream" if stream else "tight-blocking"
+    make_fn(api(stack), name)
+    client = oai(stack)
+    messages = [{"role": "user", "content": "hi"}]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"prompt": [5] * 100, "max_tokens": 29}, "max_tokens"),
+        (
+            {"prompt": [5] * 100, "extra_body": {"max_completion_tokens": 29}},
+            "max_completion_tokens",
+        ),
+        ({"prompt": [5] * 128}, "prompt"),
+        ({"prompt": "hi " * 200}, "prompt"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model=name, stream=stream, **fields)
+        assert bad.value.code == "context_length_exceeded", fields
+        assert bad.value.param == param
+        assert "maximum context length is 128 tokens" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(model=name, messages=messages * 60, stream=stream)
+    assert (chat.value.code, chat.value.param) == ("context_length_exceeded", "messages")
+    native = httpx.post(
+        stack["ctl"].url + f"/api/v1/namespaces/_/functions/{name}/invocations",
+        params={"stream": "true"} if stream else {"blocking": "true"},
+        json={"tokens": [5] * 100, "max_tokens": 29},
+        headers=_ce_headers(stack),
+        timeout=120,
+    )
+    assert native.status_code == 400
+    error = native.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    assert native.json()["activationId"]  # stored, as a failed blocking call is
+
+
 def test_openai_embeddings(stack: dict[str, Any]) -> None:
     make_fn(api(stack), "emb-fn", model="emb", task="embed")
     client = oai(stack)
@@ -91,6 +158,24 @@ def test_openai_embeddings(stack: dict[str, Any]) -> None:
         assert a.embedding == pytest.approx(b.embedding, abs=1e-6)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="emb-fn", messages=[{"role": "user", "content": "x"}])
+
+
+def test_openai_embeddings_of_token_ids_and_too_long_inputs(stack: dict[str, Any]) -> None:
+    """Token ids (LangChain's default) embed like their text; too long is a 400, not a cut."""
+    make_fn(api(stack), "emb-ids", model="emb", task="embed")
+    client = oai(stack)
+    ids = AutoTokenizer.from_pretrained(stack["root"] / "hf-emb")("a cat")["input_ids"]
+    by_text = client.embeddings.create(model="emb-ids", input="a cat", encoding_format="float")
+    one = client.embeddings.create(model="emb-ids", input=ids, encoding_format="float")
+    lists = client.embeddings.create(model="emb-ids", input=[ids, [4]])
+    assert one.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    assert one.data[0].embedding == pytest.approx(by_text.data[0].embedding, abs=1e-5)
+    assert len(lists.data) == 2 and lists.usage.prompt_tokens == len(ids) + 1
+    assert lists.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1e-5)
+    for long in ("a cat " * 300, [[1] * 129]):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model="emb-ids", input=long)
+        assert (bad.value.code, bad.value.param) == ("context_length_exceeded", "input")
 
 
 def _ce_headers(stack: dict[str, Any]) -> dict[str, str]:
@@ -142,7 +227,64 @@ def test_cloudevents_binary_and_structured(stack: dict[str, Any]) -> None:
         content=json.dumps({k: v for k, v in event.items() if k != "source"}),
         headers={**_ce_headers(stack), "content-type": "application/cloudevents+json"},
     )
-    assert missing.status_code == 400 and "source" in missing.json()["error"]["message"]
+    assert missing.status_code == 400
+    assert missing.headers["content-type"] == "application/cloudevents+json"
+    assert missing.json()["type"] == "dev.sllm.function.error"
+    assert "source" in missing.json()["data"]["error"]["message"]
+
+
+def test_cloudevents_errors_before_dispatch_are_cloudevents(stack: dict[str, Any]) -> None:
+    """Unknown function, bad parameters, a bad key: the caller sent a CloudEvent, so the
+    error comes back as one (in its mode), as errors after dispatch do."""
+    make_fn(api(stack), "ce-strict")
+    binary = {
+        "ce-specversion": "1.0",
+        "ce-id": "evt-9",
+        "ce-source": "/tests",
+        "ce-type": "dev.example.prompt",
+        "content-type": "application/json",
+    }
+    data = json.dumps({"prompt": "hi", "max_tokens": 1})
+    base = stack["ctl"].url + "/t/alpha/"
+    unknown = httpx.post(
+        base + "no-such-fn", content=data, headers={**_ce_headers(stack), **binary}
+    )
+    assert unknown.status_code == 404
+    assert unknown.headers["ce-type"] == "dev.sllm.function.error"
+    assert unknown.headers["ce-subject"] == "evt-9"
+    assert unknown.headers["ce-source"] == "/sllm/alpha/no-such-fn"
+    assert unknown.json()["error"]["code"] == "not_found"
+
+    bad_key = httpx.post(
+        base + "ce-strict",
+        content=data,
+        headers={**binary, "Authorization": "Bearer nobody:nothing"},
+    )
+    assert bad_key.status_code == 401
+    assert bad_key.headers["ce-type"] == "dev.sllm.function.error"
+    assert bad_key.json()["error"]["code"] == "unauthorized"
+
+    event = {
+        "specversion": "1.0",
+        "id": "evt-10",
+        "source": "/tests",
+        "type": "dev.example.prompt",
+        "data": {"prompt": "hi", "no_such_param": 1},
+    }
+    bad_params = httpx.post(
+        base + "ce-strict",
+        content=json.dumps(event),
+        headers={**_ce_headers(stack), "content-type": "application/cloudevents+json"},
+    )
+    assert bad_params.status_code == 400
+    reply = bad_params.json()
+    assert reply["type"] == "dev.sllm.function.error" and reply["subject"] == "evt-10"
+    assert "no_such_param" in reply["data"]["error"]["message"]
+
+    # A plain JSON caller still gets plain JSON.
+    plain = httpx.post(base + "no-such-fn", json={"prompt": "hi"}, headers=_ce_headers(stack))
+    assert plain.status_code == 404 and "ce-type" not in plain.headers
+    assert plain.json()["error"]["code"] == "not_found"
 
 
 def test_knative_host_routing(stack: dict[str, Any]) -> None:

@@ -158,6 +158,28 @@ def test_embeddings(cluster: dict[str, Any]) -> None:
     assert single["data"][0]["embedding"] == pytest.approx(data[0]["embedding"], abs=1e-5)
 
 
+def test_without_max_tokens_a_generation_fills_the_context_under_the_limit(
+    cluster: dict[str, Any],
+) -> None:
+    """Greedy on [5] * n never meets eos within the context, so every run ends on length."""
+    big: InvokerProcess = cluster["big"]
+    f = fn()
+    capped = invoke(big, f, "llama-a", prompt=None, tokens=[5] * 100, max_tokens_limit=3).json()
+    assert (capped["usage"]["completion_tokens"], capped["finish_reason"]) == (3, "length")
+    filled = invoke(big, f, "llama-a", prompt=None, tokens=[5] * 120).json()
+    assert filled["usage"] == {"prompt_tokens": 120, "completion_tokens": 8, "total_tokens": 128}
+    assert filled["finish_reason"] == "length"
+
+
+def test_embeddings_of_token_ids(cluster: dict[str, Any]) -> None:
+    big: InvokerProcess = cluster["big"]
+    r = big.post("/v1/embed", {"function": fn(), "model": "emb", "input": [[1, 2, 3], [4]]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2 and r.json()["usage"]["prompt_tokens"] == 4
+    one = big.post("/v1/embed", {"function": fn(), "model": "emb", "input": [1, 2, 3]}).json()
+    assert one["data"][0]["embedding"] == pytest.approx(r.json()["data"][0]["embedding"], abs=1e-5)
+
+
 def test_single_flight_across_concurrent_requests(cluster: dict[str, Any]) -> None:
     small: InvokerProcess = cluster["small"]
     f = fn()
@@ -265,6 +287,24 @@ def test_two_invokers_have_separate_caches(cluster: dict[str, Any]) -> None:
             "embed function",
         ),
         ([1, 2, 3], 400, "invalid_request", "JSON object"),
+        (
+            {"function": "t/f", "model": "llama-a", "tokens": [5] * 100, "max_tokens": 29},
+            400,
+            "context_length_exceeded",
+            "maximum context length is 128 tokens",
+        ),
+        (
+            {"function": "t/f", "model": "llama-a", "prompt": "x", "max_tokens_limit": 0},
+            400,
+            "invalid_request",
+            "max_tokens_limit",
+        ),
+        (
+            {"function": "t/f", "model": "emb", "task": "embed", "input": [[1] * 129]},
+            400,
+            "context_length_exceeded",
+            "maximum context length is 128 tokens",
+        ),
     ],
     ids=[
         "no-function",
@@ -278,12 +318,16 @@ def test_two_invokers_have_separate_caches(cluster: dict[str, Any]) -> None:
         "bad-token-ids",
         "wrong-task",
         "not-an-object",
+        "context-overflow",
+        "bad-max-tokens-limit",
+        "embed-input-too-long",
     ],
 )
 def test_bad_requests_are_clear_4xx(
     cluster: dict[str, Any], body: Any, status: int, code: str, words: str
 ) -> None:
-    r = cluster["big"].post("/v1/invoke", body)
+    embeds = isinstance(body, dict) and "input" in body
+    r = cluster["big"].post("/v1/embed" if embeds else "/v1/invoke", body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and words in err["message"]

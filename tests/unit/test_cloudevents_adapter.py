@@ -15,9 +15,11 @@ import pytest
 from sllm.controller._cloudevents import (
     CloudEvent,
     TriggerRequest,
+    error_reply,
     parse_trigger,
     reply_headers_and_body,
     route_from_host,
+    unparsed_trigger,
 )
 from sllm.core.errors import InvalidRequest
 
@@ -130,6 +132,63 @@ def test_binary_reply_percent_encodes_header_values() -> None:
     assert headers["ce-subject"] == "id%20with%20space"
     reply = parse_trigger(headers, body)
     assert reply.event is not None and reply.event.subject == "id with space"
+
+
+# ---------------------------------------------------------- errors before dispatch
+NOT_FOUND = {"error": {"code": "not_found", "message": "no function 'x' in namespace 'ns'"}}
+
+
+@pytest.mark.parametrize(
+    ("headers", "mode"),
+    [
+        (_binary_headers(), "binary"),
+        (STRUCTURED, "structured"),
+        ({"content-type": "application/cloudevents-batch+json"}, "structured"),
+        ({"content-type": "application/json"}, "plain"),
+        ({}, "plain"),
+    ],
+    ids=["binary", "structured", "batch", "json", "no-content-type"],
+)
+def test_an_unparsed_trigger_keeps_its_mode(headers: dict[str, str], mode: str) -> None:
+    assert unparsed_trigger(headers) == TriggerRequest(mode, None, {})
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_error_before_dispatch_is_a_cloudevent_in_the_request_mode(mode: str) -> None:
+    headers = _binary_headers() if mode == "binary" else STRUCTURED
+    body = json.dumps(PARAMS).encode() if mode == "binary" else _structured()
+    request = parse_trigger(headers, body)
+
+    status, reply_headers, reply_body = error_reply(request, NOT_FOUND, 404, SOURCE)
+
+    assert status == 404
+    reply = parse_trigger(reply_headers, reply_body)
+    assert reply.mode == mode and reply.event is not None
+    assert reply.event.type == "dev.sllm.function.error"
+    assert reply.event.subject == ("evt-1" if mode == "binary" else "evt-2")
+    assert reply.event.source == SOURCE
+    assert reply.event.data == NOT_FOUND
+    other = parse_trigger(*error_reply(request, NOT_FOUND, 404, SOURCE)[1:])
+    assert other.event is not None and other.event.id != reply.event.id  # ids never repeat
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_unreadable_event_gets_an_error_event_without_subject(mode: str) -> None:
+    headers = _binary_headers() if mode == "binary" else STRUCTURED
+
+    _, reply_headers, reply_body = error_reply(unparsed_trigger(headers), NOT_FOUND, 400, SOURCE)
+
+    reply = parse_trigger(reply_headers, reply_body)
+    assert reply.mode == mode and reply.event is not None
+    assert reply.event.type == "dev.sllm.function.error" and reply.event.subject is None
+    assert reply.event.data == NOT_FOUND
+
+
+def test_a_plain_caller_gets_a_plain_json_error() -> None:
+    status, headers, body = error_reply(unparsed_trigger({}), NOT_FOUND, 404, SOURCE)
+
+    assert (status, headers) == (404, {"content-type": "application/json"})
+    assert json.loads(body) == NOT_FOUND
 
 
 # -------------------------------------------------------------------- structured

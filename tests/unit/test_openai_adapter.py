@@ -34,6 +34,7 @@ from sllm.controller._openai import (
 )
 from sllm.core.errors import (
     Conflict,
+    ContextLengthExceeded,
     FunctionError,
     InvalidRequest,
     NotFound,
@@ -135,7 +136,7 @@ BAD: dict[str, tuple[Parse, Any, str]] = {
     "include-usage-not-bool": (
         parse_chat,
         _chat(stream=True, stream_options={"include_usage": "yes"}),
-        "'include_usage' must be a boolean",
+        "'stream_options.include_usage' must be a boolean",
     ),
     "temperature-high": (
         parse_chat,
@@ -211,8 +212,11 @@ BAD: dict[str, tuple[Parse, Any, str]] = {
     "input-empty-list": (parse_embedding, _embedding(input=[]), "'input' must be"),
     "input-empty-item": (parse_embedding, _embedding(input=["a", ""]), "'input' must be"),
     "input-too-many": (parse_embedding, _embedding(input=["a"] * 2049), "1-2048"),
-    "input-tokens": (parse_embedding, _embedding(input=[1, 2, 3]), "token arrays"),
-    "input-token-lists": (parse_embedding, _embedding(input=[[1, 2]]), "token arrays"),
+    "input-empty-token-list": (parse_embedding, _embedding(input=[[]]), r"'input\[0\]' is \[\]"),
+    "input-negative-token": (parse_embedding, _embedding(input=[[1, -2]]), r"'input\[0\]'"),
+    "input-float-token": (parse_embedding, _embedding(input=[1.5]), r"'input\[0\]' is 1.5"),
+    "input-bool-token": (parse_embedding, _embedding(input=[True]), r"'input\[0\]' is True"),
+    "input-nested-text": (parse_embedding, _embedding(input=[["a"]]), r"'input\[0\]'"),
     "encoding-format": (
         parse_embedding,
         _embedding(encoding_format="int8"),
@@ -227,6 +231,52 @@ def test_bad_requests_are_400_naming_the_field(parse: Parse, body: Any, match: s
     with pytest.raises(InvalidRequest, match=match) as info:
         parse(body)
     assert info.value.status == 400
+
+
+PARAMS: dict[str, tuple[Parse, Any, str]] = {
+    "model": (parse_chat, _chat(model=""), "model"),
+    "max-tokens": (parse_chat, _chat(max_tokens=0), "max_tokens"),
+    "max-completion-tokens": (parse_chat, _chat(max_completion_tokens=0), "max_completion_tokens"),
+    "temperature": (parse_completion, _completion(temperature=9), "temperature"),
+    "top-p": (parse_chat, _chat(top_p=0), "top_p"),
+    "stop": (parse_chat, _chat(stop=[""]), "stop"),
+    "n": (parse_chat, _chat(n=2), "n"),
+    "tools": (parse_chat, _chat(tools=[{"type": "function"}]), "tools"),
+    "stream": (parse_chat, _chat(stream="yes"), "stream"),
+    "include-usage": (
+        parse_chat,
+        _chat(stream=True, stream_options={"include_usage": 1}),
+        "stream_options.include_usage",
+    ),
+    "messages": (parse_chat, _chat(messages=[]), "messages"),
+    "message-role": (
+        parse_chat,
+        _chat(messages=[{"role": "x", "content": ""}]),
+        "messages[0].role",
+    ),
+    "prompt": (parse_completion, _completion(prompt=3), "prompt"),
+    "input": (parse_embedding, _embedding(input=[[]]), "input"),
+    "encoding-format": (parse_embedding, _embedding(encoding_format="int8"), "encoding_format"),
+}
+
+
+@pytest.mark.parametrize(("parse", "body", "param"), PARAMS.values(), ids=PARAMS.keys())
+def test_bad_requests_name_the_field_as_param(parse: Parse, body: Any, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(body)
+    assert info.value.param == param
+    assert error_body(info.value)["error"]["param"] == param
+
+
+def test_invoker_params_are_named_as_the_client_named_them() -> None:
+    by_tokens = parse_completion(_completion(prompt=[1, 2], max_completion_tokens=3))
+    by_text = parse_completion(_completion(max_tokens=3))
+
+    renamed = by_tokens.in_client_terms(ContextLengthExceeded("too long", param="max_tokens"))
+    assert renamed.param == "max_completion_tokens"
+    assert by_tokens.in_client_terms(InvalidRequest("bad", param="tokens")).param == "prompt"
+    assert by_text.in_client_terms(InvalidRequest("bad", param="max_tokens")).param == "max_tokens"
+    assert by_text.in_client_terms(InvalidRequest("bad")).param is None
 
 
 def test_error_messages_cut_huge_values_short() -> None:
@@ -349,11 +399,11 @@ GOOD: dict[str, tuple[Parse, Any, OpenAIRequest]] = {
             },
         ),
     ),
-    "chat-max-tokens-wins": (
+    "chat-max-completion-tokens-wins": (
         parse_chat,
         _chat(max_tokens=8, max_completion_tokens=64),
         OpenAIRequest(
-            "fn", "chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+            "fn", "chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}
         ),
     ),
     "chat-stream-without-usage": (
@@ -372,6 +422,17 @@ GOOD: dict[str, tuple[Parse, Any, OpenAIRequest]] = {
         OpenAIRequest(
             "emb", "embedding", {"input": ["a", "b"]}, encoding_format="base64", user="u"
         ),
+    ),
+    # Token ids, as LangChain's OpenAIEmbeddings sends them by default.
+    "embedding-token-ids": (
+        parse_embedding,
+        _embedding(input=[0, 17, 3]),
+        OpenAIRequest("emb", "embedding", {"input": [[0, 17, 3]]}),
+    ),
+    "embedding-token-id-lists": (
+        parse_embedding,
+        _embedding(input=[[5, 6], [7]]),
+        OpenAIRequest("emb", "embedding", {"input": [[5, 6], [7]]}),
     ),
 }
 
@@ -633,6 +694,17 @@ def test_missing_usage_counts_are_zero() -> None:
 def test_error_body_has_openai_shape(exc: SllmError, type_: str, code: str) -> None:
     assert error_body(exc) == {
         "error": {"message": exc.message, "type": type_, "param": None, "code": code}
+    }
+
+
+def test_context_length_error_has_openais_code_and_param() -> None:
+    assert error_body(ContextLengthExceeded("too long", param="messages")) == {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
     }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sllm import tiny_models
-from sllm.core.errors import InvalidRequest
+from sllm.core.errors import ContextLengthExceeded, InvalidRequest
 from sllm.native_loader import convert, load_model
 from sllm.runtime import (
     PoolingConfig,
@@ -137,42 +137,75 @@ def test_decoder_embedder_with_last_token_pooling_is_batch_invariant(tmp_path: P
         torch.testing.assert_close(torch.tensor(alone[0]), torch.tensor(vector), atol=1e-5, rtol=0)
 
 
-def test_long_input_is_truncated_to_the_max_sequence_length(root: Path) -> None:
+def test_input_longer_than_the_model_takes_is_a_context_length_error(root: Path) -> None:
     rt = runtime_for(embedder(root, "mean", normalize=True))
     long = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)
+    fits = rt.tokenizer(long)["input_ids"][: tiny_models.MAX_POSITIONS]
 
-    _, used = rt.embed([long, "hi"])
-    assert used == tiny_models.MAX_POSITIONS + len(rt.tokenizer("hi")["input_ids"])
+    with pytest.raises(ContextLengthExceeded) as info:
+        rt.embed(["hi", long])
+
+    assert (info.value.status, info.value.param) == (400, "input")
+    assert f"maximum context length is {tiny_models.MAX_POSITIONS} tokens" in info.value.message
+    assert "'input[1]'" in info.value.message
+    with pytest.raises(ContextLengthExceeded):
+        rt.embed([[*fits, 5]])
+    assert rt.embed([fits])[1] == tiny_models.MAX_POSITIONS  # exactly the limit is fine
+    assert rt.active() == 0
 
 
-def test_sentence_transformers_max_seq_length_is_honoured(tmp_path: Path) -> None:
+def test_sentence_transformers_max_seq_length_is_the_limit(tmp_path: Path) -> None:
     rt = runtime_for(embedder(tmp_path, "cls", normalize=True, max_seq_length=8))
 
-    _, used = rt.embed(["The quick brown fox jumps over the lazy dog."])
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 8 tokens"):
+        rt.embed(["The quick brown fox jumps over the lazy dog."])
+    assert rt.embed(["Hi"])[1] == len(rt.tokenizer("Hi")["input_ids"])
 
-    assert used == 8
+
+@pytest.mark.parametrize("mode", tiny_models.POOLING_MODES)
+def test_token_ids_embed_like_the_text_they_encode(root: Path, mode: str) -> None:
+    rt = runtime_for(embedder(root, mode, normalize=True))
+    ids = [rt.tokenizer(text)["input_ids"] for text in TEXTS]
+
+    by_text, used_text = rt.embed(TEXTS)
+    by_ids, used_ids = rt.embed(ids)
+    mixed, _ = rt.embed([ids[0], TEXTS[1]])
+
+    assert used_ids == used_text
+    torch.testing.assert_close(torch.tensor(by_ids), torch.tensor(by_text), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(mixed), torch.tensor(by_text[:2]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
     "texts",
-    [[], ["hello"] * 257, [""], ["ok", ""], ["ok", 5], "hello", None, [["nested"]]],
+    [[], ["hello"] * 257, [""], ["ok", ""], ["ok", 5], None, [["nested"]], [[]], [[1, -1]]],
     ids=[
         "empty-list",
         "too-many",
         "empty-text",
         "one-empty",
         "not-a-string",
-        "bare-string",
         "none",
         "nested-list",
+        "empty-token-list",
+        "negative-token",
     ],
 )
 def test_bad_input_is_rejected(root: Path, texts: Any) -> None:
     rt = runtime_for(embedder(root, "mean", normalize=True))
 
-    with pytest.raises(InvalidRequest, match="input"):
+    with pytest.raises(InvalidRequest, match="input") as info:
         rt.embed(texts)
+    assert info.value.param == "input"
     assert rt.active() == 0
+
+
+def test_token_id_outside_the_vocabulary_is_rejected(root: Path) -> None:
+    rt = runtime_for(embedder(root, "mean", normalize=True))
+
+    with pytest.raises(InvalidRequest, match="token ids in") as info:
+        rt.embed([[1, 10**6]])
+    assert info.value.param == "input"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,13 @@ import torch
 from transformers import Cache, PretrainedConfig
 
 from sllm import tiny_models
-from sllm.core.errors import Conflict, InvalidRequest, Overloaded, Unavailable
+from sllm.core.errors import (
+    Conflict,
+    ContextLengthExceeded,
+    InvalidRequest,
+    Overloaded,
+    Unavailable,
+)
 from sllm.native_loader import convert, load_model
 from sllm.runtime import (
     Generation,
@@ -431,8 +437,8 @@ def test_bad_prompt_or_messages_are_rejected(llama: Runtime, kwargs: dict[str, A
     ("tokens", "max_tokens", "match"),
     [
         ([], 4, "non-empty"),
-        ([5] * 120, 9, "exceeds the model's context of 128"),
-        ([5] * 128, 1, "exceeds"),
+        ([5] * 120, 9, "maximum context length is 128 tokens.*129 tokens"),
+        ([5] * 128, 1, "leaves no room"),
         ([5, 10**6], 4, "token ids"),
         ([5, -1], 4, "token ids"),
     ],
@@ -456,6 +462,32 @@ def test_context_limit_comes_from_the_model_config(llama: Runtime) -> None:
     assert llama.max_context == tiny_models.MAX_POSITIONS
     with llama.start([5] * 120, SamplingParams(max_tokens=8)) as generation:
         assert len(list(run(generation))) == 8
+
+
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(llama: Runtime) -> None:
+    params = SamplingParams.from_request({"temperature": 0}, max_tokens_limit=512)
+
+    with llama.start([5] * 120, params) as generation:
+        assert generation.params.max_tokens == tiny_models.MAX_POSITIONS - 120
+        events = run(generation)
+    assert len([e for e in events if e.token is not None]) <= 8
+    assert events[-1].finish_reason in ("length", "eos")
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "prompt_len", "param"),
+    [(9, 120, "max_tokens"), (None, 128, "messages")],
+    ids=["max-tokens-too-many", "prompt-fills-context"],
+)
+def test_context_overflow_names_the_field_at_fault(
+    llama: Runtime, max_tokens: int | None, prompt_len: int, param: str
+) -> None:
+    params = SamplingParams.from_request({"max_tokens": max_tokens}, max_tokens_limit=512)
+
+    with pytest.raises(ContextLengthExceeded) as info:
+        llama.start([5] * prompt_len, params, prompt_param="messages")
+    assert info.value.param == param
+    assert llama.active() == 0
 
 
 # -- concurrency ------------------------------------------------------------------------------

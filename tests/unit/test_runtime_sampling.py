@@ -14,7 +14,7 @@ import torch
 from transformers import Cache, PretrainedConfig
 
 from sllm import tiny_models
-from sllm.core.errors import InvalidRequest
+from sllm.core.errors import ContextLengthExceeded, InvalidRequest
 from sllm.runtime import Runtime, SamplingParams
 
 LIMIT = 256
@@ -23,19 +23,53 @@ LIMIT = 256
 # -- parsing requests ---------------------------------------------------------------------------
 
 
+FILL = SamplingParams(max_tokens=LIMIT, fit_context=True)  # no max_tokens: fill the context
+
+
 def test_missing_fields_take_the_defaults() -> None:
-    assert SamplingParams.from_request({}, max_tokens_limit=LIMIT) == SamplingParams()
-    assert SamplingParams() == SamplingParams(16, 1.0, 1.0, 0, (), None)
+    assert SamplingParams.from_request({}, max_tokens_limit=LIMIT) == FILL
+    assert SamplingParams() == SamplingParams(16, 1.0, 1.0, 0, (), None, False)
 
 
 def test_null_fields_take_the_defaults() -> None:
     body = {k: None for k in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")}
 
-    assert SamplingParams.from_request(body, max_tokens_limit=LIMIT) == SamplingParams()
+    assert SamplingParams.from_request(body, max_tokens_limit=LIMIT) == FILL
 
 
-def test_default_max_tokens_never_exceeds_the_limit() -> None:
-    assert SamplingParams.from_request({}, max_tokens_limit=8).max_tokens == 8
+@pytest.mark.parametrize(
+    ("limit", "prompt_len", "expected"),
+    [(512, 100, 28), (8, 100, 8), (512, 127, 1)],
+    ids=["context-left", "limit-lower", "one-token-left"],
+)
+def test_without_max_tokens_a_generation_fills_the_context_up_to_the_limit(
+    limit: int, prompt_len: int, expected: int
+) -> None:
+    params = SamplingParams.from_request({}, max_tokens_limit=limit).fitted(prompt_len, 128)
+
+    assert params.max_tokens == expected
+    assert not params.fit_context
+
+
+def test_explicit_max_tokens_that_does_not_fit_is_a_context_length_error() -> None:
+    params = SamplingParams.from_request({"max_tokens": 40}, max_tokens_limit=LIMIT)
+
+    assert params.fitted(88, 128) == params
+    with pytest.raises(ContextLengthExceeded) as info:
+        params.fitted(89, 128)
+    assert (info.value.status, info.value.code) == (400, "context_length_exceeded")
+    assert info.value.param == "max_tokens"
+    assert "maximum context length is 128 tokens" in info.value.message
+    assert "129 tokens" in info.value.message
+
+
+@pytest.mark.parametrize("body", [{}, {"max_tokens": 1}], ids=["default", "explicit"])
+def test_a_prompt_that_fills_the_context_leaves_no_room(body: dict[str, Any]) -> None:
+    params = SamplingParams.from_request(body, max_tokens_limit=LIMIT)
+
+    with pytest.raises(ContextLengthExceeded) as info:
+        params.fitted(128, 128, prompt_param="messages")
+    assert info.value.param == "messages"
 
 
 def test_every_field_is_read() -> None:
@@ -61,7 +95,7 @@ def test_every_field_is_read() -> None:
         ({"stop": "###"}, {"stop": ("###",)}),
         ({"stop": []}, {"stop": ()}),
         ({"max_completion_tokens": 7}, {"max_tokens": 7}),
-        ({"max_tokens": 5, "max_completion_tokens": 7}, {"max_tokens": 5}),
+        ({"max_tokens": 5, "max_completion_tokens": 7}, {"max_tokens": 7}),
         ({"temperature": 2}, {"temperature": 2.0}),
         ({"top_p": 1}, {"top_p": 1.0}),
         ({"max_tokens": LIMIT}, {"max_tokens": LIMIT}),
@@ -70,7 +104,7 @@ def test_every_field_is_read() -> None:
         "stop-str",
         "stop-empty-list",
         "max-completion-tokens",
-        "max-tokens-wins",
+        "max-completion-tokens-wins",
         "int-temperature",
         "int-top-p",
         "max-tokens-at-limit",
@@ -129,6 +163,7 @@ def test_invalid_value_is_rejected_naming_field_value_and_range(
     shown = repr(value[-1] if isinstance(value, list) and field == "stop" else value)
     assert shown[:20] in message
     assert info.value.status == 400
+    assert info.value.param == field
 
 
 NOT_AN_OBJECT: Any = ["max_tokens", 3]
