@@ -45,7 +45,6 @@ evicting a model of another size, pays those faults too (`sllm bench load`'s
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import shutil
@@ -56,6 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from ._results import write_results
 
 if TYPE_CHECKING:
     from sllm.bench._coldstart_baselines import FirstToken
@@ -234,9 +235,7 @@ def run(
     # Other work on the host skews timings; say how busy it was.
     results["machine"]["loadavg_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
     _print_table(results, echo)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    echo(f"wrote {out}")
+    write_results(out, results, echo)
     return results
 
 

@@ -52,6 +52,7 @@ from sllm.native_loader._engine import crc32c
 from sllm.native_loader._read import DEFAULT_THREADS
 
 from ._load_report import print_table, summarise
+from ._results import write_results
 
 MB = 1024 * 1024
 PAGE = 4096
@@ -309,9 +310,7 @@ def run(
     results["cold_order"] = {"seed": seed, "rounds": orders}
     results["pool_bytes_mapped_before_cold_read"] = mapped_before
     print_table(results, echo)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    echo(f"wrote {out}")
+    write_results(out, results, echo)
     if not keep:
         shutil.rmtree(files.dir, ignore_errors=True)
     return results

@@ -49,7 +49,6 @@ rate with zero errors.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -85,6 +84,7 @@ from ._overhead_stats import (
     targets,
     throughput_point,
 )
+from ._results import write_results
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 WARMUP_REQUESTS = 20  # per path, before the latency pairs
@@ -174,9 +174,7 @@ def run(
     }
     results = results_document(machine, settings, databases)
     print_table(results, echo)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(finite(results), indent=2) + "\n")
-    echo(f"wrote {out}")
+    write_results(out, finite(results), echo)
     failed = [k for k, v in databases.items() if "failed" in v]
     if failed:
         raise click.ClickException(f"the run failed on {', '.join(failed)} (see {out})")
