@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import sllm.invoker._download as download_mod
 import sllm.invoker._nvme as nvme_mod
 from sllm.core.errors import Unavailable
 from sllm.core.messages import LoadReport
@@ -175,3 +176,54 @@ def test_second_invoker_process_on_a_cache_folder_refuses_to_start(
             assert client.get("/v1/status").json()["tiers"]["nvme"]["models"]
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize(
+    "deleted", [".", "partial"], ids=["whole-cache-folder", "partial-subfolder"]
+)
+def test_cache_folder_deleted_during_a_download_still_serves_and_heals(
+    make_invoker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deleted: str
+) -> None:
+    """Regression: the load failed (FileNotFoundError), or published a copy without its data."""
+    invoker = make_invoker()
+    store = invoker.tiers.store
+    real = store.get_range_into
+    wiped: list[bool] = []
+
+    def get_range_into(key: str, offset: int, view: Any) -> Any:
+        if not wiped:  # the operator wipes the cache while the first part is on the wire
+            wiped.append(True)
+            shutil.rmtree(tmp_path / "cache" / deleted)
+        return real(key, offset, view)
+
+    monkeypatch.setattr(store, "get_range_into", get_range_into)
+
+    assert load(invoker, "t/small", "small").tier == "remote"  # the bytes in memory are fine
+    assert wiped and nvme_models(invoker) == []
+    monkeypatch.undo()
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert nvme_models(invoker) == ["small"]
+
+
+def test_disk_error_while_writing_the_nvme_copy_serves_from_memory(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a full disk failed the load although the verified bytes were in memory."""
+    invoker = make_invoker()
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(download_mod.os, "pwrite", pwrite)
+    report = load(invoker, "t/small", "small")
+    assert report.tier == "remote" and report.fetched_bytes > 0
+    assert nvme_models(invoker) == []
+    _, events = invoker.invoke(
+        {"function": "t/small", "model": "small", "prompt": "hi", "max_tokens": 2}
+    )
+    assert [e["event"] for e in events][-1] == "done"  # the model in memory serves
+    monkeypatch.undo()
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert nvme_models(invoker) == ["small"]
