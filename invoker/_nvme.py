@@ -176,9 +176,11 @@ class NvmeTier:
     def publish(self, key: str) -> Path:
         """Atomically turn the finished partial folder of `key` into a complete entry.
 
-        On an OSError (a failed fsync or rename) the download is abandoned as
-        after any failure: its partial folder stays for a resume and the next
-        `begin` of `key` may start again.
+        On an OSError before the rename (a failed fsync or rename) the
+        download is abandoned as after any failure: its partial folder stays
+        for a resume and the next `begin` of `key` may start again. Once
+        renamed the entry is complete: a failed fsync of the parent folder
+        only risks the rename after a crash, which the start-up scan handles.
         """
         src, dst = self.partial_path(key), self.path(key)
         try:
@@ -189,13 +191,16 @@ class NvmeTier:
                     shutil.rmtree(src, ignore_errors=True)
                 else:
                     os.rename(src, dst)
-                    fsync_dir(self.complete_dir)
                 self._active.discard(key)
                 nbytes = self._partials.pop(key, 0)
                 self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
         except OSError:
             self.abandon(key)
             raise
+        try:
+            fsync_dir(self.complete_dir)
+        except OSError as exc:
+            log.warning("NVMe entry %s published, but its folder was not synced: %s", key, exc)
         return dst
 
     def abandon(self, key: str) -> None:

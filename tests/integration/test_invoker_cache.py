@@ -152,6 +152,28 @@ def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
     assert nvme_models(invoker) == ["small"]
 
 
+def test_failed_sync_after_the_publish_rename_keeps_the_nvme_copy(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the renamed copy was on disk but forgotten, so the next load went remote."""
+    invoker = make_invoker()
+    real = nvme_mod.fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path == invoker.nvme.complete_dir and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
+        real(path)
+
+    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert failed and nvme_models(invoker) == ["small"]
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "nvme"
+
+
 def test_second_invoker_on_a_cache_folder_is_refused(make_invoker: Any, tmp_path: Path) -> None:
     first = make_invoker()
     with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use by another invoker"):
