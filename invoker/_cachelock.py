@@ -55,8 +55,12 @@ class CacheLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # a failed write would otherwise hold the lock until exit
+            os.close(fd)
+            raise
         return cls(root, fd)
 
     def release(self) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import torch
 
+import sllm.invoker._cachelock as cachelock_mod
 import sllm.invoker._download as download_mod
 import sllm.invoker._nvme as nvme_mod
 from sllm.core.errors import Unavailable
 from sllm.core.messages import LoadReport
-from sllm.invoker import CacheFolderBusy, Invoker, InvokerConfig, cache_key
+from sllm.invoker import CacheFolderBusy, CacheLock, Invoker, InvokerConfig, cache_key
 from sllm.store import PublishedModel, open_store, push_model
 from sllm.tiny_models import build_tiny_model
 from tests.support.invoker import InvokerProcess
@@ -180,6 +181,21 @@ def test_second_invoker_on_a_cache_folder_is_refused(make_invoker: Any, tmp_path
         make_invoker()
     first.close()
     make_invoker()  # free once the holder is gone
+
+
+def test_failed_lock_claim_leaves_the_folder_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a failed pid write kept the flock, so a retry found the folder busy."""
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(cachelock_mod.os, "pwrite", pwrite)
+        with pytest.raises(OSError, match="No space"):
+            CacheLock.acquire(tmp_path / "cache")
+    CacheLock.acquire(tmp_path / "cache").release()
 
 
 @pytest.mark.invoker
