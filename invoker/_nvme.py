@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sllm.core.files import fsync_dir
 
+from ._cachelock import CacheLock
 from ._eviction import CachedModel, plan_eviction
 
 log = logging.getLogger("sllm.invoker")
@@ -58,8 +59,10 @@ def _folder_bytes(folder: Path) -> int:
 class NvmeTier:
     """Checkpoint folders on local disk, LRU within `capacity` bytes, never evicting one in use."""
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(self, root: Path, capacity: int, *, lock: CacheLock | None = None) -> None:
+        """`lock`, the invoker's claim on `root`, is taken again if the folder is remade."""
         self.root = root
+        self._folder_lock = lock
         self.capacity = capacity
         self.complete_dir = root / "nvme"
         self.partial_dir = root / "partial"
@@ -246,6 +249,9 @@ class NvmeTier:
             self._make_dirs()
         except OSError as exc:
             log.warning("NVMe cache folder %s is unusable: %s", self.root, exc)
+        else:
+            if self._folder_lock is not None:
+                self._folder_lock.reclaim()
         for key in list(self._entries):
             if not (self.path(key) / "manifest.json").is_file():
                 del self._entries[key]  # a load reading it fails its checks and goes remote

@@ -183,6 +183,17 @@ def test_second_invoker_on_a_cache_folder_is_refused(make_invoker: Any, tmp_path
     make_invoker()  # free once the holder is gone
 
 
+def test_cache_folder_deleted_under_an_invoker_is_locked_again(
+    make_invoker: Any, tmp_path: Path
+) -> None:
+    """Regression: the lock file went with the folder, so a second invoker could share it."""
+    first = make_invoker()
+    shutil.rmtree(tmp_path / "cache")
+    assert nvme_models(first) == []  # any lookup remakes the folder
+    with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use"):
+        make_invoker()
+
+
 def test_failed_lock_claim_leaves_the_folder_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
