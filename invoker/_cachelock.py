@@ -8,19 +8,23 @@ the lock when the holder exits, however it exits, so a crash never leaves a
 stale lock behind; the pid written into the file only names the holder in
 the error message.
 
-Caveat: deleting the whole cache folder under a running invoker deletes the
-lock file too, and a second invoker could then claim the recreated folder.
+Deleting the whole cache folder under a running invoker deletes the lock file
+too; the NVMe tier calls `reclaim` when it makes the folder again, so the
+recreated folder is locked once more. Caveat: a second invoker that starts in
+between wins the folder, and the first one only logs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from sllm.core.errors import Conflict
 
+log = logging.getLogger("sllm.invoker")
 LOCK_FILE = ".lock"
 
 
@@ -55,9 +59,33 @@ class CacheLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # a failed write would otherwise hold the lock until exit
+            os.close(fd)
+            raise
         return cls(root, fd)
+
+    def reclaim(self) -> None:
+        """Lock the folder again if its lock file was deleted (the folder wiped under us)."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            have, now = os.fstat(fd), os.stat(self.root / LOCK_FILE)
+            if (have.st_dev, have.st_ino) == (now.st_dev, now.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fresh = CacheLock.acquire(self.root)
+        except (CacheFolderBusy, OSError) as exc:
+            log.error("cache folder %s lost its lock: %s", self.root, exc)
+            return
+        self._fd, fresh._fd = fresh._fd, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def release(self) -> None:
         """Give the folder up (idempotent)."""

@@ -9,9 +9,10 @@ folder is published atomically as a complete NVMe entry.
 
 The NVMe copy is a by-product, never a condition: a model the NVMe tier
 cannot hold (larger than its budget, or the budget held by models being read)
-streams into host memory only, and a failed publish (fsync, rename) is logged
-and leaves a resumable partial folder while the verified bytes in memory are
-served.
+streams into host memory only. A disk error while writing the copy (a full or
+failing disk, the partial folder deleted under us) or a failed publish (fsync,
+rename) is logged, the rest streams to memory only, the partial folder is kept
+for a resume, and the verified bytes in memory are served.
 
 Resume: every chunk written is recorded in `.parts` in the partial folder
 (partition, chunk index: independent of the part size). A later attempt, in
@@ -28,6 +29,7 @@ CorruptObject (not a retryable store error) and nothing is published or served.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -157,6 +159,7 @@ class RemoteSource:
         self.stats = DownloadStats()
         self._stats_lock = threading.Lock()
         self._manifest: Manifest | None = None
+        self._disk_error: OSError | None = None  # set once writing the NVMe copy failed
 
     def manifest(self) -> Manifest:
         """The manifest, from the local meta folder (fetched from the store once)."""
@@ -193,20 +196,25 @@ class RemoteSource:
     ) -> None:
         try:
             self._download(manifest, partial, buffers, on_chunk)
+        except BaseException:
+            self.nvme.abandon(self.key)
+            raise
+        if self._disk_error is not None:  # logged when it happened
+            self.nvme.abandon(self.key)
+            return
+        try:
             meta = self.nvme.meta_path(self.key)
             for f in self.model.files:
                 if not _is_data(f.path):
                     write_durably(partial / f.path, (meta / f.path).read_bytes())
-        except BaseException:
-            self.nvme.abandon(self.key)
-            raise
-        try:
             published = self.nvme.publish(self.key)
-        except OSError as exc:  # publish abandoned it: the journal lets a later load resume
+        except OSError as exc:  # the journal lets a later load resume
+            self.nvme.abandon(self.key)
             log.warning("NVMe copy of %s not published, serving it from memory: %s", self.key, exc)
             return
         # Kept until now so a failed publish resumes instead of fetching everything again.
-        (published / JOURNAL).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (published / JOURNAL).unlink(missing_ok=True)
 
     def _download(
         self,
@@ -215,27 +223,48 @@ class RemoteSource:
         buffers: Sequence[HostMemory],
         on_chunk: OnChunk | None,
     ) -> None:
-        """Fetch every part into `buffers`, also into the files in `partial` unless None."""
+        """Fetch every part into `buffers`, also into the files in `partial` unless None.
+
+        A disk error only stops the NVMe copy (`_disk_error`); store errors fail the load.
+        """
         parts = self._parts(manifest)
-        if partial is None:
-            self._run_parts(parts, set(), [], buffers, None, on_chunk)
-            return
-        journal_path = partial / JOURNAL
-        done = _read_journal(journal_path)
-        fds = []
+        done: set[tuple[int, int]] = set()
+        fds: list[int] = []
+        journal: TextIO | None = None
         try:
-            for p in manifest.partitions:
-                fd = os.open(partial / p.file, os.O_RDWR | os.O_CREAT, 0o644)
-                fds.append(fd)
-                if os.fstat(fd).st_size != p.nbytes:
-                    os.ftruncate(fd, p.nbytes)
-            with open(journal_path, "a", encoding="ascii") as journal:
-                self._run_parts(parts, done, fds, buffers, journal, on_chunk)
-            for fd in fds:
-                os.fsync(fd)
+            if partial is not None:
+                try:
+                    done = _read_journal(partial / JOURNAL)
+                    for p in manifest.partitions:
+                        fd = os.open(partial / p.file, os.O_RDWR | os.O_CREAT, 0o644)
+                        fds.append(fd)
+                        if os.fstat(fd).st_size != p.nbytes:
+                            os.ftruncate(fd, p.nbytes)
+                    journal = open(partial / JOURNAL, "a", encoding="ascii")  # noqa: SIM115
+                except OSError as exc:
+                    self._lose_disk(exc)
+            self._run_parts(parts, done, fds, buffers, journal, on_chunk)
+            if partial is not None and self._disk_error is None:
+                try:
+                    for fd, p in zip(fds, manifest.partitions, strict=True):
+                        os.fsync(fd)
+                        _check_same_file(fd, partial / p.file)
+                except OSError as exc:
+                    self._lose_disk(exc)
         finally:
+            if journal is not None:
+                with contextlib.suppress(OSError):
+                    journal.close()
             for fd in fds:
                 os.close(fd)
+
+    def _lose_disk(self, exc: OSError) -> None:
+        """Stop writing the NVMe copy after a disk error; the download goes on in memory."""
+        with self._stats_lock:
+            if self._disk_error is not None:
+                return
+            self._disk_error = exc
+        log.warning("NVMe copy of %s failed (%s): streaming it to memory only", self.key, exc)
 
     def _parts(self, manifest: Manifest) -> list[_Part]:
         per_part = max(1, self.part_size // manifest.chunk_size)
@@ -280,14 +309,17 @@ class RemoteSource:
                         sub = view[start : start + length]
                         try:
                             piece = _Part(part.partition, run[0].offset, length, tuple(run))
-                            self._fetch(piece, files[part.partition], fds, sub)
+                            self._fetch(piece, files[part.partition], sub)
+                            if journal is None or not self._persist(piece, fds, sub):
+                                continue
                         finally:
                             sub.release()
-                        if journal is None:
-                            continue
-                        with journal_lock:
-                            journal.writelines(f"{c.partition} {c.index}\n" for c in run)
-                            journal.flush()
+                        try:
+                            with journal_lock:
+                                journal.writelines(f"{c.partition} {c.index}\n" for c in run)
+                                journal.flush()
+                        except OSError as exc:
+                            self._lose_disk(exc)
                 finally:
                     view.release()
             return part
@@ -310,16 +342,22 @@ class RemoteSource:
 
     def _resume(self, chunk: Chunk, fds: list[int], view: memoryview, part: _Part) -> bool:
         """Take a journaled chunk from disk if its CRC still holds."""
+        if self._disk_error is not None:
+            return False
         rel = chunk.offset - part.offset
         with view[rel : rel + chunk.length] as sub:
-            got = os.preadv(fds[chunk.partition], [sub], chunk.offset)
+            try:
+                got = os.preadv(fds[chunk.partition], [sub], chunk.offset)
+            except OSError as exc:
+                self._lose_disk(exc)
+                return False
             if got != chunk.length or crc32c(sub) != chunk.crc:
                 return False
         with self._stats_lock:
             self.stats.resumed += chunk.length
         return True
 
-    def _fetch(self, part: _Part, file: str, fds: list[int], view: memoryview) -> None:
+    def _fetch(self, part: _Part, file: str, view: memoryview) -> None:
         key = self.model.prefix + file
         for attempt in range(PART_ATTEMPTS):
             try:
@@ -343,11 +381,19 @@ class RemoteSource:
                     f"offset {bad.offset} (chunk {bad.index}); the object is corrupt and "
                     "will not be served"
                 )
-        if not fds:  # streaming to memory only
-            return
-        written = os.pwrite(fds[part.partition], view, part.offset)
-        while written < part.length:  # pwrite may write less on some filesystems
-            written += os.pwrite(fds[part.partition], view[written:], part.offset + written)
+
+    def _persist(self, part: _Part, fds: list[int], view: memoryview) -> bool:
+        """Write verified bytes to the partial copy; False once the disk has failed."""
+        if self._disk_error is not None:
+            return False
+        try:
+            written = os.pwrite(fds[part.partition], view, part.offset)
+            while written < part.length:  # pwrite may write less on some filesystems
+                written += os.pwrite(fds[part.partition], view[written:], part.offset + written)
+        except OSError as exc:
+            self._lose_disk(exc)
+            return False
+        return True
 
 
 def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
@@ -358,6 +404,13 @@ def _bad_chunk(part: _Part, view: memoryview) -> Chunk | None:
             if crc32c(sub) != c.crc:
                 return c
     return None
+
+
+def _check_same_file(fd: int, path: Path) -> None:
+    """OSError unless `path` still names the file written through `fd` (folder deleted?)."""
+    a, b = os.fstat(fd), os.stat(path)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        raise OSError(errno.ENOENT, "replaced or deleted during the download", str(path))
 
 
 def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sllm.core.files import fsync_dir
 
+from ._cachelock import CacheLock
 from ._eviction import CachedModel, plan_eviction
 
 log = logging.getLogger("sllm.invoker")
@@ -58,8 +59,10 @@ def _folder_bytes(folder: Path) -> int:
 class NvmeTier:
     """Checkpoint folders on local disk, LRU within `capacity` bytes, never evicting one in use."""
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(self, root: Path, capacity: int, *, lock: CacheLock | None = None) -> None:
+        """`lock`, the invoker's claim on `root`, is taken again if the folder is remade."""
         self.root = root
+        self._folder_lock = lock
         self.capacity = capacity
         self.complete_dir = root / "nvme"
         self.partial_dir = root / "partial"
@@ -176,9 +179,11 @@ class NvmeTier:
     def publish(self, key: str) -> Path:
         """Atomically turn the finished partial folder of `key` into a complete entry.
 
-        On an OSError (a failed fsync or rename) the download is abandoned as
-        after any failure: its partial folder stays for a resume and the next
-        `begin` of `key` may start again.
+        On an OSError before the rename (a failed fsync or rename) the
+        download is abandoned as after any failure: its partial folder stays
+        for a resume and the next `begin` of `key` may start again. Once
+        renamed the entry is complete: a failed fsync of the parent folder
+        only risks the rename after a crash, which the start-up scan handles.
         """
         src, dst = self.partial_path(key), self.path(key)
         try:
@@ -189,13 +194,16 @@ class NvmeTier:
                     shutil.rmtree(src, ignore_errors=True)
                 else:
                     os.rename(src, dst)
-                    fsync_dir(self.complete_dir)
                 self._active.discard(key)
                 nbytes = self._partials.pop(key, 0)
                 self._entries[key] = _Entry(nbytes or _folder_bytes(dst), time.time())
         except OSError:
             self.abandon(key)
             raise
+        try:
+            fsync_dir(self.complete_dir)
+        except OSError as exc:
+            log.warning("NVMe entry %s published, but its folder was not synced: %s", key, exc)
         return dst
 
     def abandon(self, key: str) -> None:
@@ -241,6 +249,9 @@ class NvmeTier:
             self._make_dirs()
         except OSError as exc:
             log.warning("NVMe cache folder %s is unusable: %s", self.root, exc)
+        else:
+            if self._folder_lock is not None:
+                self._folder_lock.reclaim()
         for key in list(self._entries):
             if not (self.path(key) / "manifest.json").is_file():
                 del self._entries[key]  # a load reading it fails its checks and goes remote

@@ -66,7 +66,9 @@ class Invoker:
         # Claimed before the NVMe tier scans and tidies the folder.
         self._owned_lock = None if cache_lock is not None else CacheLock.acquire(config.cache_dir)
         try:
-            self.nvme = NvmeTier(config.cache_dir, config.nvme_capacity)
+            self.nvme = NvmeTier(
+                config.cache_dir, config.nvme_capacity, lock=cache_lock or self._owned_lock
+            )
         except BaseException:
             self._release_lock()
             raise

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 
+import sllm.invoker._cachelock as cachelock_mod
+import sllm.invoker._download as download_mod
 import sllm.invoker._nvme as nvme_mod
 from sllm.core.errors import Unavailable
 from sllm.core.messages import LoadReport
-from sllm.invoker import CacheFolderBusy, Invoker, InvokerConfig, cache_key
+from sllm.invoker import CacheFolderBusy, CacheLock, Invoker, InvokerConfig, cache_key
 from sllm.store import PublishedModel, open_store, push_model
 from sllm.tiny_models import build_tiny_model
 from tests.support.invoker import InvokerProcess
@@ -151,12 +153,60 @@ def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
     assert nvme_models(invoker) == ["small"]
 
 
+def test_failed_sync_after_the_publish_rename_keeps_the_nvme_copy(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the renamed copy was on disk but forgotten, so the next load went remote."""
+    invoker = make_invoker()
+    real = nvme_mod.fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path == invoker.nvme.complete_dir and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
+        real(path)
+
+    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert failed and nvme_models(invoker) == ["small"]
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "nvme"
+
+
 def test_second_invoker_on_a_cache_folder_is_refused(make_invoker: Any, tmp_path: Path) -> None:
     first = make_invoker()
     with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use by another invoker"):
         make_invoker()
     first.close()
     make_invoker()  # free once the holder is gone
+
+
+def test_cache_folder_deleted_under_an_invoker_is_locked_again(
+    make_invoker: Any, tmp_path: Path
+) -> None:
+    """Regression: the lock file went with the folder, so a second invoker could share it."""
+    first = make_invoker()
+    shutil.rmtree(tmp_path / "cache")
+    assert nvme_models(first) == []  # any lookup remakes the folder
+    with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use"):
+        make_invoker()
+
+
+def test_failed_lock_claim_leaves_the_folder_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a failed pid write kept the flock, so a retry found the folder busy."""
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(cachelock_mod.os, "pwrite", pwrite)
+        with pytest.raises(OSError, match="No space"):
+            CacheLock.acquire(tmp_path / "cache")
+    CacheLock.acquire(tmp_path / "cache").release()
 
 
 @pytest.mark.invoker
@@ -175,3 +225,54 @@ def test_second_invoker_process_on_a_cache_folder_refuses_to_start(
             assert client.get("/v1/status").json()["tiers"]["nvme"]["models"]
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize(
+    "deleted", [".", "partial"], ids=["whole-cache-folder", "partial-subfolder"]
+)
+def test_cache_folder_deleted_during_a_download_still_serves_and_heals(
+    make_invoker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deleted: str
+) -> None:
+    """Regression: the load failed (FileNotFoundError), or published a copy without its data."""
+    invoker = make_invoker()
+    store = invoker.tiers.store
+    real = store.get_range_into
+    wiped: list[bool] = []
+
+    def get_range_into(key: str, offset: int, view: Any) -> Any:
+        if not wiped:  # the operator wipes the cache while the first part is on the wire
+            wiped.append(True)
+            shutil.rmtree(tmp_path / "cache" / deleted)
+        return real(key, offset, view)
+
+    monkeypatch.setattr(store, "get_range_into", get_range_into)
+
+    assert load(invoker, "t/small", "small").tier == "remote"  # the bytes in memory are fine
+    assert wiped and nvme_models(invoker) == []
+    monkeypatch.undo()
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert nvme_models(invoker) == ["small"]
+
+
+def test_disk_error_while_writing_the_nvme_copy_serves_from_memory(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a full disk failed the load although the verified bytes were in memory."""
+    invoker = make_invoker()
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(download_mod.os, "pwrite", pwrite)
+    report = load(invoker, "t/small", "small")
+    assert report.tier == "remote" and report.fetched_bytes > 0
+    assert nvme_models(invoker) == []
+    _, events = invoker.invoke(
+        {"function": "t/small", "model": "small", "prompt": "hi", "max_tokens": 2}
+    )
+    assert [e["event"] for e in events][-1] == "done"  # the model in memory serves
+    monkeypatch.undo()
+    to_remote(invoker, "t/small", "small")
+    assert load(invoker, "t/small", "small").tier == "remote"
+    assert nvme_models(invoker) == ["small"]
