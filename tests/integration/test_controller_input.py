@@ -49,8 +49,14 @@ def ctl(
 
 def _assert_4xx(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    error: dict[str, Any] = r.json()["error"]
+    doc = r.json()
+    if r.headers["content-type"].startswith("application/cloudevents+json"):
+        # A structured CloudEvent caller gets its error as a CloudEvent (Knative's contract).
+        assert doc["type"] == "dev.sllm.function.error", doc
+        doc = doc["data"]
+    else:
+        assert r.headers["content-type"].startswith("application/json"), r.text
+    error: dict[str, Any] = doc["error"]
     assert error["message"] and error["code"], error
     if code is not None:
         assert error["code"] == code, error
