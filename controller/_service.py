@@ -470,12 +470,15 @@ class Controller:
 
     def _rebase(self, run: Run, fn: Function) -> None:
         """Validate `run` against `fn`: a newer definition, or the current one of a queued run."""
+        if fn.namespace_id != run.namespace_id:
+            # The namespace the run was accepted in was deleted (and one of the same name made
+            # since): its caller's key died with it, so the run never moves to the namesake.
+            raise NotFound(f"no function {run.function!r} in namespace {run.namespace!r}")
         if fn.version != run.function_version:
             run.log(f"function changed to version {fn.version}: parameters checked again")
         _check_payload(fn, run.body_bytes)
         run.request = self._params(fn, run.body if run.body is not None else run.request)
         run.function_version, run.model, run.task = fn.version, fn.model, fn.task
-        run.namespace_id = fn.namespace_id  # the namespace may have been made anew
         run.validated = True
 
     def submit(self, run: Run) -> str:
