@@ -34,7 +34,8 @@ class ControllerConfig:
     internal_token: str = ""  # shared with the invokers
     admin_key: str = ""  # bootstrap admin API key (optional; keys also live in the database)
     host: str = "127.0.0.1"
-    port: int = 8700
+    port: int = 8700  # 0: any free port (see port_file)
+    port_file: str = ""  # where the bound port is written once listening (for port 0)
     workers: int = 2
     threads: int = 32
     domain: str = "sllm.local"  # Knative-style routing: Host {fn}.{ns}.{domain}
@@ -57,6 +58,7 @@ class ControllerConfig:
             "admin_key": env.get("SLLM_ADMIN_KEY", ""),
             "host": env.get("SLLM_HOST", "127.0.0.1"),
             "domain": env.get("SLLM_DOMAIN", "sllm.local"),
+            "port_file": env.get("SLLM_PORT_FILE", ""),
         }
         for name, var in {
             "port": "SLLM_PORT",
