@@ -196,7 +196,7 @@ def create_app(controller: Controller) -> Flask:
         if run.status != "success":
             err = run.error or {"code": "error", "message": run.status}
             status = _status_of(err)
-            return _json({"error": err, "activationId": run.id}, status)
+            return _json({"error": err, "activationId": run.id}, status, run.retry_after)
         if result_only:
             return _json(run.result, headers={"X-Activation-Id": run.id})
         return _json(controller.get_activation(namespace, run.id))
@@ -358,6 +358,7 @@ def create_app(controller: Controller) -> Flask:
             )
         response = Response(body, status=status, headers=headers)
         response.headers["X-Activation-Id"] = run.id
+        _set_retry_after(response, run.retry_after)
         return response
 
     return app
@@ -433,7 +434,9 @@ def _raise_if_failed(run: Run) -> None:
     if run.status == "success":
         return
     err = run.error or {"code": "error", "message": run.status}
-    raise (error_class(err.get("code")) or SllmError)(err.get("message", run.status))
+    raise (error_class(err.get("code")) or SllmError)(
+        err.get("message", run.status), retry_after=run.retry_after
+    )
 
 
 def _json(
@@ -443,11 +446,16 @@ def _json(
     headers: dict[str, str] | None = None,
 ) -> Response:
     response = Response(json.dumps(doc), status=status, mimetype="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    _set_retry_after(response, retry_after)
     for k, v in (headers or {}).items():
         response.headers[k] = v
     return response
+
+
+def _set_retry_after(response: Response, retry_after: float | None) -> None:
+    """Retry-After in whole seconds (at least 1), when the error says when to retry."""
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
 
 
 def _stream(chunks: Iterator[bytes], mimetype: str, run: Run) -> Response:
