@@ -22,6 +22,7 @@ from tests.support.controller import (
     wait_for_invokers,
 )
 from tests.support.databases import fresh_postgres_database, sqlite_database_url
+from tests.support.process import ServiceProcess, stop_all
 from tests.support.s3 import S3Server
 
 _buckets = itertools.count()
@@ -85,17 +86,19 @@ def stack(
             url = cleanup.enter_context(fresh_postgres_database(admin_url))
         else:
             url = sqlite_database_url(root / "db")
+        processes: list[ServiceProcess] = []
+        cleanup.callback(stop_all, processes)
         ctl: ControllerThread | ControllerProcess
         if workers:
             env = {"SLLM_MAX_QUEUE": str(STACK_MAX_QUEUE)}
             ctl = ControllerProcess(url, root, workers=workers, env=env)
-            cleanup.callback(ctl.stop)
+            processes.append(ctl)
             ctl.start()
         else:
             ctl = ControllerThread(url, max_queue=STACK_MAX_QUEUE).start()
             cleanup.callback(ctl.stop)
         inv = registered_invoker(root / "inv", store_uri, ctl.url, "inv-a")
-        cleanup.callback(inv.stop)
+        processes.append(inv)
         inv.start()
         db = Database(url, pool_size=2)
         cleanup.callback(db.dispose)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,11 +95,25 @@ class ServiceProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the whole process group (gunicorn master and workers), bounded in time."""
+        self.send_signal(sig)
+        self.wait_stopped()
+
+    def wait_stopped(self, timeout: float = 15.0) -> None:
+        """Wait for the process to exit; kill its group if it lingers past `timeout`."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, sig)
         try:
-            self.proc.wait(15)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+
+def stop_all(services: Iterable[ServiceProcess]) -> None:
+    """Stop services together: SIGTERM to each, then wait for each (their grace periods
+    overlap instead of adding up)."""
+    started = list(services)
+    for service in started:
+        service.send_signal(signal.SIGTERM)
+    for service in started:
+        service.wait_stopped()
