@@ -349,12 +349,12 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path) -> None:
                 if len(events) == 3:  # start and two tokens: in flight
                     break
             terminated_at = time.time()
-            ctl.send_signal(signal.SIGTERM)
+            assert ctl.proc is not None
+            ctl.proc.send_signal(signal.SIGTERM)  # to the master only, as Kubernetes does
             events.extend(lines)
         assert events[0]["event"] == "start" and events[-1]["event"] == "done", events[-3:]
         text = "".join(e["text"] for e in events if e["event"] == "token")
         assert text == reference.json()["text"], "the stream lost or changed tokens"
-        assert ctl.proc is not None
         assert ctl.proc.wait(30) == 0, ctl.log()
         with pytest.raises(httpx.TransportError):
             httpx.get(ctl.url + "/healthz", timeout=5)
