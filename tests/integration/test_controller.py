@@ -17,7 +17,7 @@ from sllm.controller._activations import Run
 from sllm.db import Activation, Database, Function, Instance, Namespace
 from tests.support.controller import api, client, make_fn
 from tests.support.invoker import metric_value
-from tests.support.waiting import wait_until
+from tests.support.waiting import run_together, wait_until
 
 pytestmark = [pytest.mark.invoker]
 
@@ -245,21 +245,32 @@ def test_non_blocking_invocations_each_run_once(stack: dict[str, Any]) -> None:
     make_fn(c, "async")
     inv = stack["inv"]
     ran_before = inv.metric("sllm_invoker_requests_total", endpoint="/v1/invoke")
-    ids = []
-    for i in range(6):
-        r = c.post(
-            "/api/v1/namespaces/_/functions/async/invocations",
+    key = stack["keys"]["alpha"]
+
+    def submit(i: int) -> str:
+        # All at once, on connections of their own: the queue loops of every worker see a
+        # backlog and race to claim it.
+        r = httpx.post(
+            stack["ctl"].url + "/api/v1/namespaces/_/functions/async/invocations",
             json={"prompt": f"job {i}", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
         )
         assert r.status_code == 202, r.text
-        ids.append(r.json()["activationId"])
+        activation_id: str = r.json()["activationId"]
+        return activation_id
+
+    ids = run_together(16, submit)
+    assert all(isinstance(i, str) for i in ids), ids
 
     def ended() -> list[dict[str, Any]] | None:
         docs = [c.get(f"/api/v1/namespaces/_/activations/{i}").json() for i in ids]
         return docs if all(d["status"] not in ("queued", "running") for d in docs) else None
 
     docs = wait_until(ended, 120, "every activation to end")
-    assert [d["status"] for d in docs] == ["success"] * len(ids), docs
+    assert [d["status"] for d in docs] == ["success"] * len(ids), [
+        (d["status"], d["error"]) for d in docs if d["status"] != "success"
+    ]
     assert all(d["result"]["usage"]["completion_tokens"] >= 1 for d in docs)
     ran = inv.metric("sllm_invoker_requests_total", endpoint="/v1/invoke") - ran_before
     assert ran == len(ids), f"{len(ids)} jobs made {ran} invocations at the invoker"

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sllm.controller._service import AUTH_TTL
 from sllm.db import Database, Function, Instance, Namespace
 from tests.support.controller import api, client, make_fn
-from tests.support.waiting import wait_until
+from tests.support.waiting import run_together, wait_until
 
 pytestmark = [pytest.mark.invoker]
 
@@ -45,27 +45,6 @@ def _set_in_flight(db: Database, fn_id: int, value: int) -> None:
         )
 
 
-def _together(n: int, work: Any) -> list[Any]:
-    """Run work(i) in n threads released at once; the results in order (bounded in time)."""
-    barrier = threading.Barrier(n)
-    results: list[Any] = [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait(timeout=30)
-        try:
-            results[i] = work(i)
-        except Exception as exc:  # the test reports it with the rest
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads), "a client hung"
-    return results
-
-
 def _cold_loads(stack: dict[str, Any]) -> float:
     inv = stack["inv"]
     return sum(inv.metric("sllm_invoker_loads_total", tier=t) for t in ("dram", "nvme", "remote"))
@@ -88,7 +67,7 @@ def test_max_instances_holds_under_concurrent_requests(stack: dict[str, Any]) ->
             timeout=120,
         )
 
-    results = _together(4, call)
+    results = run_together(4, call)
     assert [getattr(r, "status_code", r) for r in results] == [200] * 4, [
         getattr(r, "text", r) for r in results
     ]
@@ -137,7 +116,7 @@ def test_a_full_wait_queue_answers_429_with_retry_after(stack: dict[str, Any]) -
 
     releaser = threading.Thread(target=release_when_refused, daemon=True)
     releaser.start()
-    results = _together(total, call)
+    results = run_together(total, call)
     releaser.join(timeout=70)
     statuses = [getattr(r, "status_code", r) for r in results]
     assert set(statuses) <= {200, 429}, statuses
