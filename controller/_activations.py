@@ -78,6 +78,8 @@ class Run:
     body: dict[str, Any] | None = None
     validated: bool = True  # `request` was made from `body` for `function_version`
     body_bytes: int = 0  # the size of the request as received (0: not known)
+    # When a failed run may be retried (an overload's Retry-After); for the answer, not stored.
+    retry_after: float | None = None
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the activation's log."""
@@ -119,6 +121,7 @@ class Run:
             self.result = result
         if error is not None:
             self.error = error.to_json()["error"]
+            self.retry_after = error.retry_after
             self.log(f"{status}: {error.message}")
         else:
             self.log(status)

@@ -240,7 +240,7 @@ def create_app(controller: Controller) -> Flask:
         if run.status != "success":
             err = run.error or {"code": "error", "message": run.status}
             status = _status_of(err)
-            return _json({"error": err, "activationId": run.id}, status)
+            return _json({"error": err, "activationId": run.id}, status, run.retry_after)
         if result_only:
             return _json(run.result, headers={"X-Activation-Id": run.id})
         return _json(controller.get_activation(namespace, run.id))
@@ -409,7 +409,7 @@ def create_app(controller: Controller) -> Flask:
             )
         response = Response(body, status=status, headers=headers)
         response.headers["X-Activation-Id"] = run.id
-        return response
+        return _retry_after(response, run.retry_after)
 
     # A principal is cached per process by its key; it names its namespace by id.
     # After its namespace was deleted and made anew under the same name, a cached
@@ -478,7 +478,9 @@ def _openai_path() -> bool:
 def _raise_if_failed(run: Run) -> None:
     if run.status == "success":
         return
-    raise SllmError.from_json(run.error, run.status)
+    exc = SllmError.from_json(run.error, run.status)
+    exc.retry_after = run.retry_after
+    raise exc
 
 
 def _json(

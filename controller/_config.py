@@ -38,7 +38,8 @@ class ControllerConfig:
     internal_token: str = ""  # shared with the invokers
     admin_key: str = ""  # bootstrap admin API key (optional; keys also live in the database)
     host: str = "127.0.0.1"
-    port: int = 8700
+    port: int = 8700  # 0: any free port (see port_file)
+    port_file: str = ""  # where the bound port is written once listening (for port 0)
     workers: int = 2
     threads: int = 32
     domain: str = "sllm.local"  # Knative-style routing: Host {fn}.{ns}.{domain}
@@ -70,6 +71,7 @@ class ControllerConfig:
             "host": env.get("SLLM_HOST", "127.0.0.1"),
             "domain": env.get("SLLM_DOMAIN", "sllm.local"),
             "store_uri": env.get("SLLM_STORE_URI", ""),
+            "port_file": env.get("SLLM_PORT_FILE", ""),
         }
         if values["store_uri"]:
             from sllm.store import StoreSettings  # the object store client only when needed

@@ -161,16 +161,21 @@ class Dispatcher:
         with self._lock:
             return {k: v for k, v in self._waiting.items() if v}
 
-    def acquire(self, fn: Function, deadline: float, avoid: Sequence[int] = ()) -> Slot:
+    def acquire(
+        self, fn: Function, deadline: float, avoid: Sequence[int] = (), *, bounded: bool = True
+    ) -> Slot:
         """A slot for one request of `fn`; DeadlineExceeded when none came free in time.
 
         The slot is for `fn` as given: StaleFunction when the function has
-        changed or gone since (its definition came from a cache).
+        changed or gone since (its definition came from a cache). `bounded`:
+        Overloaded when `max_queue` requests already wait (a client holding a
+        connection); an accepted queued activation waits regardless, as its
+        queue workers already bound how many do.
         """
         slot = self._try(fn, avoid)
         if slot is not None:
             return slot
-        with self._queued(fn.id):
+        with self._queued(fn.id, bounded):
             delay = 0.005
             while True:
                 slot = self._try(fn, avoid)
@@ -323,9 +328,9 @@ class Dispatcher:
             conn.execute(delete(_I).where(_I.c.id == slot.instance_id))
 
     @contextmanager
-    def _queued(self, function_id: int) -> Iterator[None]:
+    def _queued(self, function_id: int, bounded: bool) -> Iterator[None]:
         with self._lock:
-            if self._waiting[function_id] >= self.max_queue:
+            if bounded and self._waiting[function_id] >= self.max_queue:
                 raise Overloaded(
                     f"{self.max_queue} requests already wait for this function; retry later",
                     retry_after=1.0,

@@ -21,6 +21,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from prometheus_client import values
 
+from sllm.core.listen import bound_port, publish_port
+
 from ._config import ControllerConfig
 from ._worker import ConnectionLimits
 
@@ -55,6 +57,7 @@ class ControllerServer(BaseApplication):
             "loglevel": "info",
             "control_socket_disable": True,
             "on_starting": self._on_starting,
+            "when_ready": self._when_ready,
             "child_exit": _child_exit,
         }
         for key, value in settings.items():
@@ -69,6 +72,10 @@ class ControllerServer(BaseApplication):
             db.upgrade()
         finally:
             db.dispose()
+
+    def _when_ready(self, arbiter: Any) -> None:
+        if self.controller_config.port_file:  # listening now, so port 0 has become a real one
+            publish_port(self.controller_config.port_file, bound_port(arbiter))
 
     def load(self) -> Any:
         """Build the controller and its Flask app (in the worker)."""

@@ -536,7 +536,8 @@ class Controller:
                 self._rebase(run, fn)  # a queued run, or one validated against a cached definition
             while True:
                 try:
-                    slot = self.dispatcher.acquire(fn, deadline, avoid)
+                    # A run from the database queue was accepted (202): never shed for load.
+                    slot = self.dispatcher.acquire(fn, deadline, avoid, bounded=run.blocking)
                 except DeadlineExceeded as exc:
                     raise TimedOut(f"{exc} (timeout {fn.timeout_s:g} s)") from None
                 except StaleFunction:

@@ -23,7 +23,8 @@ class InvokerConfig:
 
     token: str = ""
     host: str = "127.0.0.1"
-    port: int = 8701
+    port: int = 8701  # 0: any free port (see port_file)
+    port_file: str = ""  # where the bound port is written once listening (for port 0)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".sllm" / "invoker")
     store_uri: str = ""
     store_settings: StoreSettings = field(default_factory=StoreSettings)
@@ -57,6 +58,7 @@ class InvokerConfig:
             "controller_url": env.get("SLLM_CONTROLLER_URL", ""),
             "name": env.get("SLLM_INVOKER_NAME", ""),
             "advertise_url": env.get("SLLM_INVOKER_URL", ""),
+            "port_file": env.get("SLLM_INVOKER_PORT_FILE", ""),
         }
         ints = {
             "port": "SLLM_INVOKER_PORT",
@@ -117,8 +119,8 @@ class InvokerConfig:
                 "the internal token is empty: set SLLM_INTERNAL_TOKEN or --token "
                 "(the controller and invokers share it)"
             )
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be 1..65535, got {self.port}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be 0..65535 (0: any free port), got {self.port}")
         checks: list[tuple[str, float, float, float]] = [
             ("nvme_capacity", self.nvme_capacity, 1, float("inf")),
             ("dram_capacity", self.dram_capacity, 1, float("inf")),

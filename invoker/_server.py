@@ -7,6 +7,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from sllm.core.listen import bound_port, publish_port
+
 from ._cachelock import CacheLock
 from ._config import InvokerConfig
 
@@ -43,10 +45,19 @@ class InvokerServer(BaseApplication):
             # Several invokers share a host in tests and benchmarks; the control
             # socket's default path would collide, and nothing here uses it.
             "control_socket_disable": True,
+            "when_ready": self._when_ready,
         }
         for key, value in settings.items():
             if key in self.cfg.settings:  # older gunicorn versions lack some settings
                 self.cfg.set(key, value)
+
+    def _when_ready(self, arbiter: Any) -> None:
+        # Listening, the worker not yet forked: it registers with the port actually bound.
+        c = self.invoker_config
+        port = bound_port(arbiter)
+        self.invoker_config = c.replace(port=port)
+        if c.port_file:
+            publish_port(c.port_file, port)
 
     def load(self) -> Any:
         """Build the invoker and its Flask app (in the worker)."""

@@ -14,7 +14,12 @@ def controller() -> None:
 
 @controller.command("start")
 @click.option("--host", help="Address to bind [SLLM_HOST, 127.0.0.1].")
-@click.option("--port", type=int, help="Port [SLLM_PORT, else PORT (Knative), 8700].")
+@click.option(
+    "--port", type=int, help="Port [SLLM_PORT, else PORT (Knative), 8700]; 0 picks a free one."
+)
+@click.option(
+    "--port-file", help="Write the bound port to this file once listening [SLLM_PORT_FILE]."
+)
 @click.option("--database", "database_url", help="Database URL [SLLM_DATABASE_URL, SQLite].")
 @click.option("--token", "internal_token", help="Internal token [SLLM_INTERNAL_TOKEN].")
 @click.option("--admin-key", help="Bootstrap admin API key [SLLM_ADMIN_KEY].")

@@ -26,7 +26,11 @@ def invoker() -> None:
 
 @invoker.command("start")
 @click.option("--host", help="Address to bind [SLLM_INVOKER_HOST, 127.0.0.1].")
-@click.option("--port", type=int, help="Port [SLLM_INVOKER_PORT, 8701].")
+@click.option("--port", type=int, help="Port [SLLM_INVOKER_PORT, 8701]; 0 picks a free one.")
+@click.option(
+    "--port-file",
+    help="Write the bound port to this file once listening [SLLM_INVOKER_PORT_FILE].",
+)
 @click.option("--token", help="Internal token shared with the controller [SLLM_INTERNAL_TOKEN].")
 @click.option(
     "--cache-dir",

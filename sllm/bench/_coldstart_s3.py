@@ -30,6 +30,7 @@ ACCESS_KEY = "bench"  # moto accepts any credentials
 SECRET_KEY = "benchbench"
 REGION = "us-east-1"
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+_LISTENING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")  # werkzeug's start-up line
 
 
 def free_port() -> int:
@@ -40,7 +41,11 @@ def free_port() -> int:
 
 
 class S3Server:
-    """The patched moto server as a child process on a free loopback port; a context manager."""
+    """The patched moto server as a child process on loopback; a context manager.
+
+    Without a `port` it binds port 0 (a free port, chosen by the kernel as it binds) and the
+    port is read back from the server's start-up line: nothing can take it in between.
+    """
 
     def __init__(
         self,
@@ -53,9 +58,7 @@ class S3Server:
         stop_timeout: float = 10.0,
     ) -> None:
         """`module` is run with `python -m`: this patched server, or stock "moto.server"."""
-        self.port = port or free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.endpoint}"
+        self.port = port or 0
         self.module = module
         self.access_key = access_key
         self.secret_key = secret_key
@@ -65,6 +68,16 @@ class S3Server:
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix="sllm-moto-", suffix=".log", delete=False
         )
+
+    @property
+    def endpoint(self) -> str:
+        """host:port of the server (its port is known once started)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return f"http://{self.endpoint}"
 
     def __enter__(self) -> S3Server:
         return self.start()
@@ -91,6 +104,13 @@ class S3Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"moto server exited with {self.proc.returncode}:\n{self.log()}")
+            if not self.port:
+                self._log.flush()
+                match = _LISTENING.search(Path(self._log.name).read_bytes())
+                if match is None:
+                    time.sleep(0.1)
+                    continue
+                self.port = int(match[1])
             try:
                 with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
                     return self

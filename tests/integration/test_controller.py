@@ -14,8 +14,10 @@ from sqlalchemy import select, update
 import sllm.controller._service as controller_service
 from sllm.controller import Controller
 from sllm.controller._activations import Run
-from sllm.db import Activation, Database, Instance
+from sllm.db import Activation, Database, Function, Instance, Namespace
 from tests.support.controller import api, client, make_fn
+from tests.support.invoker import metric_value
+from tests.support.waiting import run_together, wait_until
 
 pytestmark = [pytest.mark.invoker]
 
@@ -175,19 +177,32 @@ def test_a_queued_run_is_validated_against_the_definition_it_runs_under(
         other.db.dispose()
 
 
+def _function_id(db: Database, namespace: str, name: str) -> tuple[int, int]:
+    """(function id, namespace id) of a function, from the database."""
+    with db.session() as s:
+        fn_id, ns_id = s.execute(
+            select(Function.id, Namespace.id)
+            .join(Namespace, Namespace.id == Function.namespace_id)
+            .where(Namespace.name == namespace, Function.name == name)
+        ).one()
+    return int(fn_id), int(ns_id)
+
+
+def _status(db: Database, activation_id: str) -> str:
+    with db.session() as s:
+        return str(s.scalar(select(Activation.status).where(Activation.id == activation_id)))
+
+
 def test_leaked_slots_come_back_after_the_function_timeout(stack: dict[str, Any]) -> None:
     """Counts a dead controller left on an instance are reset; counts of live requests are not."""
     c = api(stack)
     make_fn(c, "leaky", limits={"timeout": 5})
     body = {"prompt": "hi", "max_tokens": 1}
-    assert (
-        c.post(
-            url := "/api/v1/namespaces/_/functions/leaky/invocations?blocking=true", json=body
-        ).status_code
-        == 200
-    )
-    db: Database = stack["ctl"].db
-    fn_id = stack["ctl"].controller.function_for("alpha", "leaky").id
+    url = "/api/v1/namespaces/_/functions/leaky/invocations?blocking=true"
+    assert c.post(url, json=body).status_code == 200
+    db: Database = stack["db"]
+    fn_id, ns_id = _function_id(db, "alpha", "leaky")
+    lease_margin = stack["ctl"].config.lease_margin
 
     def set_slots(in_flight: int, last_used_at: float) -> None:
         with db.session(write=True) as s:
@@ -197,34 +212,72 @@ def test_leaked_slots_come_back_after_the_function_timeout(stack: dict[str, Any]
                 .values(in_flight=in_flight, last_used_at=last_used_at)
             )
 
+    def expired_activation() -> str:
+        """A running activation whose lease ran out: the next maintenance pass ends it, in the
+        same transaction that resets leaked slots, which tells the test a pass happened."""
+        row = Activation(
+            namespace_id=ns_id,
+            function_name="leaky",
+            function_version=1,
+            model="llama",
+            task="generate",
+            status="running",
+            blocking=False,
+            request={},
+            logs=[],
+            created_at=time.time(),
+            lease_until=time.time() - 1,
+        )
+        with db.session(write=True) as s:
+            s.add(row)
+            s.flush()
+            return str(row.id)
+
     set_slots(2, time.time())  # as if two requests were running now
-    time.sleep(1.0)  # maintenance passes every 0.2 s here
-    assert _in_flight(db, fn_id) == [2]
-    lease_margin = stack["ctl"].config.lease_margin
+    marker = expired_activation()
+    wait_until(lambda: _status(db, marker) == "platform_error", 30, "a maintenance pass")
+    assert _in_flight(db, fn_id) == [2], "the slots of live requests were taken back"
     set_slots(2, time.time() - 5 - lease_margin - 1)  # nobody touched it for longer than allowed
-    deadline = time.monotonic() + 10
-    while _in_flight(db, fn_id) != [0] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _in_flight(db, fn_id) == [0]
+    wait_until(lambda: _in_flight(db, fn_id) == [0], 30, "the leaked slots to come back")
     assert c.post(url, json=body).status_code == 200
 
 
-def test_non_blocking_invocation_runs_once(stack: dict[str, Any]) -> None:
+def test_non_blocking_invocations_each_run_once(stack: dict[str, Any]) -> None:
+    """Queued jobs are claimed by the queue workers (of every controller worker) and each
+    reaches the invoker exactly once."""
     c = api(stack)
     make_fn(c, "async")
-    r = c.post(
-        "/api/v1/namespaces/_/functions/async/invocations", json={"prompt": "hi", "max_tokens": 3}
-    )
-    assert r.status_code == 202
-    activation_id = r.json()["activationId"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        doc = c.get(f"/api/v1/namespaces/_/activations/{activation_id}/result").json()
-        if doc["status"] not in ("queued", "running"):
-            break
-        time.sleep(0.1)
-    assert doc["status"] == "success", doc
-    assert doc["result"]["usage"]["completion_tokens"] >= 1
+    inv = stack["inv"]
+    ran_before = inv.metric("sllm_invoker_requests_total", endpoint="/v1/invoke")
+    key = stack["keys"]["alpha"]
+
+    def submit(i: int) -> str:
+        # All at once, on connections of their own: the queue loops of every worker see a
+        # backlog and race to claim it.
+        r = httpx.post(
+            stack["ctl"].url + "/api/v1/namespaces/_/functions/async/invocations",
+            json={"prompt": f"job {i}", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert r.status_code == 202, r.text
+        activation_id: str = r.json()["activationId"]
+        return activation_id
+
+    ids = run_together(16, submit)
+    assert all(isinstance(i, str) for i in ids), ids
+
+    def ended() -> list[dict[str, Any]] | None:
+        docs = [c.get(f"/api/v1/namespaces/_/activations/{i}").json() for i in ids]
+        return docs if all(d["status"] not in ("queued", "running") for d in docs) else None
+
+    docs = wait_until(ended, 120, "every activation to end")
+    assert [d["status"] for d in docs] == ["success"] * len(ids), [
+        (d["status"], d["error"]) for d in docs if d["status"] != "success"
+    ]
+    assert all(d["result"]["usage"]["completion_tokens"] >= 1 for d in docs)
+    ran = inv.metric("sllm_invoker_requests_total", endpoint="/v1/invoke") - ran_before
+    assert ran == len(ids), f"{len(ids)} jobs made {ran} invocations at the invoker"
 
 
 def test_streaming_native(stack: dict[str, Any]) -> None:
@@ -297,13 +350,40 @@ def test_bad_invocations_are_4xx(stack: dict[str, Any]) -> None:
     assert raw.status_code == 400
 
 
-def test_openapi_health_metrics(stack: dict[str, Any]) -> None:
+def test_openapi_and_health(stack: dict[str, Any]) -> None:
     url = stack["ctl"].url
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(url + "/readyz").status_code == 200
     doc = httpx.get(url + "/api/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.") and "/v1/chat/completions" in doc["paths"]
-    assert "sllm_controller_requests" in httpx.get(url + "/metrics").text
+
+
+def test_metrics_count_requests_activations_and_starts(stack: dict[str, Any]) -> None:
+    """What a Prometheus scrape shows moves by exactly what the client did (all workers)."""
+    c = api(stack)
+    make_fn(c, "counted")
+    before = httpx.get(stack["ctl"].url + "/metrics").text
+    for _ in range(3):
+        r = c.post(
+            "/api/v1/namespaces/_/functions/counted/invocations?blocking=true",
+            json={"prompt": "hi", "max_tokens": 2},
+        )
+        assert r.status_code == 200, r.text
+    assert c.post("/api/v1/namespaces/_/functions/counted/invocations", json=[]).status_code == 400
+    after = httpx.get(stack["ctl"].url + "/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    endpoint = "/api/v1/namespaces/<ns>/functions/<name>/invocations"
+    assert delta("sllm_controller_requests_total", endpoint=endpoint, status="200") == 3
+    assert delta("sllm_controller_requests_total", endpoint=endpoint, status="400") == 1
+    assert delta("sllm_controller_request_seconds_count", endpoint=endpoint) == 4
+    assert delta("sllm_activations_total", task="generate", status="success") == 3
+    assert delta("sllm_starts_total", kind="cold") == 1
+    assert delta("sllm_starts_total", kind="warm") == 2
+    assert delta("sllm_ttft_seconds_count", cold="true") == 1
+    assert delta("sllm_ttft_seconds_count", cold="false") == 2
 
 
 def test_invokers_list(stack: dict[str, Any]) -> None:

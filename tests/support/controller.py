@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from sllm.controller import Controller, ControllerConfig, create_app
 from sllm.db import Database
 from tests.support.invoker import TOKEN, InvokerProcess
 from tests.support.process import ServiceProcess
-from tests.support.s3 import free_port
+from tests.support.waiting import wait_until
 
 ADMIN_KEY = "admin0000000000:test-admin-secret"
 
@@ -26,24 +25,14 @@ class ControllerThread:
     """The controller's Flask app served by werkzeug's threaded server in this process."""
 
     def __init__(self, database_url: str, **settings: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        values: dict[str, Any] = {
-            "database_url": database_url,
-            "internal_token": TOKEN,
-            "admin_key": ADMIN_KEY,
-            "port": self.port,
-            "heartbeat_timeout": 3.0,
-            "maintenance_interval": 0.2,
-            **settings,
-        }
-        self.config = ControllerConfig(**values)
         self.db = Database(database_url)
         self.db.upgrade()
+        self.config = controller_config(database_url, **settings)
         self.controller = Controller(self.config, self.db)
-        self._server = make_server(
-            "127.0.0.1", self.port, create_app(self.controller), threaded=True
-        )
+        # Port 0: bound here, at once; the config records the port the kernel chose.
+        self._server = make_server("127.0.0.1", 0, create_app(self.controller), threaded=True)
+        self.port = self._server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> ControllerThread:
@@ -64,7 +53,10 @@ class ControllerThread:
 
 
 class ControllerProcess(ServiceProcess):
-    """`sllm controller start` as a real process (gunicorn workers)."""
+    """`sllm controller start` as a real process: a gunicorn master and `workers` workers.
+
+    `port` 0 (the default) binds a free port; a restart passes the port the first start got.
+    """
 
     name = "controller"
 
@@ -74,27 +66,43 @@ class ControllerProcess(ServiceProcess):
         log_dir: Path,
         *,
         env: Mapping[str, str] | None = None,
-        port: int | None = None,
+        port: int = 0,
+        workers: int = 2,
     ) -> None:
-        self.port = port or free_port()
+        settings = {
+            "SLLM_INTERNAL_TOKEN": TOKEN,
+            "SLLM_ADMIN_KEY": ADMIN_KEY,
+            "SLLM_DATABASE_URL": database_url,
+            "SLLM_HEARTBEAT_TIMEOUT": "3",
+            "SLLM_MAINTENANCE_INTERVAL": "0.2",
+            "SLLM_WORKERS": str(workers),
+            **(env or {}),
+        }
         super().__init__(
-            [sys.executable, "-m", "sllm", "controller", "start", "--port", str(self.port)],
-            {
-                **os.environ,
-                "SLLM_INTERNAL_TOKEN": TOKEN,
-                "SLLM_ADMIN_KEY": ADMIN_KEY,
-                "SLLM_DATABASE_URL": database_url,
-                "SLLM_HEARTBEAT_TIMEOUT": "3",
-                "SLLM_MAINTENANCE_INTERVAL": "0.2",
-                **(env or {}),
-            },
-            f"http://127.0.0.1:{self.port}",
-            log_dir / f"controller-{self.port}.log",
+            [sys.executable, "-m", "sllm", "controller", "start"],
+            {**os.environ, **settings},
+            log_dir,
+            port=port,
         )
+        # What each worker runs with, for tests that build a Controller of their own beside it.
+        self.config = ControllerConfig.from_env(settings)
 
     def admin(self, timeout: float = 60.0) -> httpx.Client:
         """A client with the admin key."""
         return client(self.url, ADMIN_KEY, timeout)
+
+
+def controller_config(database_url: str, **settings: Any) -> ControllerConfig:
+    """The test controllers' settings (fast heartbeats and maintenance); `settings` override."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "internal_token": TOKEN,
+        "admin_key": ADMIN_KEY,
+        "heartbeat_timeout": 3.0,
+        "maintenance_interval": 0.2,
+        **settings,
+    }
+    return ControllerConfig(**values)
 
 
 def client(url: str, key: str, timeout: float = 60.0) -> httpx.Client:
@@ -122,13 +130,12 @@ def registered_invoker(
 
 def wait_for_invokers(api: httpx.Client, count: int, timeout: float = 30.0) -> list[Any]:
     """Wait until `count` invokers are active at the controller."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def active() -> list[Any]:
         found = [i for i in api.get("/api/v1/invokers").json() if i["state"] == "active"]
-        if len(found) >= count:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} invokers registered within {timeout}s")
+        return found if len(found) >= count else []
+
+    return wait_until(active, timeout, f"{count} active invokers")
 
 
 def api(stack: Mapping[str, Any], ns: str = "alpha") -> httpx.Client:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.process import ServiceProcess
-from tests.support.s3 import free_port
 
 TOKEN = "test-internal-token"
 
@@ -31,7 +31,6 @@ class InvokerProcess(ServiceProcess):
         dram: str = "1GiB",
         extra: tuple[str, ...] = (),
     ) -> None:
-        self.port = free_port()
         self.cache_dir = cache_dir
         args = [
             sys.executable,
@@ -39,8 +38,6 @@ class InvokerProcess(ServiceProcess):
             "sllm",
             "invoker",
             "start",
-            "--port",
-            str(self.port),
             "--cache-dir",
             str(cache_dir),
             "--store",
@@ -54,10 +51,7 @@ class InvokerProcess(ServiceProcess):
             *extra,
         ]
         super().__init__(
-            args,
-            {**os.environ, "SLLM_INTERNAL_TOKEN": TOKEN, **(env or {})},
-            f"http://127.0.0.1:{self.port}",
-            cache_dir.parent / f"invoker-{self.port}.log",
+            args, {**os.environ, "SLLM_INTERNAL_TOKEN": TOKEN, **(env or {})}, cache_dir.parent
         )
 
     def start(self, timeout: float = 60.0) -> InvokerProcess:
@@ -80,3 +74,19 @@ class InvokerProcess(ServiceProcess):
     def post(self, path: str, body: Any, timeout: float = 120.0) -> httpx.Response:
         """POST JSON with the token."""
         return httpx.post(f"{self.url}{path}", json=body, headers=self.headers(), timeout=timeout)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of sample `name` over the series matching `labels` in this invoker's /metrics."""
+        r = httpx.get(f"{self.url}/metrics", headers=self.headers(), timeout=10)
+        r.raise_for_status()
+        return metric_value(r.text, name, **labels)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of sample `name` over the series whose labels include `labels` (0 when none)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )

@@ -436,7 +436,7 @@ def test_next_returns_none_when_nothing_is_pending(data_file: Path) -> None:
         start = time.monotonic()
         assert reader.next(timeout=0.01) is None
         assert reader.next() is None  # no timeout, but nothing to wait for
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 10, "next() waited although nothing was pending"
         with pytest.raises(ValueError, match="timeout"):
             reader.next(timeout=-1)
 

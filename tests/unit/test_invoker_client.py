@@ -38,6 +38,7 @@ class Peer:
 
 
 Script = Callable[[Peer], None]
+SILENT_FOR = 30.0  # how long a silent server holds a connection at most (released earlier)
 
 
 def _read_request(conn: socket.socket) -> bytes:
@@ -131,15 +132,19 @@ def test_call_posts_json_with_the_token_and_reuses_the_connection() -> None:
 
 
 def test_an_idle_connection_the_invoker_closed_is_replaced_transparently() -> None:
+    closed = threading.Event()
+
     def script(peer: Peer) -> None:
         if peer.read():
             # Keep-alive promised, then closed while idle (a restart, an idle timeout).
             peer.send(_json_answer({"conn": peer.n}))
+            peer.conn.close()
+            closed.set()
 
     client = InvokerClient("tok")
     with scripted_server(script) as (url, requests):
         assert client.call(url, "/x", {}, 5.0) == {"conn": 0}
-        time.sleep(0.1)  # the server has closed connection 0 by now
+        assert closed.wait(10), "the server did not close connection 0"
         assert client.call(url, "/x", {}, 5.0) == {"conn": 1}
         client.close()
     assert len(requests) == 2, "the request must reach the invoker exactly once more"
@@ -173,15 +178,19 @@ def test_refused_and_silent_invokers_are_lost() -> None:
     with pytest.raises(InvokerLost, match="unreachable"):
         client.call(f"http://127.0.0.1:{port}", "/v1/invoke", {}, 5.0)
 
+    released = threading.Event()
+
     def silent(peer: Peer) -> None:
         peer.read()
-        time.sleep(2.0)
+        released.wait(SILENT_FOR)  # no answer until the test is over
 
     with scripted_server(silent) as (url, _):
         started = time.monotonic()
         with pytest.raises(InvokerLost, match="did not answer"):
             client.call(url, "/v1/invoke", {}, 0.3)
-        assert time.monotonic() - started < 1.5
+        # Gave up on its own timeout, long before the server would have said anything.
+        assert time.monotonic() - started < SILENT_FOR / 2
+        released.set()
     client.close()
 
 
@@ -295,18 +304,21 @@ def test_a_stream_refused_up_front_raises_its_error() -> None:
 
 
 def test_a_stream_that_goes_silent_is_lost_within_its_timeout() -> None:
+    released = threading.Event()
+
     def script(peer: Peer) -> None:
         if peer.read():
             peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             peer.send(_chunk(b'{"event": "start"}\n'))
-            time.sleep(2.0)
+            released.wait(SILENT_FOR)  # nothing more until the test is over
 
     client = InvokerClient("tok")
     with scripted_server(script) as (url, _):
         started = time.monotonic()
         with pytest.raises(InvokerLost, match="stopped answering"):
             list(client.stream(url, {}, 0.3))
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < SILENT_FOR / 2
+        released.set()
         client.close()
 
 

@@ -97,7 +97,7 @@ def test_config_rejects_bad_env(env: dict[str, str], message: str) -> None:
     ("changes", "message"),
     [
         ({"token": ""}, "internal token is empty"),
-        ({"port": 70000}, "port must be 1..65535"),
+        ({"port": 70000}, "port must be 0..65535"),
         ({"download_concurrency": 0}, "download_concurrency must be in"),
         ({"part_size": 1000}, "part_size must be in"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),

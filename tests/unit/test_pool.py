@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -88,14 +87,43 @@ def _run_threads(n: int, work: Callable[[], Any]) -> list[Any]:
     return results
 
 
-def _slow_counting(monkeypatch: pytest.MonkeyPatch, module: Any, delay: float) -> list[int]:
-    """Wrap module.read_partitions: count calls and sleep first, to widen the race window."""
+def _held_until_joined(monkeypatch: pytest.MonkeyPatch, module: Any, callers: int) -> list[int]:
+    """Wrap module.read_partitions: count calls, and hold the read until the other
+    `callers - 1` loads wait for it, so every caller joins the one load in flight."""
     real = module.read_partitions
     calls = [0]
+    waiting = [0]
+    changed = threading.Condition()
+
+    class CountingEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            with changed:
+                waiting[0] += 1
+                changed.notify_all()
+            return super().wait(timeout)
+
+    # What a caller that found the load in flight waits on: the pool entry's `ready`, or the
+    # single-flight `done` of a load without a pool.
+    if module is pool_mod:
+        entry = pool_mod._Entry
+        monkeypatch.setattr(
+            pool_mod, "_Entry", lambda identity: entry(identity, ready=CountingEvent())
+        )
+    else:
+
+        class Flight(load_mod._Flight):
+            def __init__(self) -> None:
+                super().__init__()
+                self.done = CountingEvent()
+
+        monkeypatch.setattr(load_mod, "_Flight", Flight)
 
     def read_partitions(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        time.sleep(delay)
+        with changed:
+            joined = changed.wait_for(lambda: waiting[0] >= callers - 1, timeout=JOIN_TIMEOUT)
+        if not joined:
+            raise AssertionError(f"{waiting[0]} of {callers - 1} callers joined the load")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "read_partitions", read_partitions)
@@ -338,7 +366,7 @@ def test_concurrent_pool_loads_share_one_read(
 ) -> None:
     ckpt = make_ckpt("a", 1.0)
     pool = HostPool(64 * MiB, pin=False)
-    calls = _slow_counting(monkeypatch, pool_mod, 0.2)
+    calls = _held_until_joined(monkeypatch, pool_mod, 8)
 
     results: list[LoadResult] = _run_threads(8, lambda: load_with_info(ckpt, pool=pool))
 
@@ -357,7 +385,7 @@ def test_concurrent_plain_loads_share_one_read(
     make_ckpt: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt = make_ckpt("a", 1.0)
-    calls = _slow_counting(monkeypatch, load_mod, 0.2)
+    calls = _held_until_joined(monkeypatch, load_mod, 8)
 
     results: list[dict[str, torch.Tensor]] = _run_threads(8, lambda: load(ckpt))
 
@@ -377,7 +405,7 @@ def test_concurrent_loads_of_a_corrupted_checkpoint_all_fail(
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
     pool = HostPool(2 * slot, pin=False)
-    calls = _slow_counting(monkeypatch, pool_mod, 0.2)
+    calls = _held_until_joined(monkeypatch, pool_mod, 4)
 
     results = _run_threads(4, lambda: load(bad, pool=pool))
 

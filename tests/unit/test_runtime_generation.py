@@ -535,15 +535,35 @@ def test_full_instance_answers_overloaded_and_frees_slots(folders: dict[str, Pat
 
 
 def test_waiting_request_gets_the_slot_when_it_frees(folders: dict[str, Path]) -> None:
-    rt = runtime_for(folders["llama"], concurrency=1, queue_timeout=10.0)
+    rt = runtime_for(folders["llama"], concurrency=1, queue_timeout=30.0)
     prompt = rt.encode(prompt=PROMPT)
     first = rt.start(prompt, GREEDY)
-    threading.Timer(0.1, first.close).start()
+    free = rt._slots._free
+    blocked = threading.Event()
+
+    class Watched:
+        """The slot semaphore, telling when a caller found no slot free and waits."""
+
+        def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+            if free.acquire(blocking=False):
+                return True
+            blocked.set()
+            return free.acquire(timeout=timeout)
+
+        def release(self) -> None:
+            free.release()
+
+    rt._slots._free = Watched()  # type: ignore[assignment]
+    closer = threading.Thread(target=lambda: blocked.wait(30) and first.close(), daemon=True)
+    closer.start()
 
     second = rt.start(prompt, GREEDY)  # waits for the slot instead of failing
 
+    closer.join(30)
+    assert blocked.is_set(), "the second request never had to wait"
     assert rt.active() == 1
     second.close()
+    assert rt.active() == 0
 
 
 def test_finished_generation_gives_back_its_slot(folders: dict[str, Path]) -> None:
