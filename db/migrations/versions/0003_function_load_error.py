@@ -17,10 +17,13 @@ down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# SQLite rebuilds the table for these changes: keep 0002's AUTOINCREMENT (ids never reused).
+_KEEP_IDS = {"sqlite_autoincrement": True}
+
 
 def upgrade() -> None:
     """Add functions.load_error, load_failures and load_retry_at."""
-    with op.batch_alter_table("functions") as batch:
+    with op.batch_alter_table("functions", table_kwargs=_KEEP_IDS) as batch:
         batch.add_column(sa.Column("load_error", sa.JSON(none_as_null=True), nullable=True))
         batch.add_column(
             sa.Column("load_failures", sa.Integer(), server_default=sa.text("0"), nullable=False)
@@ -30,6 +33,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Drop the three columns."""
-    with op.batch_alter_table("functions") as batch:
+    with op.batch_alter_table("functions", table_kwargs=_KEEP_IDS) as batch:
         for name in ("load_retry_at", "load_failures", "load_error"):
             batch.drop_column(name)
