@@ -40,8 +40,8 @@ def code_version(repo: Path = _REPO) -> dict[str, Any]:
 
 
 def write_results(out: Path, results: dict[str, Any], echo: Callable[[str], None]) -> None:
-    """Stamp `results` with the code version and write it to `out` as indented JSON."""
-    results["code"] = code_version()
+    """Stamp `results` with the code version (unless stamped) and write it to `out` as JSON."""
+    results.setdefault("code", code_version())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     echo(f"wrote {out}")

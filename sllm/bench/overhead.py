@@ -84,7 +84,7 @@ from ._overhead_stats import (
     targets,
     throughput_point,
 )
-from ._results import write_results
+from ._results import code_version, write_results
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 WARMUP_REQUESTS = 20  # per path, before the latency pairs
@@ -174,6 +174,7 @@ def run(
     }
     results = results_document(machine, settings, databases)
     print_table(results, echo)
+    results["code"] = code_version()  # in what run() returns too
     write_results(out, finite(results), echo)
     failed = [k for k, v in databases.items() if "failed" in v]
     if failed:

@@ -213,8 +213,9 @@ def test_leaked_slots_come_back_after_the_function_timeout(stack: dict[str, Any]
             )
 
     def expired_activation() -> str:
-        """A running activation whose lease ran out: the next maintenance pass ends it, in the
-        same transaction that resets leaked slots, which tells the test a pass happened."""
+        """A running activation, sent to an invoker, whose lease ran out: the next maintenance
+        pass ends it, in the same transaction that resets leaked slots, which tells the test a
+        pass happened."""
         row = Activation(
             namespace_id=ns_id,
             function_name="leaky",
@@ -226,6 +227,7 @@ def test_leaked_slots_come_back_after_the_function_timeout(stack: dict[str, Any]
             request={},
             logs=[],
             created_at=time.time(),
+            start_at=time.time() - 2,  # sent: it ends interrupted (unsent ones are queued again)
             lease_until=time.time() - 1,
         )
         with db.session(write=True) as s:

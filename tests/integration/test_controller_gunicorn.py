@@ -22,7 +22,6 @@ import pytest
 from tests.support.controller import ADMIN_KEY, ControllerProcess
 from tests.support.invoker import TOKEN
 from tests.support.process import ServiceProcess
-from tests.support.s3 import free_port
 
 HEALTHZ_200 = 'sllm_controller_requests_total{endpoint="/healthz",status="200"}'
 
@@ -98,16 +97,16 @@ def test_metrics_folder_given_by_the_operator_is_wiped_at_start(
 
 # ---------------------------------------------------------------- $PORT (item 2)
 def test_listens_on_knative_port(tmp_path: Path, sqlite_url: str) -> None:
-    port = free_port()
+    """No --port and no SLLM_PORT: $PORT decides. PORT=0 binds a free port, so a controller
+    that ignored $PORT would be found on its default (8700) instead."""
     env = {k: v for k, v in os.environ.items() if k != "SLLM_PORT"}
-    proc = ServiceProcess(
-        [sys.executable, "-m", "sllm", "controller", "start"],
-        {**env, "PORT": str(port), "SLLM_INTERNAL_TOKEN": TOKEN, "SLLM_DATABASE_URL": sqlite_url},
-        f"http://127.0.0.1:{port}",
-        tmp_path / "controller.log",
-    )
-    proc.start()  # waits for /readyz on $PORT
+    env.update({"PORT": "0", "SLLM_INTERNAL_TOKEN": TOKEN, "SLLM_DATABASE_URL": sqlite_url})
+    proc = ServiceProcess([sys.executable, "-m", "sllm", "controller", "start"], env, tmp_path)
+    at = proc.args.index("--port")
+    del proc.args[at : at + 2]  # keep only --port-file: where it listens comes from $PORT
+    proc.start()  # waits for /readyz on the port it reports
     try:
+        assert proc.port not in (0, 8700)
         assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok"}
     finally:
         proc.stop()
