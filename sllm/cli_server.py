@@ -48,6 +48,7 @@ def server() -> None:
     help="Object store URI [SLLM_STORE_URI, $SLLM_HOME/store: where `sllm model push` goes].",
 )
 @click.option("--detach", is_flag=True, help="Run in the background; stop with `sllm server stop`.")
+@click.option("--lock-fd", type=int, hidden=True, help="The data folder's lock, from --detach.")
 def start(
     host: str,
     port: int,
@@ -60,6 +61,7 @@ def start(
     nvme_capacity: str,
     store_uri: str | None,
     detach: bool,
+    lock_fd: int | None,
 ) -> None:
     """Start the embedded server (foreground unless --detach); print its URL and API key.
 
@@ -92,7 +94,9 @@ def start(
         if detach:
             embedded.detach(settings, click.echo, show_key=show_key, new_key=new_key)
             return
-        status = embedded.run(settings, click.echo, os.environ, show_key=show_key, new_key=new_key)
+        status = embedded.run(
+            settings, click.echo, os.environ, show_key=show_key, new_key=new_key, lock_fd=lock_fd
+        )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(status)
