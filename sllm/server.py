@@ -107,6 +107,12 @@ def _install_key(settings: ServerSettings, *, new_key: bool) -> str:
         try:
             controller.ensure_namespace(NAMESPACE)
             state = _key_state(controller, saved)
+            if settings.api_key and _key_state(controller, settings.api_key) == "revoked":
+                # Installing it again would undo an operator's revocation.
+                raise RuntimeError(
+                    f"the admin key {settings.api_key.partition(':')[0]!r} given with --api-key "
+                    "or $SLLM_SERVER_API_KEY was revoked; give another key, or use --new-key"
+                )
             key = choose_key(saved, settings.api_key, new=new_key, revoked=state == "revoked")
             if key != saved or state != "valid":
                 controller.install_key(NAMESPACE, key, admin=True)
@@ -185,7 +191,7 @@ def _run(
     logs.mkdir(exist_ok=True)
     invoker_port = settings.invoker_port or settings.port + 1
     base = {
-        **env,
+        **_child_env(env),
         "SLLM_INTERNAL_TOKEN": token,
         "SLLM_HOME": str(settings.data_dir),
         "SLLM_STORE_URI": settings.store,  # the controller checks a function's model there
@@ -325,6 +331,11 @@ def ready_lines(settings: ServerSettings, key: str | None) -> list[str]:
     ]
 
 
+def _child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the admin key a start may have been given: no child needs it."""
+    return {k: v for k, v in env.items() if k != "SLLM_SERVER_API_KEY"}
+
+
 def _cli_home(env: Mapping[str, str]) -> Path:
     """Where the CLI config goes: the user's SLLM_HOME (not the server's data folder)."""
     from sllm.core.config import sllm_home
@@ -391,6 +402,7 @@ def detach(
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                     pass_fds=(fd,),
+                    env=_child_env(os.environ),  # the key is in the data folder by now
                 )
         finally:
             os.close(fd)  # the background server's copy keeps the lock

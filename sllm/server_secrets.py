@@ -10,6 +10,8 @@ replaces it, and the key it replaces is revoked (a rotation).
     K, valid        none                K again
     K, revoked      none                a new key (an operator revoked K on purpose)
     K               --api-key N / new   N (or a new one); K is revoked
+    any             --api-key R, R was  refused (a revocation is never undone; use --new-key)
+                    revoked before
 """
 
 from __future__ import annotations

@@ -98,3 +98,13 @@ def test_the_data_folder_and_its_files_are_private(settings: ServerSettings) -> 
     for name in ("admin.key", "sllm.db", "server.log"):
         mode = stat.S_IMODE((settings.data_dir / name).stat().st_mode)
         assert mode & 0o077 == 0, (name, oct(mode))
+
+
+def test_a_revoked_key_is_not_given_back(settings: ServerSettings) -> None:
+    old = prepare(settings)
+    prepare(settings, new_key=True)  # `old` is revoked
+
+    with pytest.raises(RuntimeError, match="was revoked; give another key, or use --new-key"):
+        prepare(ServerSettings(settings.data_dir, api_key=old))
+
+    assert not _valid(settings, old)

@@ -53,14 +53,18 @@ def test_a_second_start_and_a_stale_pid_file_leave_others_alone(tmp_path: Path) 
     env["SLLM_HOME"] = str(home)
     data = home / "server"
     started = sllm(
-        env, "server", "start", "--detach", "--port", str(free_port()),
-        "--invoker-port", str(free_port()), "--api-key", KEY,
+        {**env, "SLLM_SERVER_API_KEY": KEY}, "server", "start", "--detach",
+        "--port", str(free_port()), "--invoker-port", str(free_port()),
     )  # fmt: skip
     assert started.returncode == 0, started.stderr + started.stdout
     info = json.loads((data / "server.json").read_text())
     pids = [info["pid"], info["controller_pid"], info["invoker_pid"]]
     unrelated = subprocess.Popen(["sleep", "300"])
     try:
+        # The key given in the environment is saved; no process of the server inherits it.
+        assert (data / "admin.key").read_text().strip() == KEY
+        for pid in pids:
+            assert b"SLLM_SERVER_API_KEY=" not in Path(f"/proc/{pid}/environ").read_bytes()
         files = {n: (data / n).read_text() for n in ("server.pid", "server.json", "admin.key")}
         for detach in ((), ("--detach",)):
             second = sllm(
