@@ -91,11 +91,10 @@ class Runtime:
         """A generation continuing from `Generation.export_state()` (possibly from another host)."""
         self._require("generate")
         parsed = _parse_state(state, self._engine)
-        parsed.params.fitted(parsed.prompt_len, self.max_context)
+        # A state without max_tokens runs to the end of the context, as at its start.
+        params = parsed.params.fitted(parsed.prompt_len, self.max_context)
         slot = self._slots.acquire()
-        generation = Generation(
-            self._engine, slot, prompt_len=parsed.prompt_len, params=parsed.params
-        )
+        generation = Generation(self._engine, slot, prompt_len=parsed.prompt_len, params=params)
         try:
             generation.load_state(state)
         except BaseException:
