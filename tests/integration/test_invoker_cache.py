@@ -209,6 +209,22 @@ def test_failed_lock_claim_leaves_the_folder_free(
     CacheLock.acquire(tmp_path / "cache").release()
 
 
+def test_an_invoker_that_fails_to_start_leaves_the_folder_free(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: only the NVMe tier's failure released the lock; a failed HostPool kept it."""
+    import sllm.invoker._service as service_mod
+
+    def failing_pool(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("cannot reserve the host pool (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(service_mod, "HostPool", failing_pool)
+        with pytest.raises(MemoryError, match="simulated"):
+            make_invoker()
+    make_invoker()  # the folder is free again: no CacheFolderBusy
+
+
 @pytest.mark.invoker
 def test_second_invoker_process_on_a_cache_folder_refuses_to_start(
     published: dict[str, Any], tmp_path: Path
