@@ -13,6 +13,7 @@ import torch
 
 from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError, Unavailable
 from sllm.core.messages import (
+    MAX_EMBED_INPUTS,
     FunctionSpec,
     LoadReport,
     embedding_inputs,
@@ -33,7 +34,6 @@ from ._nvme import NvmeTier
 from ._tiers import TierCache
 
 log = logging.getLogger("sllm.invoker")
-MAX_EMBED_INPUTS = 256
 
 
 def resolve_device(name: str) -> torch.device:

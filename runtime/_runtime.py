@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sllm.core.errors import ContextLengthExceeded, InvalidRequest
-from sllm.core.messages import EmbedInput, embedding_inputs
+from sllm.core.messages import MAX_EMBED_INPUTS, EmbedInput, embedding_inputs
 
 from . import _embed, _prompt
 from ._engine import Engine, Slots
@@ -117,7 +117,7 @@ class Runtime:
         vLLM: cutting it would embed a text other than the one sent.
         """
         self._require("embed")
-        inputs = embedding_inputs(inputs, _embed.MAX_INPUTS)
+        inputs = embedding_inputs(inputs, MAX_EMBED_INPUTS)
         pooling = self.pooling or _embed.PoolingConfig()
         limit = min(self.max_context, pooling.max_seq_length or self.max_context)
         ids = self._input_ids(inputs, limit)
