@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sllm.core.names import is_api_key
+
 KEY_FILE = "admin.key"
 _PRIVATE = 0o077  # the bits a file in the data folder must not have
 
@@ -36,8 +38,7 @@ def saved_key(data_dir: Path) -> str | None:
         key = key_path(data_dir).read_text().strip()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
-    key_id, sep, secret = key.partition(":")
-    return key if sep and key_id and secret else None
+    return key if is_api_key(key) else None
 
 
 def save_key(data_dir: Path, key: str) -> Path:

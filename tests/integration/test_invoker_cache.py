@@ -209,6 +209,26 @@ def test_failed_lock_claim_leaves_the_folder_free(
     CacheLock.acquire(tmp_path / "cache").release()
 
 
+def test_a_cache_folder_that_cannot_be_made_is_a_cli_error(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    """Regression: the CacheLock's OSError came out of `sllm invoker start` as a traceback."""
+    from click.testing import CliRunner
+
+    from sllm.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    args = ["invoker", "start", "--token", "t", "--store", published["uri"], "--device", "cpu"]
+    result = CliRunner().invoke(
+        main,
+        [*args, "--no-measure", "--cache-dir", str(tmp_path / "file" / "cache")],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "cannot start the invoker" in result.output and "file/cache" in result.output
+
+
 def test_an_invoker_that_fails_to_start_leaves_the_folder_free(
     make_invoker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from sllm.cli import main
 from sllm.controller import Controller, ControllerConfig
 from sllm.core.errors import Unauthorized
 from sllm.db import Database
@@ -108,3 +110,26 @@ def test_a_revoked_key_is_not_given_back(settings: ServerSettings) -> None:
         prepare(ServerSettings(settings.data_dir, api_key=old))
 
     assert not _valid(settings, old)
+
+
+def test_a_mangled_saved_key_is_treated_as_absent(settings: ServerSettings) -> None:
+    """Regression: a saved key with an invalid key id failed every start with a traceback."""
+    prepare(settings)
+    key_path(settings.data_dir).write_text("bad id:secret\n")  # a space is no key id character
+
+    key = prepare(settings)
+
+    assert key.partition(":")[0] != "bad id" and _valid(settings, key)
+    assert key_path(settings.data_dir).read_text().strip() == key
+
+
+def test_a_given_key_with_an_invalid_key_id_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["server", "start", "--data-dir", str(tmp_path / "data"), "--api-key", "bad id:secret"],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "KEY_ID 1-32 printable ASCII characters other than ':'" in result.output
+    assert not (tmp_path / "data").exists()  # refused before anything was made
