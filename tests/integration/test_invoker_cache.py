@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -192,6 +193,36 @@ def test_cache_folder_deleted_under_an_invoker_is_locked_again(
     assert nvme_models(first) == []  # any lookup remakes the folder
     with pytest.raises(CacheFolderBusy, match=r"cache folder .*cache is in use"):
         make_invoker()
+
+
+def test_a_folder_lost_to_another_invoker_is_left_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: every lookup logged the loss again, and the tier went on evicting and
+    publishing in the other invoker's folder."""
+    root = tmp_path / "cache"
+    lock = CacheLock.acquire(root)
+    nvme = nvme_mod.NvmeTier(root, 1 << 20, lock=lock)
+    (nvme.begin("m@1", 10) / "manifest.json").write_text("{}")
+    nvme.publish("m@1")
+    shutil.rmtree(root)
+    other = CacheLock.acquire(root)  # another invoker takes the folder, with its own copy of m
+    (root / "nvme" / "m@1").mkdir(parents=True)
+    (root / "nvme" / "m@1" / "manifest.json").write_text("{}")
+    try:
+        with caplog.at_level(logging.ERROR, logger="sllm.invoker"):
+            assert not any(nvme.contains("m@1") for _ in range(3))
+            assert not nvme.evict("m@1")
+            with pytest.raises(OSError, match="held by another invoker"):
+                nvme.begin("n@1", 10)
+        assert len([r for r in caplog.records if "lost its lock" in r.getMessage()]) == 1
+        assert (root / "nvme" / "m@1" / "manifest.json").is_file()
+        assert not (root / "partial" / "n@1").exists()
+    finally:
+        other.release()
+    assert nvme.contains("m@1")  # locked again: the tier is back
+    nvme.begin("n@1", 10)
+    lock.release()
 
 
 def test_failed_lock_claim_leaves_the_folder_free(
