@@ -11,7 +11,9 @@ the error message.
 Deleting the whole cache folder under a running invoker deletes the lock file
 too; the NVMe tier calls `reclaim` when it makes the folder again, so the
 recreated folder is locked once more. Caveat: a second invoker that starts in
-between wins the folder, and the first one only logs it.
+between wins the folder. The first one then marks its lock `lost` (logged
+once) and its NVMe tier leaves the folder alone (loads stream to memory only,
+nothing is published or deleted there) until a later `reclaim` succeeds.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CacheLock:
     def __init__(self, root: Path, fd: int) -> None:
         self.root = root
         self._fd: int | None = fd
+        self.lost = False  # another process holds the folder now (see the module docstring)
 
     @classmethod
     def acquire(cls, root: Path) -> CacheLock:
@@ -68,7 +71,10 @@ class CacheLock:
         return cls(root, fd)
 
     def reclaim(self) -> None:
-        """Lock the folder again if its lock file was deleted (the folder wiped under us)."""
+        """Lock the folder again if its lock file was deleted (the folder wiped under us).
+
+        Sets `lost` while another process holds it (logged once), clears it once locked again.
+        """
         fd = self._fd
         if fd is None:
             return
@@ -81,11 +87,20 @@ class CacheLock:
         try:
             fresh = CacheLock.acquire(self.root)
         except (CacheFolderBusy, OSError) as exc:
-            log.error("cache folder %s lost its lock: %s", self.root, exc)
+            if not self.lost:
+                log.error(
+                    "cache folder %s lost its lock: %s; the NVMe tier is off until it is back",
+                    self.root,
+                    exc,
+                )
+            self.lost = True
             return
         self._fd, fresh._fd = fresh._fd, None
         with contextlib.suppress(OSError):
             os.close(fd)
+        if self.lost:
+            log.warning("cache folder %s is locked again; the NVMe tier is back", self.root)
+            self.lost = False
 
     def release(self) -> None:
         """Give the folder up (idempotent)."""

@@ -21,7 +21,9 @@ or any entry in it, under a running invoker. Every lookup and every download
 first reconciles the bookkeeping with the disk (missing folders are made
 again, entries whose checkpoint is gone are forgotten), so the tier heals
 instead of failing every load until a restart. A publish that fails (fsync,
-rename) leaves the download resumable, never stuck "in progress".
+rename) leaves the download resumable, never stuck "in progress". While the
+folder's lock is lost to another invoker (`CacheLock.lost`), the tier is off:
+nothing is found, begun, published, evicted or deleted there.
 """
 
 from __future__ import annotations
@@ -100,7 +102,12 @@ class NvmeTier:
         with self._lock:
             self._reconcile()
             e = self._entries.get(key)
-            return e is not None and not e.doomed
+            return e is not None and not e.doomed and not self._lost
+
+    @property
+    def _lost(self) -> bool:
+        """Whether another invoker holds the folder now: it is theirs to use and tidy."""
+        return self._folder_lock is not None and self._folder_lock.lost
 
     @property
     def used_bytes(self) -> int:
@@ -148,6 +155,8 @@ class NvmeTier:
             if key in self._active:
                 raise RuntimeError(f"download of {key} already in progress")
             self._reconcile()
+            if self._lost:  # the caller streams to memory only
+                raise OSError(f"cache folder {self.root} is held by another invoker")
             have = self._partials.pop(key, 0)
             snapshot = [
                 CachedModel(k, e.nbytes, e.last_used, e.users > 0) for k, e in self._entries.items()
@@ -189,6 +198,8 @@ class NvmeTier:
         try:
             fsync_dir(src)  # the data files were fsynced; this makes their names durable
             with self._lock:
+                if self._lost:
+                    raise OSError(f"cache folder {self.root} is held by another invoker")
                 self._make_dirs()
                 if dst.exists():  # an earlier publish of the same content won; keep it
                     shutil.rmtree(src, ignore_errors=True)
@@ -230,7 +241,7 @@ class NvmeTier:
         """Delete an idle complete entry; False when it is in use or absent."""
         with self._lock:
             e = self._entries.get(key)
-            if e is None or e.users > 0:
+            if e is None or e.users > 0 or self._lost:
                 return False
             self._remove_complete(key)
             return True
@@ -262,6 +273,8 @@ class NvmeTier:
     def _remove_complete(self, key: str) -> None:
         """Holds the lock. The rename is instant; the slow delete runs in the background."""
         self._entries.pop(key, None)
+        if self._lost:  # the folder is another invoker's now: forget the entry, keep its files
+            return
         # Rename first so a half-deleted folder is never mistaken for a checkpoint.
         trash = self.root / f".trash-{key}-{time.monotonic_ns()}"
         with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,7 @@ import torch
 
 from sllm.core.errors import Conflict, InvalidRequest, NotFound, SllmError, Unavailable
 from sllm.core.messages import (
+    MAX_EMBED_INPUTS,
     FunctionSpec,
     LoadReport,
     embedding_inputs,
@@ -33,7 +34,6 @@ from ._nvme import NvmeTier
 from ._tiers import TierCache
 
 log = logging.getLogger("sllm.invoker")
-MAX_EMBED_INPUTS = 256
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,25 +65,25 @@ class Invoker:
         )
         # Claimed before the NVMe tier scans and tidies the folder.
         self._owned_lock = None if cache_lock is not None else CacheLock.acquire(config.cache_dir)
-        try:
+        try:  # whatever fails from here on, the folder is not left locked until exit
             self.nvme = NvmeTier(
                 config.cache_dir, config.nvme_capacity, lock=cache_lock or self._owned_lock
             )
+            self.pool = HostPool(config.dram_capacity, pin=self.device.type == "cuda")
+            self.bandwidths = Bandwidths()
+            self.tiers = TierCache(
+                self.store,
+                self.nvme,
+                self.pool,
+                self.bandwidths,
+                download_concurrency=config.download_concurrency,
+                part_size=config.part_size,
+            )
+            self.instances = Instances(self.tiers, self.device, queue_timeout=config.queue_timeout)
+            self.metrics = InvokerMetrics(self)
         except BaseException:
             self._release_lock()
             raise
-        self.pool = HostPool(config.dram_capacity, pin=self.device.type == "cuda")
-        self.bandwidths = Bandwidths()
-        self.tiers = TierCache(
-            self.store,
-            self.nvme,
-            self.pool,
-            self.bandwidths,
-            download_concurrency=config.download_concurrency,
-            part_size=config.part_size,
-        )
-        self.instances = Instances(self.tiers, self.device, queue_timeout=config.queue_timeout)
-        self.metrics = InvokerMetrics(self)
         self.started_at = time.time()
         self._ready = threading.Event()
         self._closing = threading.Event()

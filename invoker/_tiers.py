@@ -177,7 +177,8 @@ class TierCache:
         else:  # unreachable: the second attempt always reads from the store
             raise RuntimeError(f"load of {key} found no source")
         seconds = time.perf_counter() - start
-        meta = self.meta(model)  # fetched again if the cache folder was deleted meanwhile
+        if not (meta / "config.json").is_file():  # the cache folder was deleted meanwhile
+            meta = self.meta(model)  # (an error here fails a load whose weights are in memory)
         if result.hit:
             if device.type == "cuda":  # a DRAM hit on a GPU is a pure host->device copy
                 self.bandwidths.observe("host_to_device", model.total_bytes, seconds)

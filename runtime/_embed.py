@@ -24,7 +24,6 @@ import torch
 from sllm.core.errors import InvalidRequest
 
 MODES = ("cls", "mean", "max", "lasttoken")
-MAX_INPUTS = 256
 _FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",

@@ -137,6 +137,8 @@ class Generation:
             self._check_open(running=True)
             parsed = _parse_state(state, self._engine)
             tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
+            if params.fit_context:  # a state without max_tokens: up to the context's end
+                params = params.fitted(prompt_len, self._engine.max_context)
             if prompt_len + params.max_tokens > self._engine.max_context:
                 raise InvalidRequest(
                     f"prompt of {prompt_len} tokens plus max_tokens {params.max_tokens} "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sllm.core.errors import ContextLengthExceeded, InvalidRequest
-from sllm.core.messages import EmbedInput, embedding_inputs
+from sllm.core.messages import MAX_EMBED_INPUTS, EmbedInput, embedding_inputs
 
 from . import _embed, _prompt
 from ._engine import Engine, Slots
@@ -91,11 +91,10 @@ class Runtime:
         """A generation continuing from `Generation.export_state()` (possibly from another host)."""
         self._require("generate")
         parsed = _parse_state(state, self._engine)
-        parsed.params.fitted(parsed.prompt_len, self.max_context)
+        # A state without max_tokens runs to the end of the context, as at its start.
+        params = parsed.params.fitted(parsed.prompt_len, self.max_context)
         slot = self._slots.acquire()
-        generation = Generation(
-            self._engine, slot, prompt_len=parsed.prompt_len, params=parsed.params
-        )
+        generation = Generation(self._engine, slot, prompt_len=parsed.prompt_len, params=params)
         try:
             generation.load_state(state)
         except BaseException:
@@ -118,7 +117,7 @@ class Runtime:
         vLLM: cutting it would embed a text other than the one sent.
         """
         self._require("embed")
-        inputs = embedding_inputs(inputs, _embed.MAX_INPUTS)
+        inputs = embedding_inputs(inputs, MAX_EMBED_INPUTS)
         pooling = self.pooling or _embed.PoolingConfig()
         limit = min(self.max_context, pooling.max_seq_length or self.max_context)
         ids = self._input_ids(inputs, limit)

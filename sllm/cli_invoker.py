@@ -63,7 +63,7 @@ def invoker() -> None:
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError
-    from sllm.invoker import CacheFolderBusy, InvokerConfig, serve
+    from sllm.invoker import InvokerConfig, serve
 
     try:
         config = InvokerConfig.from_env(os.environ, **flags)
@@ -72,5 +72,7 @@ def start(**flags: object) -> None:
         raise click.ClickException(str(exc)) from None
     try:
         serve(config)
-    except CacheFolderBusy as exc:
+    except SllmError as exc:  # CacheFolderBusy among them
         raise click.ClickException(exc.message) from None
+    except OSError as exc:  # the cache folder cannot be made or locked
+        raise click.ClickException(f"cannot start the invoker: {exc}") from None

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from sllm.core.errors import SllmError
+
 
 def _default_data_dir() -> Path:
     from sllm.core.config import sllm_home
@@ -48,6 +50,7 @@ def server() -> None:
     help="Object store URI [SLLM_STORE_URI, $SLLM_HOME/store: where `sllm model push` goes].",
 )
 @click.option("--detach", is_flag=True, help="Run in the background; stop with `sllm server stop`.")
+@click.option("--lock-fd", type=int, hidden=True, help="The data folder's lock, from --detach.")
 def start(
     host: str,
     port: int,
@@ -60,6 +63,7 @@ def start(
     nvme_capacity: str,
     store_uri: str | None,
     detach: bool,
+    lock_fd: int | None,
 ) -> None:
     """Start the embedded server (foreground unless --detach); print its URL and API key.
 
@@ -68,10 +72,13 @@ def start(
     it is printed only to a terminal, never to a log.
     """
     from sllm import server as embedded
+    from sllm.core.names import KEY_ID_RULE, is_api_key
 
     folder = (data_dir or _default_data_dir()).expanduser().resolve()
-    if api_key and ":" not in api_key:
-        raise click.BadParameter("expected KEY_ID:SECRET", param_hint="'--api-key'")
+    if api_key and not is_api_key(api_key):
+        raise click.BadParameter(
+            f"expected KEY_ID:SECRET, the KEY_ID {KEY_ID_RULE}", param_hint="'--api-key'"
+        )
     if api_key and new_key:
         raise click.UsageError("--api-key and --new-key cannot be combined")
     from sllm.store import default_store_uri
@@ -92,9 +99,13 @@ def start(
         if detach:
             embedded.detach(settings, click.echo, show_key=show_key, new_key=new_key)
             return
-        status = embedded.run(settings, click.echo, os.environ, show_key=show_key, new_key=new_key)
-    except RuntimeError as exc:
+        status = embedded.run(
+            settings, click.echo, os.environ, show_key=show_key, new_key=new_key, lock_fd=lock_fd
+        )
+    except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    except SllmError as exc:
+        raise click.ClickException(exc.message) from None
     sys.exit(status)
 
 
@@ -112,5 +123,5 @@ def stop(data_dir: Path | None) -> None:
     try:
         if not embedded.stop(folder, click.echo):
             raise click.ClickException(f"no server is running with data folder {folder}")
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -15,6 +15,7 @@ up meanwhile. The data folder and its files are readable by their owner only.
     DATA/invoker/    the invoker's caches  DATA/logs/     the children's output
     DATA/server.pid  the supervisor's pid  DATA/server.json  URL, ports, pids
     DATA/admin.key   the admin key (0600)  DATA/server.log   a detached server's output
+    DATA/server.lock the supervisor's lock (one server per data folder; `sllm.server_lock`)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from sllm import server_lock
 from sllm.server_restart import RestartPolicy
 from sllm.server_secrets import (
     choose_key,
@@ -105,6 +107,12 @@ def _install_key(settings: ServerSettings, *, new_key: bool) -> str:
         try:
             controller.ensure_namespace(NAMESPACE)
             state = _key_state(controller, saved)
+            if settings.api_key and _key_state(controller, settings.api_key) == "revoked":
+                # Installing it again would undo an operator's revocation.
+                raise RuntimeError(
+                    f"the admin key {settings.api_key.partition(':')[0]!r} given with --api-key "
+                    "or $SLLM_SERVER_API_KEY was revoked; give another key, or use --new-key"
+                )
             key = choose_key(saved, settings.api_key, new=new_key, revoked=state == "revoked")
             if key != saved or state != "valid":
                 controller.install_key(NAMESPACE, key, admin=True)
@@ -143,20 +151,27 @@ def run(
     show_key: bool = False,
     new_key: bool = False,
     policy: RestartPolicy | None = None,
+    lock_fd: int | None = None,
 ) -> int:
     """Run the server in the foreground until stopped; the exit status.
 
     The key is printed only with `show_key` (a terminal): a log never holds it.
+    The data folder's lock is taken first (`lock_fd`: already taken by `detach`)
+    and held until the end; RuntimeError when another server holds it.
     """
     with private_files():
-        return _run(
-            settings,
-            echo,
-            env,
-            show_key=show_key,
-            new_key=new_key,
-            policy=policy or RestartPolicy(),
-        )
+        fd = server_lock.acquire(settings.data_dir, lock_fd)
+        try:
+            return _run(
+                settings,
+                echo,
+                env,
+                show_key=show_key,
+                new_key=new_key,
+                policy=policy or RestartPolicy(),
+            )
+        finally:
+            os.close(fd)  # after the clean-up: a next server never sees it half done
 
 
 def _run(
@@ -176,7 +191,7 @@ def _run(
     logs.mkdir(exist_ok=True)
     invoker_port = settings.invoker_port or settings.port + 1
     base = {
-        **env,
+        **_child_env(env),
         "SLLM_INTERNAL_TOKEN": token,
         "SLLM_HOME": str(settings.data_dir),
         "SLLM_STORE_URI": settings.store,  # the controller checks a function's model there
@@ -229,6 +244,8 @@ def _run(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     pidfile = settings.data_dir / "server.pid"
+    info_path = settings.data_dir / "server.json"
+    info_path.unlink(missing_ok=True)  # a dead server's (this one holds the lock)
     pidfile.write_text(str(os.getpid()))
     try:
         for name in commands:
@@ -257,7 +274,7 @@ def _run(
     finally:
         _stop_all(children)
         pidfile.unlink(missing_ok=True)
-        (settings.data_dir / "server.json").unlink(missing_ok=True)
+        info_path.unlink(missing_ok=True)
 
 
 class _Watch:
@@ -314,6 +331,11 @@ def ready_lines(settings: ServerSettings, key: str | None) -> list[str]:
     ]
 
 
+def _child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the admin key a start may have been given: no child needs it."""
+    return {k: v for k, v in env.items() if k != "SLLM_SERVER_API_KEY"}
+
+
 def _cli_home(env: Mapping[str, str]) -> Path:
     """Where the CLI config goes: the user's SLLM_HOME (not the server's data folder)."""
     from sllm.core.config import sllm_home
@@ -361,20 +383,29 @@ def detach(
     """Start the server in the background and wait until it is ready.
 
     The key is installed here, before the server starts: the background server
-    reuses it from the data folder, so it never travels on a command line.
+    reuses it from the data folder, so it never travels on a command line. The
+    data folder's lock is taken before anything else and handed to the
+    background server, which holds it from then on.
     """
     with private_files():
-        key = prepare(settings, new_key=new_key)
-        log_path = settings.data_dir / "server.log"
-        (settings.data_dir / "server.json").unlink(missing_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "sllm", "server", "start", *_start_args(settings)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        fd = server_lock.acquire(settings.data_dir)
+        try:
+            key = prepare(settings, new_key=new_key)
+            log_path = settings.data_dir / "server.log"
+            (settings.data_dir / "server.json").unlink(missing_ok=True)  # a dead server's
+            with open(log_path, "ab") as out:
+                command = [sys.executable, "-m", "sllm", "server", "start", *_start_args(settings)]
+                proc = subprocess.Popen(
+                    [*command, "--lock-fd", str(fd)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    pass_fds=(fd,),
+                    env=_child_env(os.environ),  # the key is in the data folder by now
+                )
+        finally:
+            os.close(fd)  # the background server's copy keeps the lock
     deadline = time.monotonic() + 240
     info = settings.data_dir / "server.json"
     while time.monotonic() < deadline:
@@ -410,22 +441,23 @@ def _start_args(settings: ServerSettings) -> list[str]:
 
 
 def stop(data_dir: Path, echo: Callable[[str], None], timeout: float = 30.0) -> bool:
-    """Stop a server started in `data_dir`; False when none runs there."""
-    pidfile = data_dir / "server.pid"
-    try:
-        pid = int(pidfile.read_text())
-    except (FileNotFoundError, ValueError):
+    """Stop a server started in `data_dir`; False when none runs there.
+
+    A live server is told by its lock, not by DATA/server.pid: the pid of a
+    supervisor that died may belong to an unrelated process by now. What a dead
+    one left is cleaned up (`server_lock.clean_stale`).
+    """
+    if not server_lock.held(data_dir):
+        server_lock.clean_stale(data_dir, echo)
         return False
-    try:
+    pid = server_lock.holder(data_dir)
+    if pid is None:
+        raise RuntimeError(f"a server holds {server_lock.lock_path(data_dir)}, pid unknown")
+    with contextlib.suppress(ProcessLookupError):  # it is exiting already
         os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pidfile.unlink(missing_ok=True)
-        return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not server_lock.held(data_dir):
             echo(f"stopped the server (pid {pid})")
             return True
         time.sleep(0.2)

@@ -10,6 +10,8 @@ replaces it, and the key it replaces is revoked (a rotation).
     K, valid        none                K again
     K, revoked      none                a new key (an operator revoked K on purpose)
     K               --api-key N / new   N (or a new one); K is revoked
+    any             --api-key R, R was  refused (a revocation is never undone; use --new-key)
+                    revoked before
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from sllm.core.names import is_api_key
 
 KEY_FILE = "admin.key"
 _PRIVATE = 0o077  # the bits a file in the data folder must not have
@@ -34,8 +38,7 @@ def saved_key(data_dir: Path) -> str | None:
         key = key_path(data_dir).read_text().strip()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
-    key_id, sep, secret = key.partition(":")
-    return key if sep and key_id and secret else None
+    return key if is_api_key(key) else None
 
 
 def save_key(data_dir: Path, key: str) -> Path:

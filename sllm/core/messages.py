@@ -34,14 +34,19 @@ def require_object(doc: Any, what: str = "request body") -> Mapping[str, Any]:
 
 
 EmbedInput = str | list[int]  # one text, or its token ids in the model's vocabulary
+# Inputs in one embeddings request, everywhere: the runtime embeds them all in one batch
+# (no chunking), so the OpenAI boundary must not accept more than an invoker runs.
+MAX_EMBED_INPUTS = 256
 
 
-def embedding_inputs(value: Any, max_inputs: int) -> list[EmbedInput]:
+def embedding_inputs(value: Any, max_inputs: int = MAX_EMBED_INPUTS) -> list[EmbedInput]:
     """An embeddings `input` as 1..max_inputs items: OpenAI's string, list of strings, list
     of token ids or list of such lists (what LangChain sends by default).
 
     E.g. "a" -> ["a"], [1, 2] -> [[1, 2]], [[1, 2], [3]] -> [[1, 2], [3]].
+    `max_inputs` never exceeds MAX_EMBED_INPUTS, whatever a caller passes.
     """
+    max_inputs = min(max_inputs, MAX_EMBED_INPUTS)
     if isinstance(value, str) or (
         isinstance(value, list) and value and all(_is_token(t) for t in value)
     ):

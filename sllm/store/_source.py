@@ -60,12 +60,10 @@ def converted_folder(
             raise InvalidRequest(f"{src}: not a valid converted checkpoint: {exc}") from exc
         yield path
         return
-    # Files must come from inside the folder given; a hub snapshot's files are links
-    # into its repository's blob folder, which is where they must stay.
-    root: Path | None = path if path.is_dir() else None
+    # Files must come from inside the folder given (a hub snapshot: its repository).
     if not path.exists():
         path = download_from_hub(src, progress=progress)
-        root = path.resolve().parents[1]
+    root = confinement_root(path) if path.is_dir() else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sllm-push-", dir=workdir) as tmp:
@@ -80,6 +78,17 @@ def converted_folder(
         except OSError as exc:
             raise PlatformError(f"cannot convert {src} in {tmp}: {exc}") from exc
         yield dst
+
+
+def confinement_root(folder: Path) -> Path:
+    """The folder a model folder's files must stay in: itself, or for a Hugging Face cache
+    snapshot (`.../models--ORG--NAME/snapshots/REV`, whose files link to `../../blobs`)
+    its repository folder `models--ORG--NAME`.
+    """
+    resolved = folder.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        return resolved.parent.parent
+    return folder
 
 
 def download_from_hub(repo_id: str, *, progress: bool) -> Path:

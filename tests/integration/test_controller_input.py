@@ -123,6 +123,16 @@ def test_non_finite_numbers_are_refused_at_the_door(
     assert len(_activations(ctl["api"])) == before  # nothing stored
 
 
+def test_more_embedding_inputs_than_an_invoker_runs_are_refused_at_the_door(
+    ctl: dict[str, Any],
+) -> None:
+    """Regression: the OpenAI boundary took 2048 inputs, which every invoker refused (256)."""
+    before = len(_activations(ctl["api"]))
+    r = ctl["api"].post("/v1/embeddings", json={"model": "emb", "input": ["a"] * 257})
+    assert "1-256" in _assert_4xx(r, 400)["message"]
+    assert len(_activations(ctl["api"])) == before  # nothing dispatched
+
+
 def _chunks(data: bytes, size: int = 7) -> Iterator[bytes]:
     """`data` as an iterator, which httpx sends with Transfer-Encoding: chunked."""
     for i in range(0, len(data), size):

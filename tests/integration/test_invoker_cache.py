@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -194,6 +195,36 @@ def test_cache_folder_deleted_under_an_invoker_is_locked_again(
         make_invoker()
 
 
+def test_a_folder_lost_to_another_invoker_is_left_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: every lookup logged the loss again, and the tier went on evicting and
+    publishing in the other invoker's folder."""
+    root = tmp_path / "cache"
+    lock = CacheLock.acquire(root)
+    nvme = nvme_mod.NvmeTier(root, 1 << 20, lock=lock)
+    (nvme.begin("m@1", 10) / "manifest.json").write_text("{}")
+    nvme.publish("m@1")
+    shutil.rmtree(root)
+    other = CacheLock.acquire(root)  # another invoker takes the folder, with its own copy of m
+    (root / "nvme" / "m@1").mkdir(parents=True)
+    (root / "nvme" / "m@1" / "manifest.json").write_text("{}")
+    try:
+        with caplog.at_level(logging.ERROR, logger="sllm.invoker"):
+            assert not any(nvme.contains("m@1") for _ in range(3))
+            assert not nvme.evict("m@1")
+            with pytest.raises(OSError, match="held by another invoker"):
+                nvme.begin("n@1", 10)
+        assert len([r for r in caplog.records if "lost its lock" in r.getMessage()]) == 1
+        assert (root / "nvme" / "m@1" / "manifest.json").is_file()
+        assert not (root / "partial" / "n@1").exists()
+    finally:
+        other.release()
+    assert nvme.contains("m@1")  # locked again: the tier is back
+    nvme.begin("n@1", 10)
+    lock.release()
+
+
 def test_failed_lock_claim_leaves_the_folder_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,6 +238,42 @@ def test_failed_lock_claim_leaves_the_folder_free(
         with pytest.raises(OSError, match="No space"):
             CacheLock.acquire(tmp_path / "cache")
     CacheLock.acquire(tmp_path / "cache").release()
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_cli_error(
+    published: dict[str, Any], tmp_path: Path
+) -> None:
+    """Regression: the CacheLock's OSError came out of `sllm invoker start` as a traceback."""
+    from click.testing import CliRunner
+
+    from sllm.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    args = ["invoker", "start", "--token", "t", "--store", published["uri"], "--device", "cpu"]
+    result = CliRunner().invoke(
+        main,
+        [*args, "--no-measure", "--cache-dir", str(tmp_path / "file" / "cache")],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "cannot start the invoker" in result.output and "file/cache" in result.output
+
+
+def test_an_invoker_that_fails_to_start_leaves_the_folder_free(
+    make_invoker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: only the NVMe tier's failure released the lock; a failed HostPool kept it."""
+    import sllm.invoker._service as service_mod
+
+    def failing_pool(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("cannot reserve the host pool (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(service_mod, "HostPool", failing_pool)
+        with pytest.raises(MemoryError, match="simulated"):
+            make_invoker()
+    make_invoker()  # the folder is free again: no CacheFolderBusy
 
 
 @pytest.mark.invoker

@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,6 +113,29 @@ def test_cold_load_walks_down_the_tiers(store: Store, tmp_path: Path) -> None:
     tensors, how = cache.load(model, torch.device("cpu"))
     assert how.tier == "nvme"
     assert all(torch.equal(tensors[k], truth[k]) for k in truth)
+
+
+def test_a_loaded_model_does_not_fetch_its_small_files_again(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: after the weights were in memory, a second ensure_meta could fail the load."""
+    import sllm.invoker._tiers as tiers_mod
+
+    model = publish(store, tmp_path)
+    cache = make_cache(store, tmp_path / "cache")
+    calls: list[str] = []
+    real = tiers_mod.ensure_meta
+
+    def once(*args: Any) -> Path:
+        calls.append(model.name)
+        if len(calls) > 1:
+            raise StoreError("the store is down (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(tiers_mod, "ensure_meta", once)
+    tensors, how = cache.load(model, torch.device("cpu"))
+
+    assert how.tier == "remote" and tensors and len(calls) == 1
 
 
 def test_single_flight_downloads_once(store: Store, tmp_path: Path) -> None:

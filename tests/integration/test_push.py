@@ -342,21 +342,38 @@ def test_push_follows_symlinks_that_stay_inside_the_folder(
     assert from_hf.digest == push_model(str(hf_folder), "orig", store, progress=False).model.digest
 
 
-def test_a_hub_snapshot_may_link_into_its_cache_repository(
-    file_store_uri: str, hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The hub cache keeps files in blobs/ and links to them from snapshots/REV/."""
-    repo = tmp_path / "hub" / "models--org--tiny"
+def _hub_snapshot(hf_folder: Path, hub: Path) -> Path:
+    """The hub cache's layout: files in blobs/, links to them from snapshots/REV/."""
+    repo = hub / "models--org--tiny"
     snapshot_dir = repo / "snapshots" / "rev"
     snapshot_dir.mkdir(parents=True)
     (repo / "blobs").mkdir()
     for path in hf_folder.iterdir():
         shutil.copyfile(path, repo / "blobs" / path.name)
         (snapshot_dir / path.name).symlink_to(Path("../../blobs") / path.name)
+    return snapshot_dir
+
+
+def test_a_hub_snapshot_may_link_into_its_cache_repository(
+    file_store_uri: str, hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot_dir = _hub_snapshot(hf_folder, tmp_path / "hub")
     monkeypatch.setattr("sllm.store._source.download_from_hub", lambda *_a, **_k: snapshot_dir)
     store = open_store(file_store_uri)
 
     pushed = push_model("org/tiny", "tiny", store, progress=False).model
+
+    assert pushed.digest == push_model(str(hf_folder), "orig", store, progress=False).model.digest
+
+
+def test_a_local_hub_snapshot_folder_is_pushed_like_its_hub_id(
+    file_store_uri: str, hf_folder: Path, tmp_path: Path
+) -> None:
+    """Regression: given as a path, a snapshot's links into ../../blobs were refused."""
+    snapshot_dir = _hub_snapshot(hf_folder, tmp_path / "hub")
+    store = open_store(file_store_uri)
+
+    pushed = push_model(str(snapshot_dir), "tiny", store, progress=False).model
 
     assert pushed.digest == push_model(str(hf_folder), "orig", store, progress=False).model.digest
 

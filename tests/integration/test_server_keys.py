@@ -6,7 +6,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from sllm.cli import main
 from sllm.controller import Controller, ControllerConfig
 from sllm.core.errors import Unauthorized
 from sllm.db import Database
@@ -98,3 +100,36 @@ def test_the_data_folder_and_its_files_are_private(settings: ServerSettings) -> 
     for name in ("admin.key", "sllm.db", "server.log"):
         mode = stat.S_IMODE((settings.data_dir / name).stat().st_mode)
         assert mode & 0o077 == 0, (name, oct(mode))
+
+
+def test_a_revoked_key_is_not_given_back(settings: ServerSettings) -> None:
+    old = prepare(settings)
+    prepare(settings, new_key=True)  # `old` is revoked
+
+    with pytest.raises(RuntimeError, match="was revoked; give another key, or use --new-key"):
+        prepare(ServerSettings(settings.data_dir, api_key=old))
+
+    assert not _valid(settings, old)
+
+
+def test_a_mangled_saved_key_is_treated_as_absent(settings: ServerSettings) -> None:
+    """Regression: a saved key with an invalid key id failed every start with a traceback."""
+    prepare(settings)
+    key_path(settings.data_dir).write_text("bad id:secret\n")  # a space is no key id character
+
+    key = prepare(settings)
+
+    assert key.partition(":")[0] != "bad id" and _valid(settings, key)
+    assert key_path(settings.data_dir).read_text().strip() == key
+
+
+def test_a_given_key_with_an_invalid_key_id_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["server", "start", "--data-dir", str(tmp_path / "data"), "--api-key", "bad id:secret"],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "KEY_ID 1-32 printable ASCII characters other than ':'" in result.output
+    assert not (tmp_path / "data").exists()  # refused before anything was made

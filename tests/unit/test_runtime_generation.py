@@ -180,6 +180,17 @@ def test_resume_from_tokens_alone_continues_a_seeded_run(llama: Runtime) -> None
     assert relayed + [e.token for e in rest] == unmigrated
 
 
+def test_a_resumed_state_without_max_tokens_stops_at_the_context(llama: Runtime) -> None:
+    state = {"tokens": [5] * 124, "prompt_len": 120, "params": {"temperature": 0}}
+
+    with llama.resume(state) as generation:
+        assert generation.params.max_tokens == tiny_models.MAX_POSITIONS - 120
+        events = run(generation)
+
+    assert len([e for e in events if e.token is not None]) <= tiny_models.MAX_POSITIONS - 124
+    assert events[-1].finish_reason in ("length", "eos")
+
+
 @pytest.mark.parametrize(
     "change",
     [
