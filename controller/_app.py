@@ -13,7 +13,7 @@ Native (OpenWhisk-style), API key (Bearer or Basic):
   GET    /api/v1/namespaces/{ns}/activations                 ?name&since&upto&status&limit&skip
   GET    /api/v1/namespaces/{ns}/activations/{id}[/result|/logs]
   GET    /api/v1/invokers                                    admin
-  GET    /api/v1/invokers/{name}/metrics|status              admin (the invoker's own pages)
+  GET    /api/v1/invokers/{invoker}/metrics|status           admin (the invoker's own pages)
 OpenAI-compatible (the key's namespace): /v1/models, /v1/completions,
   /v1/chat/completions, /v1/embeddings.
 Knative-compatible: POST / with Host {fn}.{ns}.{domain}; POST /t/{ns}/{fn}.
@@ -186,10 +186,10 @@ def create_app(controller: Controller) -> Flask:
         _admin()
         return _json(controller.list_invokers())
 
-    @app.get("/api/v1/invokers/<name>/<page>")
-    def invoker_page(name: str, page: str) -> Response:
+    @app.get("/api/v1/invokers/<invoker>/<page>")
+    def invoker_page(invoker: str, page: str) -> Response:
         _admin()
-        content_type, body = read_invoker_page(controller, name, page)
+        content_type, body = read_invoker_page(controller, invoker, page)
         return Response(body, content_type=content_type)
 
     # ------------------------------------------------------------ functions

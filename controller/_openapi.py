@@ -95,7 +95,7 @@ NS = {"name": "ns", "in": "path", "required": True, "schema": {"type": "string"}
 FN = {"name": "fn", "in": "path", "required": True, "schema": {"type": "string"}}
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 KEY = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
-INVOKER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+INVOKER = {"name": "invoker", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _query(name: str, kind: str, what: str) -> dict[str, Any]:
@@ -208,13 +208,13 @@ def openapi_document() -> dict[str, Any]:
             "get": _op("An activation's logs", params=[NS, ID])
         },
         "/api/v1/invokers": {"get": _op("List invokers (admin)")},
-        "/api/v1/invokers/{name}/metrics": {
+        "/api/v1/invokers/{invoker}/metrics": {
             "get": _op(
                 "An invoker's Prometheus metrics, read with the internal token (admin)",
                 params=[INVOKER],
             )
         },
-        "/api/v1/invokers/{name}/status": {
+        "/api/v1/invokers/{invoker}/status": {
             "get": _op(
                 "An invoker's status: tiers, instances, bandwidths (admin)", params=[INVOKER]
             )

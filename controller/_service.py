@@ -36,7 +36,7 @@ from sllm.core.errors import (
     SllmError,
     Unauthorized,
 )
-from sllm.core.messages import require_object
+from sllm.core.messages import require_object, show_value
 from sllm.db import (
     Activation,
     ApiKey,
@@ -56,7 +56,7 @@ from ._catalog import Catalog
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
-from ._invokers import InvokerClient, InvokerLost
+from ._invokers import INVOKER_NAME_RULE, InvokerClient, InvokerLost, is_invoker_name
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
 from ._orphans import OrphanUnloader, instance_rows
@@ -811,8 +811,8 @@ class Controller:
         name, url, device = doc.get("name"), doc.get("url"), doc.get("device", "")
         status = doc.get("status") or {}
         capacity = doc.get("capacity") or {}
-        if not isinstance(name, str) or not 1 <= len(name) <= 128:
-            raise InvalidRequest("'name' must be a string of 1-128 characters")
+        if not is_invoker_name(name):
+            raise InvalidRequest(f"'name' must be {INVOKER_NAME_RULE}; got {show_value(name)}")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidRequest("'url' must be an http(s) URL")
         if not isinstance(status, Mapping) or not isinstance(capacity, Mapping):

@@ -244,6 +244,7 @@ CRASHERS = [
         "GET", "/api/v1/namespaces/_/activations/a%00b", False, None, {}, id="nul-activation"
     ),
     pytest.param("DELETE", "/api/v1/namespaces/alpha/keys/a%00b", True, None, {}, id="nul-key-id"),
+    pytest.param("GET", "/api/v1/invokers/a%00b/metrics", True, None, {}, id="nul-invoker"),
     pytest.param("POST", "/t/alpha/a%00b", False, b"{}", {}, id="nul-trigger"),
     pytest.param(
         "GET", "/api/v1/namespaces/_/activations?name=a%00b", False, None, {}, id="nul-query-name"
