@@ -110,6 +110,13 @@ def create_app(controller: Controller) -> Flask:
             body["error"].update(type="invalid_request_error", param=None)
         return _error(body, exc.code or 500)
 
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception) -> Response:
+        # A bug, not a client's fault: its traceback goes to the log, the caller gets the
+        # error shape every other failure has (never werkzeug's HTML page).
+        log.exception("%s %s failed", request.method, request.path)
+        return sllm_error(SllmError("internal error; the controller's log has the details"))
+
     def _error(body: dict[str, Any], status: int, retry_after: float | None = None) -> Response:
         """An error answer; a trigger's is a CloudEvent when the caller sent one."""
         if request.endpoint not in ("trigger", "host_trigger"):
