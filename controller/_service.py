@@ -70,6 +70,7 @@ log = logging.getLogger("sllm.controller")
 AUTH_TTL = 5.0  # a revoked key stops working within this many seconds
 FUNCTION_TTL = 2.0  # a cached function definition is read again after this many seconds
 MAX_REBASES = 3  # a function that changes more often under one request: 409
+BACKGROUND_THREADS = 4  # prewarm loads and orphan unloads at once per controller process
 
 _ACTIVATIONS, _FUNCTIONS, _NAMESPACES = table(Activation), table(Function), table(Namespace)
 _JSON_COLUMNS = frozenset(c.name for c in _ACTIVATIONS.c if isinstance(c.type, JSON))
@@ -110,15 +111,18 @@ class Controller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        # Blocking runs past their wait and prewarm loads; queued activations have their own
-        # workers, so a claimed one starts at once (its lease would run out in a backlog).
+        # Blocking runs past their wait. Queued activations have their own workers, so a
+        # claimed one starts at once (its lease would run out in a backlog); prewarm loads
+        # (up to a minute each) and orphan unloads have theirs, so no blocking run waits
+        # behind them and is answered 202 before it started.
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="sllm-run")
         self._queue_pool = ThreadPoolExecutor(config.queue_workers, thread_name_prefix="sllm-queue")
+        self._background = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="sllm-bg")
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
         self._keys: dict[str, tuple[Principal, float]] = {}
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
-        self._orphans = OrphanUnloader(db, self._pool, self._unload_on)
+        self._orphans = OrphanUnloader(db, self._background, self._unload_on)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -136,6 +140,7 @@ class Controller:
             t.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._queue_pool.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
         self.invokers.close()
 
     # ------------------------------------------------------------ auth
@@ -1093,7 +1098,7 @@ class Controller:
             except StaleFunction:
                 continue  # changed since the read above: the next pass sees it
             if slot is not None:
-                self._pool.submit(self._load, slot, fn, ns)
+                self._background.submit(self._load, slot, fn, ns)
 
     def _load(self, slot: Slot, fn: Function, namespace: str) -> None:
         body = _instance_of(namespace, fn)

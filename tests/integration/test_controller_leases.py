@@ -1,4 +1,4 @@
-"""Leases, reconciliation and prewarm backoff, against a stand-in invoker the test steers.
+"""Leases, reconciliation and prewarm, against a stand-in invoker the test steers.
 
 A controller in this process (both databases) whose maintenance runs only when
 the test calls `maintain()`, and a stub invoker on loopback that holds
@@ -249,3 +249,18 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
     )
     with client(served.url, key) as c:
         assert c.get(f"/api/v1/namespaces/{NS}/functions/f").json()["load_error"] is None
+
+
+def test_a_blocking_run_never_waits_behind_prewarm_loads(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    # The run pool has one thread (see `served`); loads that hang must not take it.
+    for name in ("warm1", "warm2"):
+        _function(ctl, name, scaling={"min_instances": 1})
+    _function(ctl, limits={"timeout": 20})  # past the blocking wait: runs on the pool
+    stub.hold_loads = True
+    _tick(ctl, stub)
+    stub.wait_for("the prewarm loads", lambda s: len(s.called("/v1/load")) == 2)
+    fn = ctl.function_for(NS, "f")
+    ctl.invoke(ctl.new_run(NS, fn, {"prompt": "blocking"}, blocking=True), fn)
+    stub.wait_for("the blocking run to reach the invoker", lambda s: "blocking" in _prompts(s))
