@@ -264,3 +264,14 @@ def test_a_blocking_run_never_waits_behind_prewarm_loads(
     fn = ctl.function_for(NS, "f")
     ctl.invoke(ctl.new_run(NS, fn, {"prompt": "blocking"}, blocking=True), fn)
     stub.wait_for("the blocking run to reach the invoker", lambda s: "blocking" in _prompts(s))
+
+
+def test_a_closed_controller_answers_heartbeats_that_report_orphans(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    ctl.heartbeat(stub.status())
+    ctl.close()  # as a gunicorn worker does on its way out; requests may still come in
+    lost = [{"function": f"{NS}/lost", "model": "m", "active": 0}]
+    for _ in range(2):
+        ctl.heartbeat(stub.status(lost))
+    assert stub.called("/v1/unload") == []
