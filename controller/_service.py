@@ -493,8 +493,11 @@ class Controller:
         cols = run.columns()
         if run.body is not None:  # as sent: validated again against the function when it runs
             cols["request"] = run.body
-        with self.db.connect(write=True) as conn:
-            conn.execute(_ACTIVATIONS.insert(), cols)
+        try:
+            with self.db.connect(write=True) as conn:
+                conn.execute(_ACTIVATIONS.insert(), cols)
+        except IntegrityError:  # its namespace was deleted since this process cached it
+            raise _namespace_gone(run) from None
         run.persisted = True
         self._wake.set()
         return run.id
@@ -759,11 +762,18 @@ class Controller:
                     )
             run.persisted = True
         except IntegrityError:
-            return  # it finished and stored itself meanwhile
+            if self._stored(run.id):
+                return  # it finished and stored itself meanwhile
+            raise _namespace_gone(run) from None
         # Sent between the snapshot above and `persisted`: execute() did not mark it then.
         # (One of the two threads sees the other's write; marking twice is harmless.)
         if cols["start_at"] is None and run.start_at is not None:
             self._mark_dispatched(run, None)
+
+    def _stored(self, activation_id: str) -> bool:
+        with self.db.session() as s:
+            found = s.execute(select(Activation.id).where(Activation.id == activation_id))
+            return found.scalar() is not None
 
     # ------------------------------------------------------------ activations
     def list_activations(
@@ -1149,6 +1159,11 @@ class Controller:
 def _function_doc(row: Function, namespace: str) -> dict[str, Any]:
     """A function as the API shows it, with why it is not warm (`load_error`, or null)."""
     return {**function_json(row, namespace), "load_error": load_error_json(row)}
+
+
+def _namespace_gone(run: Run) -> NotFound:
+    """A run that cannot be stored: its namespace was deleted (the activation's key fails)."""
+    return NotFound(f"no function {run.function!r} in namespace {run.namespace!r}")
 
 
 def _instance_of(namespace: str, fn: Function) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from sqlalchemy import func, select, update
 
 from sllm.cli import main
 from sllm.controller import Controller
-from sllm.db import Activation, Instance
+from sllm.core.errors import NotFound
+from sllm.db import Activation, Database, Instance
 from tests.support.controller import ControllerThread, client
 from tests.support.stub_invoker import StubInvoker
 
@@ -275,3 +276,27 @@ def test_a_closed_controller_answers_heartbeats_that_report_orphans(
     for _ in range(2):
         ctl.heartbeat(stub.status(lost))
     assert stub.called("/v1/unload") == []
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["queued", "past-the-blocking-wait"])
+def test_a_run_of_a_namespace_deleted_under_a_stale_worker_is_a_404(
+    served: ControllerThread,
+    ctl: Controller,
+    monkeypatch: pytest.MonkeyPatch,
+    blocking: bool,
+) -> None:
+    _function(ctl, limits={"timeout": 20})
+    other = Controller(served.config, Database(served.config.database_url))  # another worker
+    try:
+        stale = other.function_for(NS, "f")  # cached there
+        ctl.delete_namespace(NS)
+        run = other.new_run(NS, stale, {"prompt": "hi"}, blocking=blocking)
+        with pytest.raises(NotFound):
+            if blocking:  # it outlives the blocking wait, and is stored as running then
+                monkeypatch.setattr(other, "_drain", lambda run, fn: time.sleep(2))
+                other.invoke(run, stale)
+            else:
+                other.submit(run)
+    finally:
+        other.close()
+        other.db.dispose()
