@@ -18,6 +18,7 @@ from sqlalchemy import func, select, update
 
 from sllm.cli import main
 from sllm.controller import Controller
+from sllm.controller._openapi import openapi_document
 from sllm.core.errors import NotFound
 from sllm.db import Activation, Database, Instance
 from tests.support.controller import ControllerThread, client
@@ -204,6 +205,34 @@ def test_instances_the_invoker_holds_without_a_row_are_unloaded(
     assert stub.called("/v1/unload")[1:] == [{"function": f"{NS}/busy"}]
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+
+
+def _assert_described(doc: Any, schema: dict[str, Any], where: str = "") -> None:
+    """`doc` has the schema's types, and every field of an object it describes is in it."""
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    ok = any(
+        isinstance(doc, _JSON_TYPES[k]) and not (k in ("integer", "number") and doc is True)
+        for k in kinds
+    )
+    assert not kinds or ok, f"{where or 'the document'}: {doc!r} is not {kinds}"
+    if isinstance(doc, dict) and "properties" in schema:
+        props = schema["properties"]
+        assert set(doc) <= set(props), f"{where}: not in the schema: {set(doc) - set(props)}"
+        assert set(schema.get("required", [])) <= set(doc), f"{where}: required fields missing"
+        for key, value in doc.items():
+            _assert_described(value, props[key], f"{where}.{key}")
+
+
 def _tick(ctl: Controller, stub: StubInvoker) -> None:
     """A heartbeat of the stub (it stays in rotation) and a maintenance pass."""
     ctl.heartbeat(stub.status())
@@ -241,6 +270,11 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
     )
     assert shown.exit_code == 0, shown.output
     assert "load error" in shown.output and "model 'm' is corrupt" in shown.output
+    schema = openapi_document()["components"]["schemas"]["Function"]
+    with client(served.url, key) as c:
+        shown_failing = c.get(f"/api/v1/namespaces/{NS}/functions/f").json()
+    assert shown_failing["load_error"]["failures"] >= 2, shown_failing
+    _assert_described(shown_failing, schema)
 
     stub.load_error = None  # fixed: the next load succeeds and the error goes
     _until(
@@ -249,7 +283,9 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
         timeout=15.0,
     )
     with client(served.url, key) as c:
-        assert c.get(f"/api/v1/namespaces/{NS}/functions/f").json()["load_error"] is None
+        shown_warm = c.get(f"/api/v1/namespaces/{NS}/functions/f").json()
+    assert shown_warm["load_error"] is None
+    _assert_described(shown_warm, schema)
 
 
 def test_a_blocking_run_never_waits_behind_prewarm_loads(
