@@ -35,6 +35,7 @@ from sllm.core.errors import (
     PlatformError,
     SllmError,
     Unauthorized,
+    Unavailable,
 )
 from sllm.core.messages import require_object, show_value
 from sllm.db import (
@@ -1111,9 +1112,27 @@ class Controller:
                 self._background.submit(self._load, slot, fn, ns)
 
     def _load(self, slot: Slot, fn: Function, namespace: str) -> None:
+        """Prewarm: load an instance of `fn` into `slot`; any failure gives the slot back."""
+        try:
+            self._load_into(slot, fn, namespace)
+        except Exception:  # on an executor thread: a bug would be lost in its future
+            log.exception("prewarm of %s/%s on %s failed", namespace, fn.name, slot.invoker)
+            try:
+                self.dispatcher.drop(slot)
+            except Exception:
+                log.exception(
+                    "prewarm of %s/%s: its slot could not be given back", namespace, fn.name
+                )
+
+    def _load_into(self, slot: Slot, fn: Function, namespace: str) -> None:
         body = _instance_of(namespace, fn)
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
+        except (Overloaded, InvokerLost, Unavailable) as exc:
+            # Not the function's fault: the next pass tries again, with no backoff or error shown.
+            self.dispatcher.drop(slot)
+            log.info("prewarm of %s on %s put off: %s", body["function"], slot.invoker, exc.message)
+            return
         except SllmError as exc:
             self.dispatcher.drop(slot)
             with self.db.connect(write=True) as conn:

@@ -288,6 +288,11 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
     _assert_described(shown_warm, schema)
 
 
+def _instances(ctl: Controller) -> int:
+    with ctl.db.session() as s:
+        return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
 def test_a_blocking_run_never_waits_behind_prewarm_loads(
     ctl: Controller, stub: StubInvoker
 ) -> None:
@@ -312,6 +317,35 @@ def test_a_closed_controller_answers_heartbeats_that_report_orphans(
     for _ in range(2):
         ctl.heartbeat(stub.status(lost))
     assert stub.called("/v1/unload") == []
+
+
+@pytest.mark.parametrize(
+    "code", ["overloaded", "invoker_lost", "unavailable"], ids=lambda code: code
+)
+def test_a_prewarm_put_off_by_a_busy_invoker_is_no_load_failure(
+    ctl: Controller, stub: StubInvoker, code: str
+) -> None:
+    stub.load_error = {"code": code, "message": "busy for now"}
+    _function(ctl, scaling={"min_instances": 1})
+    _tick(ctl, stub)
+    stub.wait_for("the first load", lambda s: len(s.called("/v1/load")) == 1)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
+    _tick(ctl, stub)  # no backoff: the next pass loads again
+    stub.wait_for("the second load", lambda s: len(s.called("/v1/load")) == 2)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
+    assert ctl.get_function(NS, "f")["load_error"] is None
+
+
+def test_a_prewarm_that_breaks_unexpectedly_gives_its_slot_back(
+    ctl: Controller, stub: StubInvoker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ctl.invokers, "call", broken)
+    _function(ctl, scaling={"min_instances": 1})
+    _tick(ctl, stub)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
 
 
 @pytest.mark.parametrize("blocking", [False, True], ids=["queued", "past-the-blocking-wait"])
