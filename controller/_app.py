@@ -13,7 +13,7 @@ Native (OpenWhisk-style), API key (Bearer or Basic):
   GET    /api/v1/namespaces/{ns}/activations                 ?name&since&upto&status&limit&skip
   GET    /api/v1/namespaces/{ns}/activations/{id}[/result|/logs]
   GET    /api/v1/invokers                                    admin
-  GET    /api/v1/invokers/{name}/metrics|status              admin (the invoker's own pages)
+  GET    /api/v1/invokers/{invoker}/metrics|status           admin (the invoker's own pages)
 OpenAI-compatible (the key's namespace): /v1/models, /v1/completions,
   /v1/chat/completions, /v1/embeddings.
 Knative-compatible: POST / with Host {fn}.{ns}.{domain}; POST /t/{ns}/{fn}.
@@ -110,6 +110,13 @@ def create_app(controller: Controller) -> Flask:
             body["error"].update(type="invalid_request_error", param=None)
         return _error(body, exc.code or 500)
 
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception) -> Response:
+        # A bug, not a client's fault: its traceback goes to the log, the caller gets the
+        # error shape every other failure has (never werkzeug's HTML page).
+        log.exception("%s %s failed", request.method, request.path)
+        return sllm_error(SllmError("internal error; the controller's log has the details"))
+
     def _error(body: dict[str, Any], status: int, retry_after: float | None = None) -> Response:
         """An error answer; a trigger's is a CloudEvent when the caller sent one."""
         if request.endpoint not in ("trigger", "host_trigger"):
@@ -186,10 +193,10 @@ def create_app(controller: Controller) -> Flask:
         _admin()
         return _json(controller.list_invokers())
 
-    @app.get("/api/v1/invokers/<name>/<page>")
-    def invoker_page(name: str, page: str) -> Response:
+    @app.get("/api/v1/invokers/<invoker>/<page>")
+    def invoker_page(invoker: str, page: str) -> Response:
         _admin()
-        content_type, body = read_invoker_page(controller, name, page)
+        content_type, body = read_invoker_page(controller, invoker, page)
         return Response(body, content_type=content_type)
 
     # ------------------------------------------------------------ functions

@@ -9,7 +9,6 @@ labels, as Knative needs them for `{fn}.{ns}.{domain}` routing.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from sllm.core.errors import InvalidRequest
 from sllm.core.messages import TASKS, require_object, show_value
 from sllm.core.names import DNS_LABEL_RULE, MODEL_NAME_RULE, is_dns_label, is_model_name
+from sllm.core.numbers import is_int, is_number
 from sllm.db import Function
 from sllm.runtime import SamplingParams
 
@@ -218,7 +218,7 @@ def _section(doc: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[st
 
 def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
     value = doc[name]
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise InvalidRequest(
             f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}"
         )
@@ -227,13 +227,7 @@ def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
 
 def _seconds(doc: Mapping[str, Any], name: str, lo: float, hi: float) -> float:
     value = doc[name]
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and lo <= value <= hi
-    )
-    if not ok:
+    if not (is_number(value) and lo <= value <= hi):
         raise InvalidRequest(
             f"{name!r} must be seconds in [{lo:g}, {hi:g}]; got {show_value(value)}"
         )

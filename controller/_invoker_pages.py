@@ -18,7 +18,7 @@ from sllm.db import Invoker
 if TYPE_CHECKING:
     from ._service import Controller
 
-# page name in /api/v1/invokers/{name}/{page} -> the invoker's path
+# page name in /api/v1/invokers/{invoker}/{page} -> the invoker's path
 PAGES = {"metrics": "/metrics", "status": "/v1/status"}
 PAGE_TIMEOUT_S = 10.0
 

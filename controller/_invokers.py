@@ -24,6 +24,15 @@ from sllm.core.errors import PlatformError, SllmError, Unauthorized
 # invoker before it read the request: the request is sent again on a fresh connection.
 STALE_CLOSE_WINDOW_S = 0.05
 
+# An invoker names itself (`--name`, by default HOST:PORT): any printable text, so a
+# host name with dots and a port fits; no control character (PostgreSQL refuses NUL).
+INVOKER_NAME_RULE = "1-128 printable characters"
+
+
+def is_invoker_name(value: object) -> bool:
+    """Whether `value` may name an invoker (INVOKER_NAME_RULE)."""
+    return isinstance(value, str) and 1 <= len(value) <= 128 and value.isprintable()
+
 
 class InvokerLost(PlatformError):
     """The invoker went away (refused, reset, or silent past the deadline)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from sllm.core.errors import InvalidRequest, PlatformError, SllmError
 from sllm.core.messages import embedding_inputs, require_object, show_value
+from sllm.core.numbers import is_int, is_number
 
 MAX_INT = 2**31 - 1
 MAX_SEED = 2**63 - 1
@@ -62,18 +62,9 @@ class OpenAIRequest:
 # ------------------------------------------------------------------ field checks
 
 
-def _is_int(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int; a client never means 1 by true.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
 def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     value = body.get(name)
-    if value is not None and (not _is_int(value) or not lo <= value <= hi):
+    if value is not None and (not is_int(value) or not lo <= value <= hi):
         raise InvalidRequest(
             f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}", param=name
         )
@@ -85,7 +76,7 @@ def _number(body: Mapping[str, Any], name: str, hi: int, *, open_lo: bool) -> fl
     value = body.get(name)
     if value is None:
         return None
-    if not _is_number(value) or value > hi or value < 0 or (open_lo and value == 0):
+    if not is_number(value) or value > hi or value < 0 or (open_lo and value == 0):
         bracket = "(" if open_lo else "["
         raise InvalidRequest(
             f"{name!r} must be a number in {bracket}0, {hi}], got {show_value(value)}",
@@ -136,11 +127,11 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _one(value: Any) -> bool:
-    return value is None or (_is_int(value) and value == 1)
+    return value is None or (is_int(value) and value == 1)
 
 
 def _zero(value: Any) -> bool:
-    return value is None or (_is_number(value) and value == 0)
+    return value is None or (is_number(value) and value == 0)
 
 
 def _off(value: Any) -> bool:
@@ -241,14 +232,14 @@ def parse_completion(body: Any) -> OpenAIRequest:
     prompt = doc.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and not any(_is_int(p) for p in prompt):
+    if isinstance(prompt, list) and len(prompt) > 1 and not any(is_int(p) for p in prompt):
         raise InvalidRequest(
             f"'prompt': only one prompt per request is supported, got {len(prompt)}",
             param="prompt",
         )
     if isinstance(prompt, str) and prompt:
         params: dict[str, Any] = {"prompt": prompt}
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) and t >= 0 for t in prompt):
         params = {"tokens": list(prompt)}
     else:
         raise InvalidRequest(

@@ -22,9 +22,30 @@ _ERROR = {
     },
 }
 
+_LOAD_ERROR = {
+    "type": ["object", "null"],
+    "readOnly": True,
+    "description": "why the function is not warm: its last failed prewarm load, or null; "
+    "cleared by a load that succeeds or a new definition",
+    "required": ["code", "message", "at", "failures", "retry_at"],
+    "properties": {
+        "code": {"type": "string"},
+        "message": {"type": "string"},
+        "at": {"type": "number", "description": "epoch seconds of the last failure"},
+        "failures": {"type": "integer", "description": "failed loads in a row"},
+        "retry_at": {"type": "number", "description": "epoch seconds of the next try"},
+    },
+}
+
 _FUNCTION = {
     "type": "object",
     "properties": {
+        "namespace": {"type": "string", "readOnly": True},
+        "name": {"type": "string", "readOnly": True},
+        "version": {"type": "integer", "readOnly": True},
+        "created": {"type": "number", "readOnly": True, "description": "epoch seconds"},
+        "updated": {"type": "number", "readOnly": True, "description": "epoch seconds"},
+        "load_error": _LOAD_ERROR,
         "model": {"type": "string", "description": "published model name"},
         "task": {"type": "string", "enum": ["generate", "embed"]},
         "limits": {
@@ -95,7 +116,7 @@ NS = {"name": "ns", "in": "path", "required": True, "schema": {"type": "string"}
 FN = {"name": "fn", "in": "path", "required": True, "schema": {"type": "string"}}
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 KEY = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
-INVOKER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+INVOKER = {"name": "invoker", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _query(name: str, kind: str, what: str) -> dict[str, Any]:
@@ -112,7 +133,12 @@ PAGE = [_query("limit", "integer", "page size (1-200)"), _query("skip", "integer
 
 
 def _op(
-    summary: str, *, params: list[Any] | None = None, body: Any = None, ok: str = "200"
+    summary: str,
+    *,
+    params: list[Any] | None = None,
+    body: Any = None,
+    ok: str = "200",
+    answer: Any = None,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
@@ -120,7 +146,7 @@ def _op(
         "responses": {
             ok: {
                 "description": "success",
-                "content": {"application/json": {"schema": {"type": "object"}}},
+                "content": {"application/json": {"schema": answer or {"type": "object"}}},
             },
             "4XX": {
                 "description": "client error",
@@ -156,15 +182,20 @@ def openapi_document() -> dict[str, Any]:
             "delete": _op("Revoke an API key (admin)", params=[NS, KEY]),
         },
         "/api/v1/namespaces/{ns}/functions": {
-            "get": _op("List functions", params=[NS, *PAGE]),
+            "get": _op(
+                "List functions",
+                params=[NS, *PAGE],
+                answer={"type": "array", "items": _FUNCTION},
+            ),
         },
         "/api/v1/namespaces/{ns}/functions/{fn}": {
             "put": _op(
                 "Create a function (201), or update it with overwrite=true (200)",
                 params=[NS, FN, _query("overwrite", "boolean", "update an existing function")],
                 body=_FUNCTION,
+                answer=_FUNCTION,
             ),
-            "get": _op("Get a function", params=[NS, FN]),
+            "get": _op("Get a function", params=[NS, FN], answer=_FUNCTION),
             "delete": _op("Delete a function", params=[NS, FN]),
         },
         "/api/v1/namespaces/{ns}/functions/{fn}/invocations": {
@@ -208,13 +239,13 @@ def openapi_document() -> dict[str, Any]:
             "get": _op("An activation's logs", params=[NS, ID])
         },
         "/api/v1/invokers": {"get": _op("List invokers (admin)")},
-        "/api/v1/invokers/{name}/metrics": {
+        "/api/v1/invokers/{invoker}/metrics": {
             "get": _op(
                 "An invoker's Prometheus metrics, read with the internal token (admin)",
                 params=[INVOKER],
             )
         },
-        "/api/v1/invokers/{name}/status": {
+        "/api/v1/invokers/{invoker}/status": {
             "get": _op(
                 "An invoker's status: tiers, instances, bandwidths (admin)", params=[INVOKER]
             )

@@ -58,7 +58,12 @@ class OrphanUnloader:
             if key in self._pending:  # every heartbeat reports it until it is gone
                 return
             self._pending.add(key)
-        self._pool.submit(self._run, invoker_id, url, function)
+        try:
+            self._pool.submit(self._run, invoker_id, url, function)
+        except RuntimeError:  # the pool is shut down: the controller is closing
+            with self._lock:
+                self._pending.discard(key)
+            log.info("not unloading %s on %s: the controller is closing", function, url)
 
     def _run(self, invoker_id: int, url: str, function: str) -> None:
         try:

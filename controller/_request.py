@@ -26,6 +26,7 @@ from sllm.core.messages import show_value
 from sllm.core.names import DNS_LABEL_RULE, is_dns_label
 
 from ._auth import KEY_ID, KEY_ID_RULE
+from ._invokers import INVOKER_NAME_RULE, is_invoker_name
 
 MAX_PAGE = 200
 READ_BLOCK = 64 * 1024
@@ -134,6 +135,8 @@ def check_path_names(values: Mapping[str, Any]) -> None:
             ok, what, rule = value == "_" or is_dns_label(value), "namespace", DNS_LABEL_RULE
         elif key == "name":
             ok, what, rule = is_dns_label(value), "function name", DNS_LABEL_RULE
+        elif key == "invoker":
+            ok, what, rule = is_invoker_name(value), "invoker name", INVOKER_NAME_RULE
         elif key == "activation_id":
             ok = bool(_ACTIVATION_ID.fullmatch(value))
             what, rule = "activation id", "32 lowercase hex digits"

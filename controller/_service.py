@@ -35,8 +35,9 @@ from sllm.core.errors import (
     PlatformError,
     SllmError,
     Unauthorized,
+    Unavailable,
 )
-from sllm.core.messages import require_object
+from sllm.core.messages import require_object, show_value
 from sllm.db import (
     Activation,
     ApiKey,
@@ -56,7 +57,7 @@ from ._catalog import Catalog
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
-from ._invokers import InvokerClient, InvokerLost
+from ._invokers import INVOKER_NAME_RULE, InvokerClient, InvokerLost, is_invoker_name
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
 from ._orphans import OrphanUnloader, instance_rows
@@ -70,6 +71,7 @@ log = logging.getLogger("sllm.controller")
 AUTH_TTL = 5.0  # a revoked key stops working within this many seconds
 FUNCTION_TTL = 2.0  # a cached function definition is read again after this many seconds
 MAX_REBASES = 3  # a function that changes more often under one request: 409
+BACKGROUND_THREADS = 4  # prewarm loads and orphan unloads at once per controller process
 
 _ACTIVATIONS, _FUNCTIONS, _NAMESPACES = table(Activation), table(Function), table(Namespace)
 _JSON_COLUMNS = frozenset(c.name for c in _ACTIVATIONS.c if isinstance(c.type, JSON))
@@ -110,15 +112,18 @@ class Controller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        # Blocking runs past their wait and prewarm loads; queued activations have their own
-        # workers, so a claimed one starts at once (its lease would run out in a backlog).
+        # Blocking runs past their wait. Queued activations have their own workers, so a
+        # claimed one starts at once (its lease would run out in a backlog); prewarm loads
+        # (up to a minute each) and orphan unloads have theirs, so no blocking run waits
+        # behind them and is answered 202 before it started.
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="sllm-run")
         self._queue_pool = ThreadPoolExecutor(config.queue_workers, thread_name_prefix="sllm-queue")
+        self._background = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="sllm-bg")
         self._queue_slots = threading.BoundedSemaphore(config.queue_workers)
         self._keys: dict[str, tuple[Principal, float]] = {}
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
-        self._orphans = OrphanUnloader(db, self._pool, self._unload_on)
+        self._orphans = OrphanUnloader(db, self._background, self._unload_on)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -136,6 +141,7 @@ class Controller:
             t.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._queue_pool.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
         self.invokers.close()
 
     # ------------------------------------------------------------ auth
@@ -488,8 +494,11 @@ class Controller:
         cols = run.columns()
         if run.body is not None:  # as sent: validated again against the function when it runs
             cols["request"] = run.body
-        with self.db.connect(write=True) as conn:
-            conn.execute(_ACTIVATIONS.insert(), cols)
+        try:
+            with self.db.connect(write=True) as conn:
+                conn.execute(_ACTIVATIONS.insert(), cols)
+        except IntegrityError:  # its namespace was deleted since this process cached it
+            raise _namespace_gone(run) from None
         run.persisted = True
         self._wake.set()
         return run.id
@@ -754,11 +763,18 @@ class Controller:
                     )
             run.persisted = True
         except IntegrityError:
-            return  # it finished and stored itself meanwhile
+            if self._stored(run.id):
+                return  # it finished and stored itself meanwhile
+            raise _namespace_gone(run) from None
         # Sent between the snapshot above and `persisted`: execute() did not mark it then.
         # (One of the two threads sees the other's write; marking twice is harmless.)
         if cols["start_at"] is None and run.start_at is not None:
             self._mark_dispatched(run, None)
+
+    def _stored(self, activation_id: str) -> bool:
+        with self.db.session() as s:
+            found = s.execute(select(Activation.id).where(Activation.id == activation_id))
+            return found.scalar() is not None
 
     # ------------------------------------------------------------ activations
     def list_activations(
@@ -811,8 +827,8 @@ class Controller:
         name, url, device = doc.get("name"), doc.get("url"), doc.get("device", "")
         status = doc.get("status") or {}
         capacity = doc.get("capacity") or {}
-        if not isinstance(name, str) or not 1 <= len(name) <= 128:
-            raise InvalidRequest("'name' must be a string of 1-128 characters")
+        if not is_invoker_name(name):
+            raise InvalidRequest(f"'name' must be {INVOKER_NAME_RULE}; got {show_value(name)}")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidRequest("'url' must be an http(s) URL")
         if not isinstance(status, Mapping) or not isinstance(capacity, Mapping):
@@ -1093,12 +1109,30 @@ class Controller:
             except StaleFunction:
                 continue  # changed since the read above: the next pass sees it
             if slot is not None:
-                self._pool.submit(self._load, slot, fn, ns)
+                self._background.submit(self._load, slot, fn, ns)
 
     def _load(self, slot: Slot, fn: Function, namespace: str) -> None:
+        """Prewarm: load an instance of `fn` into `slot`; any failure gives the slot back."""
+        try:
+            self._load_into(slot, fn, namespace)
+        except Exception:  # on an executor thread: a bug would be lost in its future
+            log.exception("prewarm of %s/%s on %s failed", namespace, fn.name, slot.invoker)
+            try:
+                self.dispatcher.drop(slot)
+            except Exception:
+                log.exception(
+                    "prewarm of %s/%s: its slot could not be given back", namespace, fn.name
+                )
+
+    def _load_into(self, slot: Slot, fn: Function, namespace: str) -> None:
         body = _instance_of(namespace, fn)
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
+        except (Overloaded, InvokerLost, Unavailable) as exc:
+            # Not the function's fault: the next pass tries again, with no backoff or error shown.
+            self.dispatcher.drop(slot)
+            log.info("prewarm of %s on %s put off: %s", body["function"], slot.invoker, exc.message)
+            return
         except SllmError as exc:
             self.dispatcher.drop(slot)
             with self.db.connect(write=True) as conn:
@@ -1144,6 +1178,11 @@ class Controller:
 def _function_doc(row: Function, namespace: str) -> dict[str, Any]:
     """A function as the API shows it, with why it is not warm (`load_error`, or null)."""
     return {**function_json(row, namespace), "load_error": load_error_json(row)}
+
+
+def _namespace_gone(run: Run) -> NotFound:
+    """A run that cannot be stored: its namespace was deleted (the activation's key fails)."""
+    return NotFound(f"no function {run.function!r} in namespace {run.namespace!r}")
 
 
 def _instance_of(namespace: str, fn: Function) -> dict[str, Any]:

@@ -8,13 +8,13 @@ whose explicit `max_tokens` does not fit, is a ContextLengthExceeded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sllm.core.errors import ContextLengthExceeded, InvalidRequest
 from sllm.core.messages import show_value
+from sllm.core.numbers import is_int, is_number
 
 MAX_SEED = 2**63 - 1
 MAX_STOPS = 4
@@ -22,20 +22,11 @@ MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 16
 
 
-def _is_int(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int; a client never means 1 by true.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
 def _int_field(body: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise InvalidRequest(
             f"{name!r} must be an integer in [{lo}, {hi}], got {show_value(value)}", param=name
         )
@@ -48,7 +39,7 @@ def _float_field(
     value = body.get(name)
     if value is None:
         return default
-    low_ok = _is_number(value) and (value > lo if open_lo else value >= lo)
+    low_ok = is_number(value) and (value > lo if open_lo else value >= lo)
     if not low_ok or value > hi:
         bracket = "(" if open_lo else "["
         raise InvalidRequest(
@@ -112,7 +103,7 @@ class SamplingParams:
         ]
         max_tokens = next((n for n in given if n), 0)
         seed = body.get("seed")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
             raise InvalidRequest(
                 f"'seed' must be an integer in [0, {MAX_SEED}], got {show_value(seed)}",
                 param="seed",

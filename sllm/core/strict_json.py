@@ -1,11 +1,13 @@
 """Strict JSON for what clients send: UTF-8, finite numbers, bounded nesting, whole characters.
 
-Python's `json` reads NaN and Infinity (and 1e999 as inf), lone surrogates
-("\\ud800"), and nesting as deep as the interpreter's stack allows. Each is
-accepted at the door and fails later, far from the request: PostgreSQL refuses
-NaN in a JSON column when the activation is written, a lone surrogate cannot be
-encoded for a tokenizer or a database, deep nesting overflows a recursive
-encoder. `loads` refuses all of them as an InvalidRequest (400).
+Python's `json` reads NaN and Infinity (and 1e999 as inf), integers of
+thousands of digits, lone surrogates ("\\ud800"), and nesting as deep as the
+interpreter's stack allows. Each is accepted at the door and fails later, far
+from the request: PostgreSQL refuses NaN in a JSON column when the activation
+is written, 10**400 overflows `float()` and `math.isfinite()`, a lone surrogate
+cannot be encoded for a tokenizer or a database, deep nesting overflows a
+recursive encoder. `loads` refuses all of them as an InvalidRequest (400);
+integers outside the 64-bit range are refused too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, NoReturn
 from .errors import InvalidRequest
 
 MAX_DEPTH = 128  # arrays and objects inside each other (serde_json's default limit)
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1  # a 64-bit integer, as serde_json and PostgreSQL take
 
 
 def loads(data: bytes | str, what: str = "the request body") -> Any:
@@ -29,10 +32,10 @@ def loads(data: bytes | str, what: str = "the request body") -> Any:
     else:
         text = data
     try:
-        doc = json.loads(text, parse_constant=_non_finite, parse_float=_finite)
+        doc = json.loads(text, parse_constant=_non_finite, parse_float=_finite, parse_int=_bounded)
     except RecursionError:
         raise InvalidRequest(f"{what} nests arrays and objects deeper than {MAX_DEPTH}") from None
-    except ValueError as exc:  # JSONDecodeError, a non-finite number, an int of 4300+ digits
+    except ValueError as exc:  # JSONDecodeError, a non-finite number, an int past 64 bits
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     # Cheap tests on the text spare most documents the walk: depth needs as many
     # brackets, a lone surrogate a \\uD800-\\uDFFF escape (UTF-8 text cannot hold one).
@@ -51,6 +54,15 @@ def _finite(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):
         raise ValueError(f"{literal} is out of the range of a double")
+    return value
+
+
+def _bounded(literal: str) -> int:
+    # A long literal is refused before int() spends time on its digits.
+    value = int(literal) if len(literal) <= 20 else None
+    if value is None or not MIN_INT <= value <= MAX_INT:
+        shown = literal if len(literal) <= 24 else f"{literal[:20]}... ({len(literal)} digits)"
+        raise ValueError(f"the integer {shown} is out of the range of a 64-bit integer")
     return value
 
 

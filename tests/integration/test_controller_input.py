@@ -108,6 +108,31 @@ NON_FINITE = [
         id="function-definition",
     ),
     pytest.param("POST", "/api/v1/namespaces/alpha/keys", b'{"label": NaN}', id="new-key"),
+    # An integer far past 64 bits: math.isfinite() and float() overflow on it.
+    pytest.param(
+        "POST",
+        NATIVE + "?blocking=true",
+        b'{"prompt": "hi", "seed": 1' + b"0" * 400 + b"}",
+        id="huge-int-native",
+    ),
+    pytest.param(
+        "POST",
+        "/v1/completions",
+        b'{"model": "gen", "prompt": "hi", "temperature": 1' + b"0" * 400 + b"}",
+        id="huge-int-openai",
+    ),
+    pytest.param(
+        "PUT",
+        "/api/v1/namespaces/_/functions/hugefn",
+        b'{"model": "llama", "limits": {"timeout": 1' + b"0" * 400 + b"}}",
+        id="huge-int-function-timeout",
+    ),
+    pytest.param(
+        "PUT",
+        "/api/v1/namespaces/_/functions/hugefn",
+        b'{"model": "llama", "params": {"temperature": -1' + b"0" * 400 + b"}}",
+        id="huge-int-function-params",
+    ),
 ]
 
 
@@ -131,6 +156,50 @@ def test_more_embedding_inputs_than_an_invoker_runs_are_refused_at_the_door(
     r = ctl["api"].post("/v1/embeddings", json={"model": "emb", "input": ["a"] * 257})
     assert "1-256" in _assert_4xx(r, 400)["message"]
     assert len(_activations(ctl["api"])) == before  # nothing dispatched
+
+
+def _boom(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a bug")
+
+
+# (method, path, admin?, body, headers, the Controller method that fails): a bug anywhere.
+BUGS = [
+    pytest.param("GET", "/api/v1/namespaces", True, None, JSON, "list_namespaces", id="native"),
+    pytest.param("GET", "/v1/models", False, None, JSON, "list_functions", id="openai"),
+    pytest.param(
+        "POST",
+        "/t/_/gen",
+        False,
+        b'{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": {}}',
+        {"content-type": "application/cloudevents+json"},
+        "function_for",
+        id="trigger-cloudevent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "admin", "body", "headers", "broken"), BUGS)
+def test_an_unexpected_exception_is_a_json_500(
+    ctl: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    admin: bool,
+    body: bytes | None,
+    headers: dict[str, str],
+    broken: str,
+) -> None:
+    monkeypatch.setattr(ctl["server"].controller, broken, _boom)
+    c = ctl["admin"] if admin else ctl["api"]
+    with caplog.at_level("ERROR", logger="sllm.controller"):
+        r = c.request(method, path, content=body, headers=headers)
+    error = _assert_4xx(r, 500, "internal")
+    assert "a bug" not in error["message"]  # the details are for the log
+    if path.startswith("/v1/"):
+        assert error["type"] == "server_error", error
+    logged = [rec.exc_info[1] for rec in caplog.records if rec.exc_info]
+    assert any(str(exc) == "a bug" for exc in logged), caplog.records
 
 
 def _chunks(data: bytes, size: int = 7) -> Iterator[bytes]:
@@ -254,6 +323,7 @@ CRASHERS = [
         "GET", "/api/v1/namespaces/_/activations/a%00b", False, None, {}, id="nul-activation"
     ),
     pytest.param("DELETE", "/api/v1/namespaces/alpha/keys/a%00b", True, None, {}, id="nul-key-id"),
+    pytest.param("GET", "/api/v1/invokers/a%00b/metrics", True, None, {}, id="nul-invoker"),
     pytest.param("POST", "/t/alpha/a%00b", False, b"{}", {}, id="nul-trigger"),
     pytest.param(
         "GET", "/api/v1/namespaces/_/activations?name=a%00b", False, None, {}, id="nul-query-name"

@@ -1,4 +1,4 @@
-"""Leases, reconciliation and prewarm backoff, against a stand-in invoker the test steers.
+"""Leases, reconciliation and prewarm, against a stand-in invoker the test steers.
 
 A controller in this process (both databases) whose maintenance runs only when
 the test calls `maintain()`, and a stub invoker on loopback that holds
@@ -18,7 +18,9 @@ from sqlalchemy import func, select, update
 
 from sllm.cli import main
 from sllm.controller import Controller
-from sllm.db import Activation, Instance
+from sllm.controller._openapi import openapi_document
+from sllm.core.errors import NotFound
+from sllm.db import Activation, Database, Instance
 from tests.support.controller import ControllerThread, client
 from tests.support.stub_invoker import StubInvoker
 
@@ -203,6 +205,34 @@ def test_instances_the_invoker_holds_without_a_row_are_unloaded(
     assert stub.called("/v1/unload")[1:] == [{"function": f"{NS}/busy"}]
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+
+
+def _assert_described(doc: Any, schema: dict[str, Any], where: str = "") -> None:
+    """`doc` has the schema's types, and every field of an object it describes is in it."""
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    ok = any(
+        isinstance(doc, _JSON_TYPES[k]) and not (k in ("integer", "number") and doc is True)
+        for k in kinds
+    )
+    assert not kinds or ok, f"{where or 'the document'}: {doc!r} is not {kinds}"
+    if isinstance(doc, dict) and "properties" in schema:
+        props = schema["properties"]
+        assert set(doc) <= set(props), f"{where}: not in the schema: {set(doc) - set(props)}"
+        assert set(schema.get("required", [])) <= set(doc), f"{where}: required fields missing"
+        for key, value in doc.items():
+            _assert_described(value, props[key], f"{where}.{key}")
+
+
 def _tick(ctl: Controller, stub: StubInvoker) -> None:
     """A heartbeat of the stub (it stays in rotation) and a maintenance pass."""
     ctl.heartbeat(stub.status())
@@ -240,6 +270,11 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
     )
     assert shown.exit_code == 0, shown.output
     assert "load error" in shown.output and "model 'm' is corrupt" in shown.output
+    schema = openapi_document()["components"]["schemas"]["Function"]
+    with client(served.url, key) as c:
+        shown_failing = c.get(f"/api/v1/namespaces/{NS}/functions/f").json()
+    assert shown_failing["load_error"]["failures"] >= 2, shown_failing
+    _assert_described(shown_failing, schema)
 
     stub.load_error = None  # fixed: the next load succeeds and the error goes
     _until(
@@ -248,4 +283,90 @@ def test_a_failing_prewarm_backs_off_and_shows_why(
         timeout=15.0,
     )
     with client(served.url, key) as c:
-        assert c.get(f"/api/v1/namespaces/{NS}/functions/f").json()["load_error"] is None
+        shown_warm = c.get(f"/api/v1/namespaces/{NS}/functions/f").json()
+    assert shown_warm["load_error"] is None
+    _assert_described(shown_warm, schema)
+
+
+def _instances(ctl: Controller) -> int:
+    with ctl.db.session() as s:
+        return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+def test_a_blocking_run_never_waits_behind_prewarm_loads(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    # The run pool has one thread (see `served`); loads that hang must not take it.
+    for name in ("warm1", "warm2"):
+        _function(ctl, name, scaling={"min_instances": 1})
+    _function(ctl, limits={"timeout": 20})  # past the blocking wait: runs on the pool
+    stub.hold_loads = True
+    _tick(ctl, stub)
+    stub.wait_for("the prewarm loads", lambda s: len(s.called("/v1/load")) == 2)
+    fn = ctl.function_for(NS, "f")
+    ctl.invoke(ctl.new_run(NS, fn, {"prompt": "blocking"}, blocking=True), fn)
+    stub.wait_for("the blocking run to reach the invoker", lambda s: "blocking" in _prompts(s))
+
+
+def test_a_closed_controller_answers_heartbeats_that_report_orphans(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    ctl.heartbeat(stub.status())
+    ctl.close()  # as a gunicorn worker does on its way out; requests may still come in
+    lost = [{"function": f"{NS}/lost", "model": "m", "active": 0}]
+    for _ in range(2):
+        ctl.heartbeat(stub.status(lost))
+    assert stub.called("/v1/unload") == []
+
+
+@pytest.mark.parametrize(
+    "code", ["overloaded", "invoker_lost", "unavailable"], ids=lambda code: code
+)
+def test_a_prewarm_put_off_by_a_busy_invoker_is_no_load_failure(
+    ctl: Controller, stub: StubInvoker, code: str
+) -> None:
+    stub.load_error = {"code": code, "message": "busy for now"}
+    _function(ctl, scaling={"min_instances": 1})
+    _tick(ctl, stub)
+    stub.wait_for("the first load", lambda s: len(s.called("/v1/load")) == 1)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
+    _tick(ctl, stub)  # no backoff: the next pass loads again
+    stub.wait_for("the second load", lambda s: len(s.called("/v1/load")) == 2)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
+    assert ctl.get_function(NS, "f")["load_error"] is None
+
+
+def test_a_prewarm_that_breaks_unexpectedly_gives_its_slot_back(
+    ctl: Controller, stub: StubInvoker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ctl.invokers, "call", broken)
+    _function(ctl, scaling={"min_instances": 1})
+    _tick(ctl, stub)
+    _until("its slot to be given back", lambda: _instances(ctl) == 0)
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["queued", "past-the-blocking-wait"])
+def test_a_run_of_a_namespace_deleted_under_a_stale_worker_is_a_404(
+    served: ControllerThread,
+    ctl: Controller,
+    monkeypatch: pytest.MonkeyPatch,
+    blocking: bool,
+) -> None:
+    _function(ctl, limits={"timeout": 20})
+    other = Controller(served.config, Database(served.config.database_url))  # another worker
+    try:
+        stale = other.function_for(NS, "f")  # cached there
+        ctl.delete_namespace(NS)
+        run = other.new_run(NS, stale, {"prompt": "hi"}, blocking=blocking)
+        with pytest.raises(NotFound):
+            if blocking:  # it outlives the blocking wait, and is stored as running then
+                monkeypatch.setattr(other, "_drain", lambda run, fn: time.sleep(2))
+                other.invoke(run, stale)
+            else:
+                other.submit(run)
+    finally:
+        other.close()
+        other.db.dispose()

@@ -35,6 +35,8 @@ class StubInvoker:
         self.hold = False  # invocations wait for `release` (or HOLD_LIMIT_S)
         self.release = threading.Event()
         self.load_error: dict[str, Any] | None = None  # answered by /v1/load with a 500
+        self.hold_loads = False  # loads wait for `release_loads` (or HOLD_LIMIT_S)
+        self.release_loads = threading.Event()
         self._cond = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -71,6 +73,8 @@ class StubInvoker:
                 self.release.wait(HOLD_LIMIT_S)
             return 200, ANSWER
         if path == "/v1/load":
+            if self.hold_loads:
+                self.release_loads.wait(HOLD_LIMIT_S)
             if self.load_error is not None:
                 return 500, {"error": self.load_error}
             return 200, {"cold": True, "tier": "remote", "load_seconds": 0.01}
@@ -113,5 +117,6 @@ class StubInvoker:
             yield self
         finally:
             self.release.set()
+            self.release_loads.set()
             self._server.shutdown()
             self._server.server_close()

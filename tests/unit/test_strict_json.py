@@ -28,6 +28,9 @@ REFUSED = {
     "surrogate-as-utf8-bytes": (b'"\xed\xa0\x80"', "not UTF-8"),
     "not-utf8": (b'"\xff"', "not UTF-8"),
     "huge-integer": (b"1" * 5000, "not valid JSON"),
+    "integer-of-400-digits": (b'{"seed": 1' + b"0" * 400 + b"}", "out of the range of a 64-bit"),
+    "integer-2-to-the-63": (str(2**63).encode(), "out of the range of a 64-bit"),
+    "integer-below-minus-2-to-the-63": (str(-(2**63) - 1).encode(), "64-bit"),
     "truncated": (b'{"a": ', "not valid JSON"),
 }
 
@@ -45,6 +48,9 @@ ACCEPTED: dict[str, tuple[bytes, Any]] = {
     "escaped-backslash-u": (b'["\\\\ud800"]', ["\\ud800"]),  # text, not an escape
     "nested-to-the-limit": (b"[" * MAX_DEPTH + b"]" * MAX_DEPTH, None),
     "largest-double": (b"1.7976931348623157e308", 1.7976931348623157e308),
+    "largest-int64": (str(2**63 - 1).encode(), 2**63 - 1),
+    "smallest-int64": (str(-(2**63)).encode(), -(2**63)),
+    "int64-with-leading-zeros-in-the-exponent": (b"[-0, 0, 10]", [0, 0, 10]),
     "many-brackets-in-strings": (b'["' + b"[" * 1000 + b'"]', ["[" * 1000]),
 }
 
