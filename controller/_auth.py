@@ -13,7 +13,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass
 
@@ -21,12 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sllm.core.errors import Forbidden, Unauthorized
+from sllm.core.names import KEY_ID, KEY_ID_RULE
 from sllm.db import ApiKey, Namespace
-
-# Generated ids are 16 hex digits; keys given at server start may have others (OpenWhisk's
-# are UUIDs). Printable ASCII without ':' keeps NUL and control characters out of queries.
-KEY_ID = re.compile(r"[!-9;-~]{1,32}")
-KEY_ID_RULE = "1-32 printable ASCII characters other than ':'"
 
 
 @dataclass(frozen=True)
