@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,28 +15,10 @@ import httpx
 import pytest
 
 from sllm.client import Client
+from tests.support.cli import alive, sllm
 from tests.support.s3 import free_port
 
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
-
-
-def sllm(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sllm", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 KEY = "embedded:the-admin-secret-0123456789"
@@ -133,7 +113,7 @@ def test_main_job_on_the_embedded_server(tmp_path: Path) -> None:
         # A dead invoker is started again; the controller stays up throughout.
         os.kill(info["invoker_pid"], signal.SIGKILL)
         info = _restarted_invoker(data / "server.json", info["invoker_pid"])
-        assert _alive(info["controller_pid"]) and _alive(info["pid"])
+        assert alive(info["controller_pid"]) and alive(info["pid"])
         again = sllm(env, "fn", "invoke", "demo", *args, "--result")
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["text"] == streamed.stdout.rstrip("\n")
@@ -142,10 +122,10 @@ def test_main_job_on_the_embedded_server(tmp_path: Path) -> None:
     assert stopped.returncode == 0, stopped.stderr
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
-        _alive(info[k]) for k in ("pid", "controller_pid", "invoker_pid")
+        alive(info[k]) for k in ("pid", "controller_pid", "invoker_pid")
     ):
         time.sleep(0.2)
-    assert not any(_alive(info[k]) for k in ("pid", "controller_pid", "invoker_pid"))
+    assert not any(alive(info[k]) for k in ("pid", "controller_pid", "invoker_pid"))
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     again = sllm(env, "server", "stop")

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from sllm.client import Client
+from tests.support.cli import alive, sllm
 from tests.support.s3 import free_port
 
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
@@ -21,30 +21,11 @@ pytestmark = [pytest.mark.invoker, pytest.mark.slow]
 KEY = "embedded:the-admin-secret-0123456789"
 
 
-def sllm(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sllm", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _gone(*pids: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.2)
-    return not any(_alive(p) for p in pids)
+    return not any(alive(p) for p in pids)
 
 
 def test_a_second_start_and_a_stale_pid_file_leave_others_alone(tmp_path: Path) -> None:
@@ -90,5 +71,5 @@ def test_a_second_start_and_a_stale_pid_file_leave_others_alone(tmp_path: Path) 
         unrelated.kill()
         unrelated.wait()
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 os.killpg(pid, signal.SIGKILL)
