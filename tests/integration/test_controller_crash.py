@@ -4,7 +4,6 @@ invoker: after a restart each one is queued again and runs; none ends `interrupt
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from tests.support.controller import (
     registered_invoker,
 )
 from tests.support.s3 import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
 
@@ -26,13 +26,8 @@ FN = "/api/v1/namespaces/_/functions/f"
 
 
 def _until(what: str, predicate: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """Poll `predicate` (bounded) until it returns something truthy."""
+    return wait_until(predicate, timeout, what, interval=0.1)
 
 
 def _statuses(c: httpx.Client, ids: list[str]) -> dict[str, str]:

@@ -23,19 +23,14 @@ from sllm.core.errors import NotFound
 from sllm.db import Activation, Database, Instance
 from tests.support.controller import ControllerThread, client
 from tests.support.stub_invoker import StubInvoker
+from tests.support.waiting import wait_until
 
 NS = "t"
 
 
 def _until(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Poll `predicate` (bounded) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.02)
 
 
 @pytest.fixture

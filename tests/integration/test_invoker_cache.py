@@ -6,7 +6,7 @@ import errno
 import logging
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,22 @@ def to_remote(invoker: Invoker, function: str, model: str) -> None:
     invoker.evict({"model": model, "tier": "dram"})
 
 
+def fail_fsync_once(monkeypatch: pytest.MonkeyPatch, at: Callable[[Path], bool]) -> list[Path]:
+    """Make the NVMe tier's first fsync of a folder for which `at` holds fail with EIO; the
+    list it returns names that folder once it has failed."""
+    real = nvme_mod.fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if at(path) and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
+        real(path)
+
+    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+    return failed
+
+
 def test_model_larger_than_nvme_streams_through_without_unloading(
     published: dict[str, Any], make_invoker: Any
 ) -> None:
@@ -131,16 +147,7 @@ def test_failed_nvme_publish_serves_from_memory_and_resumes_later(
     make_invoker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     invoker = make_invoker()
-    real = nvme_mod.fsync_dir
-    failed: list[Path] = []
-
-    def fsync_dir(path: Path) -> None:
-        if path.parent == invoker.nvme.partial_dir and not failed:
-            failed.append(path)
-            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
-        real(path)
-
-    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+    failed = fail_fsync_once(monkeypatch, lambda path: path.parent == invoker.nvme.partial_dir)
 
     first = load(invoker, "t/small", "small")
 
@@ -159,16 +166,7 @@ def test_failed_sync_after_the_publish_rename_keeps_the_nvme_copy(
 ) -> None:
     """Regression: the renamed copy was on disk but forgotten, so the next load went remote."""
     invoker = make_invoker()
-    real = nvme_mod.fsync_dir
-    failed: list[Path] = []
-
-    def fsync_dir(path: Path) -> None:
-        if path == invoker.nvme.complete_dir and not failed:
-            failed.append(path)
-            raise OSError(errno.EIO, "Input/output error (simulated)", str(path))
-        real(path)
-
-    monkeypatch.setattr(nvme_mod, "fsync_dir", fsync_dir)
+    failed = fail_fsync_once(monkeypatch, lambda path: path == invoker.nvme.complete_dir)
 
     assert load(invoker, "t/small", "small").tier == "remote"
     assert failed and nvme_models(invoker) == ["small"]
