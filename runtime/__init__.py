@@ -1,11 +1,11 @@
-"""Runtime: token-by-token generation and embeddings on top of transformers.
+"""Runtime: continuously batched generation and embeddings on top of transformers.
 
 load_tokenizer(folder)                      the tokenizer of a converted model folder
 model_class_for(folder, task)               the transformers class to build for a task
 pooling_config(folder)                      sentence-transformers pooling of an embedder
 SamplingParams.from_request(body, ...)      validated sampling fields of a request
 Runtime(model, tokenizer, folder, ...)      a model instance: encode, start, resume, embed
-Generation                                  one running generation: step, export_state
+Generation                                  one running generation: step, export, pause, resume
 """
 
 from ._embed import PoolingConfig, pooling_config

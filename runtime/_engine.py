@@ -1,7 +1,8 @@
-"""The model behind a Runtime: serialized forward passes, and the slots that bound concurrency.
+"""The model behind a Runtime: its limits, its forward passes, and the slots that bound concurrency.
 
-Generations keep their own KV caches but share one model, so forward passes take a lock:
-concurrent streams interleave token by token instead of running batched.
+Batched generations (runtime/_batch.py) run through `run`, from the instance's one batcher
+thread. Serial generations (runtime/_serial.py, `batching=False`) keep their own KV caches
+and take `lock` around each `forward`, so concurrent streams interleave token by token.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Engine:
         self._keep_last = "logits_to_keep" in params
         # transformers 5 takes and returns the KV cache as `cache` and deprecates
         # `past_key_values` (removal announced); older releases only know the latter.
-        self._cache_name = "cache" if "cache" in params else "past_key_values"
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+        self.dtype: torch.dtype = getattr(model, "dtype", torch.float32)
         self.lock = threading.Lock()
         # Fast tokenizers refuse concurrent calls that change padding/truncation settings.
         self.tokenizer_lock = threading.Lock()
@@ -69,7 +71,7 @@ class Engine:
         """
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([tokens], dtype=torch.long, device=self.device),
-            self._cache_name: cache,
+            self.cache_name: cache,
             "use_cache": True,
         }
         if self._keep_last:
@@ -77,7 +79,37 @@ class Engine:
         with self._running() as model:
             out = model(**kwargs)
             logits = out.logits[0, -1].to(device="cpu", dtype=torch.float32)
-            return logits, getattr(out, self._cache_name)
+            return logits, getattr(out, self.cache_name)
+
+    def require_model(self) -> Any:
+        """The model, or Unavailable once the instance was unloaded."""
+        model = self.model
+        if model is None:
+            raise Unavailable("the model instance was unloaded", retry_after=1.0)
+        return model
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Cache,
+    ) -> torch.Tensor:
+        """One batched pass (the batcher's): last-position logits (batch, vocab) on the device.
+
+        `mask` is the 4-D additive attention mask, passed through as-is by transformers;
+        `cache` is the step's view of the slot cache. Call under torch.inference_mode().
+        """
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": mask,
+            self.cache_name: cache,
+            "use_cache": True,
+        }
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        return self.require_model()(**kwargs).logits[:, -1]
 
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The last hidden states (batch, seq, dim) for a tokenized batch."""

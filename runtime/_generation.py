@@ -1,176 +1,231 @@
-"""One running generation: its KV cache, sampler and text stream, stepped token by token.
+"""A running generation as its callers see it: read its events, export, pause, resume, cancel.
 
-States / data / events:
+    gen = runtime.start(tokens, params)      # admitted into the instance's batch
+    while not gen.finished:
+        event = gen.step()                   # the next token event (blocks until ready)
+    state = gen.export_state()               # JSON: tokens, params, sampler, held-back text
+    other = runtime.resume(state)            # on any instance of the same model
 
-    running  --step: eos, max_tokens or stop string-->  finished  --close-->  closed
-    running  --prefill(tokens) / load_state(state)-->  running | finished
-
-data: tokens (prompt + generated), the KV cache of tokens[:cached], pending logits for the
-next token (after a prefill), the sampler (seed, draws, RNG state) and the text stream
-(token offsets, held-back text). Everything but the cache is exported by `export_state`;
-the cache is recomputed from the tokens (`prefill`), which is how a generation moves to
-another host: sending tokens is far cheaper than sending KV tensors.
-
-Caveat: a prefill recomputes in one pass what decoding computed token by token, so logits
-can differ in the last bits. Argmax and inverse-CDF sampling only change on an exact tie
-or boundary, which in practice does not happen; greedy output matches `model.generate`.
+The batched generation decodes in the instance's batcher thread whether or not anyone
+reads; `step` only takes the next queued event. Commands that read or change its state
+(export, pause, prefill, load_state) run on the batcher thread between two steps, so the
+state they see is whole. `state` is one of queued, running, held, preempted, finished,
+paused, cancelled, failed.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
-import torch
-from transformers import Cache
+from sllm.core.errors import Conflict, InvalidRequest, SllmError
 
-from sllm.core.errors import Conflict, InvalidRequest
-
+from ._batch import Batcher
 from ._engine import Engine, Slot
 from ._params import SamplingParams
 from ._sampling import Sampler
+from ._sequence import FINISH_REASONS, STATE_VERSION, Sequence, TokenEvent
 from ._text import TextStream
 
-FINISH_REASONS = ("length", "stop", "eos")
-STATE_VERSION = 1
+_PUBLIC_STATE = {
+    "waiting": "queued",
+    "prefilling": "running",
+    "decoding": "running",
+    "held": "held",
+}
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """What one step produced: the token, the text it releases, and whether that was the end."""
+class Generation(Protocol):
+    """What the invoker needs of a generation, batched or serial."""
 
-    token: int | None
-    text: str
-    index: int  # number of generated tokens so far
-    finished: bool
-    finish_reason: str | None = None
+    id: str
+    prompt_len: int
+    params: SamplingParams
+
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def generated(self) -> list[int]: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def state(self) -> str: ...
+    def step(self, timeout: float | None = None) -> TokenEvent: ...
+    def export_state(self) -> dict[str, Any]: ...
+    def pause(self) -> dict[str, Any]: ...
+    def prefill(self, tokens: list[int]) -> None: ...
+    def load_state(self, state: Mapping[str, Any]) -> None: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Generation: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
-class Generation:
-    """A generation holding a concurrency slot and its own KV cache; close it when done."""
+def new_id() -> str:
+    """A fresh generation id."""
+    return uuid.uuid4().hex
 
-    def __init__(
-        self, engine: Engine, slot: Slot | None, *, prompt_len: int, params: SamplingParams
-    ) -> None:
-        self._engine = engine
+
+class BatchedGeneration:
+    """A handle on one sequence of an instance's batch."""
+
+    def __init__(self, batcher: Batcher, seq: Sequence, slot: Slot | None) -> None:
+        self._batcher = batcher
+        self._seq = seq
         self._slot = slot
-        # A generation dropped without close() must not keep its slot forever.
-        self._finalizer = weakref.finalize(self, slot.release) if slot is not None else None
-        self._lock = threading.RLock()
-        self.prompt_len = prompt_len
-        self.params = params
-        self.tokens: list[int] = []
-        self.finished = False
-        self.finish_reason: str | None = None
+        self._last: TokenEvent | None = None  # the final event, once read
         self._closed = False
-        self._sampler = Sampler(params)
-        self._text = TextStream.after(params.stop, prompt_len, prompt_len)
-        self._cache: Cache | None = None
-        self._cached = 0  # tokens[:_cached] are in the cache
-        self._logits: torch.Tensor | None = None  # next-token logits, when a prefill left them
+        self.id = seq.id
+
+    @property
+    def prompt_len(self) -> int:
+        return self._seq.prompt_len
+
+    @property
+    def params(self) -> SamplingParams:
+        return self._seq.params
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens so far (a copy)."""
+        return list(self._seq.tokens)
 
     @property
     def generated(self) -> list[int]:
-        """The generated tokens (everything after the prompt)."""
-        return self.tokens[self.prompt_len :]
+        """The generated tokens so far (a copy)."""
+        return list(self._seq.generated)
 
-    def prefill(self, tokens: list[int]) -> None:
-        """Make the KV cache hold exactly `tokens` (prompt + generated so far); continue from there.
+    @property
+    def finished(self) -> bool:
+        """Whether the reader has taken the final event."""
+        return self._last is not None
 
-        Tokens past the prompt count as generated and their text as released. When the cache
-        already holds a prefix of `tokens` only the rest is computed (later migration rounds).
+    @property
+    def finish_reason(self) -> str | None:
+        return self._seq.finish_reason
+
+    @property
+    def state(self) -> str:
+        seq = self._seq
+        if seq.phase == "waiting" and seq.preemptions:
+            return "preempted"
+        return _PUBLIC_STATE.get(seq.phase, seq.phase)
+
+    def step(self, timeout: float | None = None) -> TokenEvent:
+        """The next event; after the end, a finished event without a token.
+
+        Raises the error that ended the generation (the model failed, the instance was
+        unloaded), or TimeoutError when no event came within `timeout` seconds.
         """
-        with self._lock:
-            self._check_open(running=True)
-            tokens = self._engine.check_tokens(tokens)
-            self._check_length(len(tokens), self.prompt_len, self.params)
-            self._fill(tokens)
-            done = len(tokens) - self.prompt_len
-            if not self.params.greedy and self._sampler.draws != done:
-                self._sampler = Sampler(self.params, seed=self._sampler.seed)
-                self._sampler.advance(done)
-            self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
-
-    def step(self) -> TokenEvent:
-        """Sample and append the next token; after the end, a finished event with no token."""
-        with self._lock:
-            self._check_open()
-            if self.finished:
-                return TokenEvent(None, "", len(self.generated), True, self.finish_reason)
-            logits = self._logits if self._logits is not None else self._extend()
-            token = self._sampler.sample(logits)
-            self._logits = None
-            self.tokens.append(token)
-            reason = self._end_reason()
-            # The eos token ends the text; it is never shown.
-            text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
-            text, stopped = self._text.push(
-                self._engine.tokenizer, text_tokens, final=reason is not None
-            )
-            if stopped:
-                reason = "stop"
-            if reason is not None:
-                self._finish(reason)
-            return TokenEvent(token, text, len(self.generated), reason is not None, reason)
+        if self._closed and self._last is None:
+            raise Conflict("the generation was closed")
+        if self._last is not None:
+            last = self._last
+            return TokenEvent(None, "", last.index, True, last.finish_reason, last.stop_reason)
+        item = self._seq.take(timeout)
+        if item is None:
+            raise TimeoutError(f"no token within {timeout} s")
+        if isinstance(item, SllmError):
+            self._release()
+            raise item
+        if item.finished:
+            self._last = item
+            self._release()
+        return item
 
     def export_state(self) -> dict[str, Any]:
-        """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""
-        with self._lock:
-            return {
-                "version": STATE_VERSION,
-                "tokens": list(self.tokens),
-                "prompt_len": self.prompt_len,
-                "params": self.params.to_json(),
-                "sampler": self._sampler.to_json(),
-                "text": self._text.to_json(),
-                "finished": self.finished,
-                "finish_reason": self.finish_reason,
-            }
+        """The state to resume from, as of the last completed step."""
+        if self._seq.live:
+            return self._batcher.call(self._seq.export_state)
+        return self._seq.export_state()
+
+    def pause(self) -> dict[str, Any]:
+        """Stop decoding; the final state. The stream ends with a "paused" event."""
+        return self._batcher.call(self._pause)
+
+    def _pause(self) -> dict[str, Any]:
+        seq = self._seq
+        if not seq.live:
+            raise Conflict(f"generation {seq.id} is {self.state}, not running")
+        self._batcher.leave(seq, "paused")
+        seq.finish_reason = "paused"
+        seq.push(TokenEvent(None, "", len(seq.generated), True, "paused"))
+        return seq.export_state()
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Make the KV cache hold `tokens` (prompt + generated so far) without decoding.
+
+        For a migration target created with `hold=True`: later rounds send the tokens
+        generated meanwhile, and only those are computed.
+        """
+        engine = self._batcher.engine
+        tokens = engine.check_tokens(tokens)
+        _check_length(engine, len(tokens), self.prompt_len, self.params)
+        self._batcher.call(lambda: self._restage(tokens))
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `export_state` left off (the final round of a migration)."""
-        with self._lock:
-            self._check_open(running=True)
-            parsed = _parse_state(state, self._engine)
-            tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
-            if params.fit_context:  # a state without max_tokens: up to the context's end
-                params = params.fitted(prompt_len, self._engine.max_context)
-            if prompt_len + params.max_tokens > self._engine.max_context:
-                raise InvalidRequest(
-                    f"prompt of {prompt_len} tokens plus max_tokens {params.max_tokens} "
-                    f"exceeds the context of {self._engine.max_context}"
-                )
-            self._check_length(len(tokens), prompt_len, params)
-            # Parse everything before computing anything: a bad state changes nothing.
-            sampler = Sampler.from_json(
-                params, state.get("sampler") or {}, len(tokens) - prompt_len
+        """Continue exactly where `state` left off (the final round of a migration)."""
+        engine = self._batcher.engine
+        parsed = parse_state(state, engine)
+        _check_length(engine, len(parsed.tokens), parsed.prompt_len, parsed.params)
+        sampler, text = restore(parsed, state)
+
+        def apply() -> None:
+            seq = self._seq
+            seq.prompt_len, seq.params, seq.sampler, seq.text = (
+                parsed.prompt_len,
+                parsed.params,
+                sampler,
+                text,
             )
-            text = state.get("text")
-            stream = (
-                TextStream.after(params.stop, len(tokens), prompt_len)
-                if text is None
-                else TextStream.from_json(params.stop, text, len(tokens))
-            )
-            self.prompt_len, self.params = prompt_len, params
-            if parsed.finish_reason is None:
-                self._fill(tokens)
-            else:
-                self.tokens = tokens
-                self._finish(parsed.finish_reason)
-            self._sampler, self._text = sampler, stream
+            seq.hold = False
+            if parsed.finish_reason is not None:
+                seq.tokens = parsed.tokens
+                self._batcher.leave(seq, "finished")
+                seq.finish_reason = parsed.finish_reason
+                seq.push(TokenEvent(None, "", len(seq.generated), True, parsed.finish_reason))
+                return
+            self._restage(parsed.tokens)
+
+        self._batcher.call(apply)
+
+    def _restage(self, tokens: list[int]) -> None:
+        seq = self._seq
+        if not seq.live:
+            raise Conflict(f"generation {seq.id} is {self.state}")
+        common = 0
+        for a, b in zip(seq.tokens[: seq.cached], tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        seq.cached = min(seq.cached, common, len(tokens) - 1)
+        seq.tokens = list(tokens)
+        if seq.phase in ("decoding", "held"):
+            self._batcher.restage(seq)
 
     def close(self) -> None:
-        """Release the slot and the KV cache; calling it again does nothing."""
-        with self._lock:
-            self._closed = True
-            self._cache = self._logits = None
-            self._release_slot()
+        """Cancel (if still running) and free the slot; calling it again does nothing."""
+        self._release()
+        self._closed = True
+        seq = self._seq
+        if seq.live:
+            self._batcher.post(lambda: seq.live and self._batcher.leave(seq, "cancelled"))
 
-    def __enter__(self) -> Generation:
+    def _release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+
+    def __enter__(self) -> BatchedGeneration:
         return self
 
     def __exit__(
@@ -181,86 +236,25 @@ class Generation:
     ) -> None:
         self.close()
 
-    # -- internals -------------------------------------------------------------------------
 
-    def _check_open(self, *, running: bool = False) -> None:
-        if self._closed:
-            raise Conflict("the generation was closed")
-        if running and self.finished:
-            raise Conflict(f"the generation already finished ({self.finish_reason})")
-
-    def _check_length(self, n: int, prompt_len: int, params: SamplingParams) -> None:
-        generated = n - prompt_len
-        if generated < 0:
-            raise InvalidRequest(
-                f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
-            )
-        if generated > params.max_tokens:
-            raise InvalidRequest(
-                f"'tokens' holds {generated} generated tokens, more than max_tokens "
-                f"{params.max_tokens}"
-            )
-        if n > self._engine.max_context:
-            raise InvalidRequest(f"{n} tokens exceed the context of {self._engine.max_context}")
-
-    def _fill(self, tokens: list[int]) -> None:
-        """Compute the cache for `tokens`, reusing a cached prefix; set the finish state."""
-        cached = self._cached if self._cache is not None else 0
-        reuse = 0 < cached < len(tokens) and tokens[:cached] == self.tokens[:cached]
-        if not reuse:
-            self._cache, cached = None, 0  # let go of the old cache before building a new one
-        self.tokens, self._logits = tokens, None
-        self.finished, self.finish_reason = False, None
-        reason = self._end_reason()
-        if reason is not None:
-            self._finish(reason)
-            return
-        self._logits = self._extend()
-
-    def _extend(self) -> torch.Tensor:
-        """Run the tokens the cache does not hold yet through the model; the next-token logits.
-
-        A forward pass that fails may have grown the cache part way: it is dropped, so a
-        later step recomputes it from the tokens instead of reading a torn cache.
-        """
-        cache, cached = self._cache, self._cached
-        if cache is None or not cached:
-            cache, cached = self._engine.new_cache(), 0
-        self._cache, self._cached = None, 0
-        logits, self._cache = self._engine.forward(self.tokens[cached:], cache)
-        self._cached = len(self.tokens)
-        return logits
-
-    def _end_reason(self) -> str | None:
-        generated = len(self.tokens) - self.prompt_len
-        if generated > 0 and self.tokens[-1] in self._engine.eos:
-            return "eos"
-        if generated >= self.params.max_tokens:
-            return "length"
-        return None
-
-    def _finish(self, reason: str) -> None:
-        self.finished, self.finish_reason = True, reason
-        # A finished generation computes nothing more: free its memory and slot now.
-        self._cache = self._logits = None
-        self._cached = 0
-        self._release_slot()
-
-    def _release_slot(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()  # calls slot.release() once, then detaches
+# -- states --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _State:
+class ParsedState:
+    """A validated exported state."""
+
     tokens: list[int]
     prompt_len: int
     params: SamplingParams
     finish_reason: str | None
 
 
-def _parse_state(state: Mapping[str, Any], engine: Engine) -> _State:
-    """Validate an exported state (it may come from another host); InvalidRequest if bad."""
+def parse_state(state: Mapping[str, Any], engine: Engine) -> ParsedState:
+    """Validate an exported state (it may come from another host); InvalidRequest if bad.
+
+    A state without max_tokens runs to the end of the context, as at its start.
+    """
     if not isinstance(state, Mapping):
         raise InvalidRequest(f"state must be a JSON object, got {type(state).__name__}")
     version = state.get("version", STATE_VERSION)
@@ -273,9 +267,43 @@ def _parse_state(state: Mapping[str, Any], engine: Engine) -> _State:
     if not 1 <= prompt_len <= len(tokens):
         raise InvalidRequest(f"'prompt_len' must be in [1, {len(tokens)}], got {prompt_len}")
     params = SamplingParams.from_json(state.get("params", {}))
+    if params.fit_context:
+        params = params.fitted(prompt_len, engine.max_context)
+    if prompt_len + params.max_tokens > engine.max_context:
+        raise InvalidRequest(
+            f"prompt of {prompt_len} tokens plus max_tokens {params.max_tokens} "
+            f"exceeds the context of {engine.max_context}"
+        )
     reason = state.get("finish_reason")
     if reason is not None and reason not in FINISH_REASONS:
         raise InvalidRequest(f"'finish_reason' must be one of {list(FINISH_REASONS)} or null")
     if bool(state.get("finished", False)) != (reason is not None):
         raise InvalidRequest("'finished' must be true exactly when 'finish_reason' is set")
-    return _State(tokens, prompt_len, params, reason)
+    return ParsedState(tokens, prompt_len, params, reason)
+
+
+def restore(parsed: ParsedState, state: Mapping[str, Any]) -> tuple[Sampler, TextStream]:
+    """The sampler and text stream of a parsed state (InvalidRequest if malformed)."""
+    n = len(parsed.tokens)
+    sampler = Sampler.from_json(parsed.params, state.get("sampler") or {}, n - parsed.prompt_len)
+    text = state.get("text")
+    stream = (
+        TextStream.after(parsed.params.stop, n, parsed.prompt_len)
+        if text is None
+        else TextStream.from_json(parsed.params.stop, text, n)
+    )
+    return sampler, stream
+
+
+def _check_length(engine: Engine, n: int, prompt_len: int, params: SamplingParams) -> None:
+    generated = n - prompt_len
+    if generated < 0:
+        raise InvalidRequest(
+            f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
+        )
+    if generated > params.max_tokens:
+        raise InvalidRequest(
+            f"'tokens' holds {generated} generated tokens, more than max_tokens {params.max_tokens}"
+        )
+    if n > engine.max_context:
+        raise InvalidRequest(f"{n} tokens exceed the context of {engine.max_context}")

@@ -1,21 +1,36 @@
-"""A loaded model serving requests: encode, start / resume generations, stream, embed."""
+"""A loaded model serving requests: encode, start / resume generations, stream, embed.
+
+A generate instance batches its generations (runtime/_batch.py) unless `batching=False`
+or the model's cache cannot be laid out in rows (sliding-window attention, caches that are
+not per-layer keys and values): then each generation runs serially (runtime/_serial.py).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sllm.core.errors import ContextLengthExceeded, InvalidRequest
+from sllm.core.errors import ContextLengthExceeded, FunctionError, InvalidRequest
 from sllm.core.messages import MAX_EMBED_INPUTS, EmbedInput, embedding_inputs
 
 from . import _embed, _prompt
+from ._batch import Batcher, unavailable
 from ._engine import Engine, Slots
-from ._generation import Generation, TokenEvent, _parse_state
+from ._generation import BatchedGeneration, Generation, new_id, parse_state, restore
 from ._models import TASKS
 from ._params import SamplingParams
+from ._sampling import Sampler
+from ._sequence import Sequence, TokenEvent
+from ._serial import SerialGeneration
+from ._text import TextStream
+
+log = logging.getLogger("sllm.runtime")
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+MAX_N = 16
 
 
 class Runtime:
@@ -30,6 +45,9 @@ class Runtime:
         task: str = "generate",
         concurrency: int = 4,
         queue_timeout: float = 30.0,
+        batching: bool = True,
+        kv_cache_bytes: int | None = None,
+        prefill_chunk: int = 256,
     ) -> None:
         if task not in TASKS:
             raise InvalidRequest(f"'task' must be one of {list(TASKS)}, got {task!r}")
@@ -50,6 +68,16 @@ class Runtime:
             if tokenizer.pad_token is None:
                 # Batches need some pad id; the attention mask hides it, so any token will do.
                 tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        self._batcher: Batcher | None = None
+        if task == "generate" and batching:
+            self._batcher = _batcher_for(self._engine, self.kv_cache_bytes, prefill_chunk)
+        self._live: dict[str, Generation] = {}
+
+    @property
+    def batching(self) -> bool:
+        """Whether this instance's generations run as one batch."""
+        return self._batcher is not None
 
     @property
     def tokenizer(self) -> Any:
@@ -68,18 +96,86 @@ class Runtime:
             return _prompt.encode_prompt(self.tokenizer, prompt)
 
     def start(
-        self, tokens: list[int], params: SamplingParams, *, prompt_param: str = "prompt"
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        *,
+        prompt_param: str = "prompt",
+        gen_id: str | None = None,
     ) -> Generation:
-        """A generation of `tokens`, prefilled; waits for a slot, then raises Overloaded.
+        """A generation of `tokens`, admitted; waits for a slot, then raises Overloaded.
 
         `params` are fitted to the context first (see `SamplingParams.fitted`); a prompt too
         long for it is a ContextLengthExceeded naming `prompt_param`, the field it came in.
         """
+        return self.start_many(tokens, params, 1, prompt_param=prompt_param, gen_id=gen_id)[0]
+
+    def start_many(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        n: int,
+        *,
+        prompt_param: str = "prompt",
+        gen_id: str | None = None,
+    ) -> list[Generation]:
+        """`n` generations of one prompt (OpenAI's `n`), sharing its prefill when batched.
+
+        With a seed, choice i samples with seed + i, so the choices differ yet repeat.
+        Ids are `gen_id` for one choice, "{gen_id}.{i}" for several.
+        """
         self._require("generate")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise InvalidRequest(f"'n' must be an integer in [1, {MAX_N}], got {n!r}", param="n")
         tokens = self._engine.check_tokens(tokens, prompt_param)
         params = params.fitted(len(tokens), self.max_context, prompt_param=prompt_param)
+        base = gen_id or new_id()
+        ids = [base] if n == 1 else [f"{base}.{i}" for i in range(n)]
+        seeds = [None if params.seed is None else (params.seed + i) % (1 << 63) for i in range(n)]
         slot = self._slots.acquire()
-        generation = Generation(self._engine, slot, prompt_len=len(tokens), params=params)
+        if self._batcher is None:
+            return [self._start_serial(tokens, params, slot, ids[0])] + [
+                self._start_serial(tokens, params, None, i, seed=s)
+                for i, s in zip(ids[1:], seeds[1:], strict=False)
+            ]
+        seqs = [
+            Sequence(
+                i,
+                list(tokens),
+                len(tokens),
+                params,
+                Sampler(params, seed=s),
+                TextStream.after(params.stop, len(tokens), len(tokens)),
+            )
+            for i, s in zip(ids, seeds, strict=False)
+        ]
+        for seq in seqs[1:]:
+            seq.share_from = seqs[0]
+        try:
+            self._batcher.submit(seqs, self._slots.timeout)
+        except BaseException:
+            slot.release()
+            raise
+        # The request's one slot goes back when its first choice is closed.
+        return [
+            BatchedGeneration(self._batcher, seq, slot if i == 0 else None)
+            for i, seq in enumerate(seqs)
+        ]
+
+    def _start_serial(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        slot: Any,
+        gen_id: str,
+        *,
+        seed: int | None = None,
+    ) -> SerialGeneration:
+        generation = SerialGeneration(
+            self._engine, slot, prompt_len=len(tokens), params=params, gen_id=gen_id
+        )
+        if seed is not None:
+            generation._sampler = Sampler(params, seed=seed)
         try:
             generation.prefill(tokens)
         except BaseException:
@@ -87,20 +183,51 @@ class Runtime:
             raise
         return generation
 
-    def resume(self, state: Mapping[str, Any]) -> Generation:
-        """A generation continuing from `Generation.export_state()` (possibly from another host)."""
+    def resume(self, state: Mapping[str, Any], *, hold: bool = False) -> Generation:
+        """A generation continuing from `Generation.export_state()` (possibly from another host).
+
+        With `hold`, it is only prefilled: a migration target that waits for its final
+        state (`load_state`) before decoding.
+        """
         self._require("generate")
-        parsed = _parse_state(state, self._engine)
-        # A state without max_tokens runs to the end of the context, as at its start.
-        params = parsed.params.fitted(parsed.prompt_len, self.max_context)
+        parsed = parse_state(state, self._engine)
+        sampler, text = restore(parsed, state)  # a bad state is refused before any slot
+        gen_id = state.get("id") if isinstance(state.get("id"), str) else None
         slot = self._slots.acquire()
-        generation = Generation(self._engine, slot, prompt_len=parsed.prompt_len, params=params)
+        if self._batcher is None:
+            generation = SerialGeneration(
+                self._engine,
+                slot,
+                prompt_len=parsed.prompt_len,
+                params=parsed.params,
+                gen_id=gen_id,
+            )
+            try:
+                generation.load_state(state)
+            except BaseException:
+                generation.close()
+                raise
+            return generation
+        seq = Sequence(
+            gen_id or new_id(),
+            parsed.tokens,
+            parsed.prompt_len,
+            parsed.params,
+            sampler,
+            text,
+            hold=hold,
+        )
+        handle = BatchedGeneration(self._batcher, seq, slot)
+        if parsed.finish_reason is not None:
+            seq.phase, seq.finish_reason = "finished", parsed.finish_reason
+            seq.push(TokenEvent(None, "", len(seq.generated), True, parsed.finish_reason))
+            return handle
         try:
-            generation.load_state(state)
+            self._batcher.submit([seq], self._slots.timeout)
         except BaseException:
-            generation.close()
+            slot.release()
             raise
-        return generation
+        return handle
 
     def generate(
         self, tokens: list[int], params: SamplingParams, *, prompt_param: str = "prompt"
@@ -168,11 +295,35 @@ class Runtime:
 
     def close(self) -> None:
         """Drop the model so its memory can go; running generations then fail with Unavailable."""
+        if self._batcher is not None:
+            self._batcher.close(unavailable())
         self._engine.close()
 
     def _require(self, task: str) -> None:
         if self.task != task:
             raise InvalidRequest(f"this function's task is {self.task!r}, not {task!r}")
+
+
+def _batcher_for(engine: Engine, budget: int, prefill_chunk: int) -> Batcher | None:
+    """A batcher for `engine`'s model, or None when its cache cannot be batched in rows."""
+    config = engine.model.config
+    types = getattr(config, "layer_types", None) or ()
+    sliding = getattr(config, "sliding_window", None) and (
+        getattr(config, "use_sliding_window", True) or "sliding_attention" in types
+    )
+    if sliding or getattr(config, "is_encoder_decoder", False):
+        log.info(
+            "%s: serial generation (sliding-window or encoder-decoder attention)",
+            type(engine.model).__name__,
+        )
+        return None
+    batcher = Batcher(engine, budget_bytes=budget, prefill_chunk=prefill_chunk)
+    try:
+        batcher.probe()
+    except (FunctionError, RuntimeError, AttributeError, TypeError) as exc:
+        log.info("%s: serial generation (%s)", type(engine.model).__name__, exc)
+        return None
+    return batcher
 
 
 def _stream(generation: Generation) -> Generator[TokenEvent, None, None]:

@@ -44,6 +44,7 @@ class TextStream:
         self.read = read
         self.held = ""
         self.released = 0  # characters released so far
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     @classmethod
     def after(cls, stops: Sequence[str], n_tokens: int, prompt_len: int) -> TextStream:
@@ -60,6 +61,9 @@ class TextStream:
         pending = self.held + produced
         hit = self._first_stop(pending)
         if hit is not None:
+            self.matched = min(
+                (s for s in self.stops if pending.find(s) == hit), key=len, default=None
+            )
             out, self.held = pending[:hit], ""
             self.released += len(out)
             return out, True

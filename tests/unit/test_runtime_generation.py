@@ -137,7 +137,9 @@ def test_resumed_generation_continues_exactly(
     unmigrated = list(llama.generate(prompt, params))
     source = llama.start(prompt, params)
     before = [source.step() for _ in range(split)]
-    state = source.export_state()
+    state = source.export_state()  # the source decodes on its own: it may be further along
+    done = len(state["tokens"]) - state["prompt_len"]
+    before += [source.step() for _ in range(done - split)]
     source.close()
 
     destination = runtime_for(folders["llama"])  # another host: fresh weights, fresh runtime
@@ -157,15 +159,16 @@ def test_multi_round_migration_prefills_ahead_then_takes_the_final_state(
     destination = runtime_for(folders["llama"])
 
     [source.step() for _ in range(3)]
-    target = destination.resume(source.export_state())  # round 1, while the source goes on
+    # Round 1: the target prefills what the source has, and holds, while the source goes on.
+    target = destination.resume(source.export_state(), hold=True)
     [source.step() for _ in range(3)]
-    target.prefill(list(source.tokens))  # round 2: only the new tokens are computed
-    source.step()
-    target.load_state(source.export_state())  # final round: source stops, hands over
-    source.close()
+    target.prefill(source.export_state()["tokens"])  # round 2: only the new tokens are computed
+    final = source.pause()  # final round: the source stops and hands over
+    target.load_state(final)
     rest = run(target)
 
-    assert source.generated + [e.token for e in rest] == unmigrated
+    assert final["tokens"][len(prompt) :] + [e.token for e in rest] == unmigrated
+    assert run(source)[-1].finish_reason == "paused"
 
 
 def test_resume_from_tokens_alone_continues_a_seeded_run(llama: Runtime) -> None:
@@ -600,8 +603,9 @@ def test_closed_generation_and_unloaded_runtime_refuse_to_continue(
 
     with pytest.raises(Conflict):
         closed.step()
-    with pytest.raises(Unavailable):
-        running.step()
+    with pytest.raises(Unavailable):  # after the tokens made before the unload
+        for _ in range(GREEDY.max_tokens):
+            running.step()
     running.close()
     assert rt.active() == 0
 

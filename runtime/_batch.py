@@ -1,0 +1,408 @@
+"""Continuous batching: one thread per instance advances all of its generations together.
+
+Each step of the loop:
+
+1. runs the commands queued by handles (pause, cancel, export, prefill, load) at the step
+   boundary, so every state they see or change is whole;
+2. admits waiting sequences while the KV budget has room (FIFO; preempted ones first);
+3. prefills: runs at most `prefill_chunk` prompt tokens through the model, one sequence's
+   chunk per pass, so a long prompt delays the running streams by a bounded amount;
+4. decodes: one forward pass over every decoding row (their last tokens), samples each
+   row's next token with its own sampler, and queues the events.
+
+A sequence that finishes, is cancelled or paused leaves its row at once (two row swaps
+keep the decoding rows contiguous). When a step would need more KV memory than the
+budget allows, the youngest sequence is preempted: its row is freed and it waits again,
+to be recomputed from its tokens; the stream only sees a pause, never an error.
+
+A prefill computes tokens[:-1]; the last token goes through the next decode pass, which
+yields the first new token. So a short prompt admitted now gets its first token in the
+same step, and prefill and decode share one code path for the state they leave behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+from sllm.core.errors import (
+    FunctionError,
+    InsufficientCapacity,
+    Overloaded,
+    SllmError,
+    Unavailable,
+)
+
+from ._engine import Engine
+from ._kv import LayerShape, SlotCache, StepView, decode_mask, prefill_mask
+from ._sequence import Pick, Sequence
+
+log = logging.getLogger("sllm.runtime")
+T = TypeVar("T")
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class Batcher:
+    """The step loop of one instance; handles talk to it through `submit` and `call`."""
+
+    def __init__(
+        self, engine: Engine, *, budget_bytes: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    ) -> None:
+        self.engine = engine
+        self.budget_bytes = budget_bytes
+        self.prefill_chunk = max(1, prefill_chunk)
+        self._cond = threading.Condition()
+        self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []  # row i holds _rows[i]; decoding rows come first
+        self._decoding = 0
+        self._kv: SlotCache | None = None
+        self._layers: list[LayerShape] | None = None
+        self._order = itertools.count(1)
+        self._closed: SllmError | None = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode passes run (tests and metrics)
+        self.preemptions = 0
+
+    # -- the handles' side -----------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence], timeout: float) -> None:
+        """Queue sequences (n > 1 share the first one's prefill); wait until admitted.
+
+        Waits up to `timeout` seconds for KV room, then raises Overloaded; raises the reason
+        a sequence can never run (larger than the whole budget) at once.
+        """
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            self._start()
+            self._waiting.extend(seqs)
+            self._cond.notify_all()
+        for seq in seqs:
+            if not seq.admitted.wait(timeout):
+                self.call(lambda: self._drop_waiting(seqs))
+                if seq.error is None:
+                    raise Overloaded(
+                        f"the instance's KV cache budget ({self.budget_bytes} bytes) is full "
+                        f"(waited {timeout:g}s)",
+                        retry_after=1.0,
+                    )
+            if seq.error is not None:
+                raise seq.error
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the batcher thread at the next step boundary; its result or exception."""
+        future: Future[T] = Future()
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            self._start()
+            self._commands.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` at the next step boundary without waiting for it (cancel)."""
+        with self._cond:
+            if self._closed is not None:
+                return
+            self._commands.append((fn, Future()))
+            self._cond.notify_all()
+
+    def close(self, reason: SllmError) -> None:
+        """Stop the loop; every live sequence ends with `reason`."""
+        with self._cond:
+            if self._closed is not None:
+                return
+            self._closed = reason
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._fail_all(reason)
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a KV row now."""
+        return len(self._rows)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="sllm-batcher", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._commands or self._has_work() or self._closed):
+                    self._cond.wait()
+                if self._closed is not None:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, who raises it
+                    future.set_exception(exc)
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except SllmError as exc:
+                self._fail_running(exc)
+            except RuntimeError as exc:  # torch reports OOM and kernel failures this way
+                log.exception("forward pass failed")
+                self._fail_running(FunctionError(f"the model failed in its forward pass: {exc}"))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s.phase in ("prefilling", "decoding") for s in self._rows)
+
+    def _step(self) -> None:
+        self._admit()
+        self._prefill()
+        if self._decoding:
+            self._decode()
+        if not self._rows and self._kv is not None:
+            self._kv.release()  # idle: give the memory back
+
+    # -- admission and rows --------------------------------------------------------------------
+
+    def _cache(self) -> SlotCache:
+        if self._kv is None:
+            self._kv = SlotCache(self.probe(), self.engine.device, budget_bytes=self.budget_bytes)
+        return self._kv
+
+    def probe(self) -> list[LayerShape]:
+        """Each layer's cached state per token, read once from a one-token forward pass.
+
+        Raises FunctionError when the model's cache is not per-layer keys and values.
+        """
+        if self._layers is not None:
+            return self._layers
+        model = self.engine.require_model()
+        cache = DynamicCache(config=model.config)
+        kwargs = {self.engine.cache_name: cache, "use_cache": True}
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.engine.device)
+        with torch.inference_mode():
+            out = model(input_ids=ids, **kwargs)
+        cache = getattr(out, self.engine.cache_name)
+        shapes = []
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.dim() != 4:
+                raise FunctionError("this model's cache layout cannot be batched")
+            shapes.append(LayerShape(int(keys.shape[1]), int(keys.shape[3]), keys.dtype))
+        if not shapes:
+            raise FunctionError("this model has no key/value cache to batch")
+        self._layers = shapes
+        return shapes
+
+    def _admit(self) -> None:
+        kv = self._cache() if self._waiting else self._kv
+        while self._waiting and kv is not None:
+            seq = self._waiting[0]
+            if not seq.live:  # cancelled while waiting
+                self._waiting.popleft()
+                continue
+            need = len(seq.tokens)  # columns for tokens[:-1] and the first decode write
+            final = seq.prompt_len + seq.params.max_tokens
+            if not kv.fits(1, final):
+                self._waiting.popleft()
+                seq.phase = "failed"
+                seq.error = InsufficientCapacity(
+                    f"a generation of {final} tokens needs {final * kv.token_bytes} bytes of "
+                    f"KV cache; this instance's budget is {kv.budget_bytes} bytes"
+                )
+                seq.admitted.set()
+                continue
+            longest = max([need] + [s.cached + 1 for s in self._rows])
+            if not kv.ensure(len(self._rows) + 1, longest, self.engine.max_context):
+                break  # wait for room: rows leave as generations end
+            self._waiting.popleft()
+            seq.row = len(self._rows)
+            self._rows.append(seq)
+            seq.order = next(self._order)
+            seq.phase = "prefilling"
+            seq.admitted.set()
+
+    def _drop_waiting(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                seq.phase = "cancelled"
+            elif seq.live:
+                self.leave(seq, "cancelled")
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        sa, sb = self._rows[a], self._rows[b]
+        assert self._kv is not None
+        self._kv.swap(a, b, max(sa.cached, sb.cached))
+        self._rows[a], self._rows[b] = sb, sa
+        sa.row, sb.row = b, a
+
+    def _start_decoding(self, seq: Sequence) -> None:
+        assert seq.row is not None
+        self._swap(seq.row, self._decoding)
+        self._decoding += 1
+        seq.phase = "decoding"
+
+    def _stop_decoding(self, seq: Sequence, phase: str) -> None:
+        assert seq.row is not None
+        if seq.phase == "decoding":
+            self._swap(seq.row, self._decoding - 1)
+            self._decoding -= 1
+        seq.phase = phase
+
+    def restage(self, seq: Sequence) -> None:
+        """Send a decoding or held sequence back to prefill (its tokens changed)."""
+        if seq.phase == "decoding":
+            self._stop_decoding(seq, "prefilling")
+        elif seq.phase == "held":
+            seq.phase = "prefilling"
+
+    def leave(self, seq: Sequence, phase: str) -> None:
+        """Take `seq` out of the batch (its row freed) and mark it `phase`."""
+        if seq.row is None:
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            seq.phase = phase
+            return
+        self._stop_decoding(seq, phase)
+        assert seq.row is not None
+        self._swap(seq.row, len(self._rows) - 1)
+        self._rows.pop()
+        seq.row = None
+        seq.cached = 0
+
+    def _preempt_youngest(self, keep: Sequence | None = None) -> bool:
+        candidates = [s for s in self._rows if s is not keep]
+        if not candidates:
+            return False
+        victim = max(candidates, key=lambda s: s.order)
+        self.leave(victim, "waiting")
+        victim.preemptions += 1
+        self.preemptions += 1
+        self._waiting.appendleft(victim)
+        return True
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in [s for s in self._rows if s.phase == "prefilling"]:
+            if seq.row is None:
+                continue
+            target = len(seq.tokens) - 1  # the last token goes through the decode pass
+            source = seq.share_from
+            if source is not None and source.row is not None and source.cached >= target:
+                assert self._kv is not None
+                self._kv.copy_row(source.row, seq.row, target)
+                seq.cached, seq.share_from = target, None
+            elif source is not None and source.live and source.phase == "prefilling":
+                continue  # the sibling's prefill comes first
+            while seq.cached < target and budget > 0:
+                count = min(target - seq.cached, budget)
+                self._prefill_chunk(seq, count)
+                budget -= count
+            if seq.cached >= target:
+                if seq.hold:
+                    seq.phase = "held"
+                else:
+                    self._start_decoding(seq)
+            if budget <= 0:
+                break
+
+    def _prefill_chunk(self, seq: Sequence, count: int) -> None:
+        assert self._kv is not None and seq.row is not None
+        start = seq.cached
+        while not self._kv.ensure(len(self._rows), start + count + 1, self.engine.max_context):
+            if not self._preempt_youngest(keep=seq):
+                raise InsufficientCapacity("the KV cache budget cannot hold this generation")
+            if seq.row is None:
+                return
+        device, dtype = self.engine.device, self.engine.dtype
+        view = StepView(
+            self._kv, rows=slice(seq.row, seq.row + 1), start=start, width=start + count
+        )
+        self.engine.run(
+            torch.tensor([seq.tokens[start : start + count]], dtype=torch.long, device=device),
+            torch.arange(start, start + count, device=device)[None],
+            prefill_mask(start, count, device, dtype),
+            view,
+        )
+        seq.cached = start + count
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        assert self._kv is not None
+        while True:
+            rows = self._rows[: self._decoding]
+            width = max(s.cached for s in rows) + 1
+            if self._kv.ensure(len(self._rows), width, self.engine.max_context):
+                break
+            if not self._preempt_youngest():
+                raise InsufficientCapacity("the KV cache budget cannot hold this generation")
+            if not self._decoding:
+                return
+        device = self.engine.device
+        positions = torch.tensor([s.cached for s in rows], dtype=torch.long, device=device)
+        view = StepView(self._kv, rows=slice(0, len(rows)), positions=positions, width=width)
+        logits = self.engine.run(
+            torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=device),
+            positions[:, None],
+            decode_mask(positions + 1, width, self.engine.dtype),
+            view,
+        )
+        self.steps += 1
+        for seq in rows:
+            seq.cached += 1
+        greedy = [i for i, s in enumerate(rows) if s.plain_greedy]
+        chosen: dict[int, int] = {}
+        if greedy:
+            picked = torch.argmax(logits[greedy], dim=-1).tolist()
+            chosen = dict(zip(greedy, picked, strict=False))
+        cpu = logits.to(device="cpu", dtype=torch.float32) if len(greedy) < len(rows) else None
+        for i, seq in enumerate(rows):
+            pick = Pick(chosen[i]) if i in chosen else seq.pick(cpu[i])  # type: ignore[index]
+            event = seq.append(pick, self.engine.tokenizer, self.engine.eos)
+            seq.push(event)
+        for seq in rows:
+            if seq.finish_reason is not None and seq.live:
+                self.leave(seq, "finished")
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def _fail_running(self, exc: SllmError) -> None:
+        for seq in list(self._rows):
+            self.leave(seq, "failed")
+            seq.error = exc
+            seq.push(exc)
+
+    def _fail_all(self, exc: SllmError) -> None:
+        for seq in list(self._rows) + list(self._waiting):
+            if seq.live:
+                self.leave(seq, "failed")
+                seq.error = exc
+                seq.push(exc)
+                seq.admitted.set()
+        self._waiting.clear()
+        if self._kv is not None:
+            self._kv.release()
+
+
+def unavailable() -> Unavailable:
+    """The error of generations whose instance was unloaded."""
+    return Unavailable("the model instance was unloaded", retry_after=1.0)

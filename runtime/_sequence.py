@@ -1,0 +1,195 @@
+"""One generation's data inside the batcher: tokens, sampler, text stream, KV row, events.
+
+States / data / events (the batcher thread makes every transition):
+
+    waiting --admit--> prefilling --cache holds tokens[:-1]--> decoding --end--> finished
+    decoding --preempt (KV budget)--> waiting (cache dropped, recomputed from the tokens)
+    prefilling | decoding --hold--> held (prefilled, not decoding: a migration target)
+    any --pause--> paused (state exported) ; any --cancel--> cancelled ; any --fail--> failed
+
+data: tokens (prompt + generated), `cached` (tokens[:cached] are in the KV row), the row,
+the sampler (seed, draws, RNG, penalties, grammar) and the text stream (held-back text).
+A decoding sequence always has cached == len(tokens) - 1: the step feeds its last token.
+Events go to the handle's queue; the handle's reader takes them at its own pace.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sllm.core.errors import SllmError
+
+from ._params import SamplingParams
+from ._sampling import Sampler
+from ._text import TextStream
+
+FINISH_REASONS = ("length", "stop", "eos")
+STATE_VERSION = 1
+LIVE = ("waiting", "prefilling", "decoding", "held")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced: the token, the text it releases, and whether that was the end.
+
+    `index` counts the generated tokens so far; `stop_reason` is the stop string matched or
+    the eos token id (vLLM's field); logprobs are set when the request asked for them.
+    """
+
+    token: int | None
+    text: str
+    index: int
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A sampled token with its log-probability and the best alternatives, when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sequence:
+    """A generation as the batcher sees it; only the batcher thread changes it once admitted."""
+
+    def __init__(
+        self,
+        gen_id: str,
+        tokens: list[int],
+        prompt_len: int,
+        params: SamplingParams,
+        sampler: Sampler,
+        text: TextStream,
+        *,
+        hold: bool = False,
+    ) -> None:
+        self.id = gen_id
+        self.tokens = tokens
+        self.prompt_len = prompt_len
+        self.params = params
+        self.sampler = sampler
+        self.text = text
+        self.hold = hold
+        self.phase = "waiting"
+        self.cached = 0
+        self.row: int | None = None
+        self.order = 0  # admission order: the youngest is preempted first
+        self.share_from: Sequence | None = None  # n > 1: copy this sibling's prefilled row
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.preemptions = 0
+        self.admitted = threading.Event()
+        self.error: SllmError | None = None  # why it could not be admitted or failed
+        self._events: deque[TokenEvent | SllmError] = deque()
+        self._ready = threading.Condition()
+
+    @property
+    def generated(self) -> list[int]:
+        """The generated tokens (everything after the prompt)."""
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def live(self) -> bool:
+        """Still in the batcher (not finished, paused, cancelled or failed)."""
+        return self.phase in LIVE
+
+    # -- events (batcher thread writes, handle reads) ------------------------------------------
+
+    def push(self, item: TokenEvent | SllmError) -> None:
+        """Queue an event (or the error that ends the stream) for the reader."""
+        with self._ready:
+            self._events.append(item)
+            self._ready.notify_all()
+
+    def take(self, timeout: float | None) -> TokenEvent | SllmError | None:
+        """The next queued event, waiting up to `timeout` seconds (None: forever)."""
+        with self._ready:
+            if not self._events and not self._ready.wait_for(lambda: bool(self._events), timeout):
+                return None
+            return self._events.popleft()
+
+    # -- one token -------------------------------------------------------------------------------
+
+    def append(self, pick: Pick, tokenizer: Any, eos: frozenset[int]) -> TokenEvent:
+        """Add a sampled token; settle whether it ends the generation; the event to send."""
+        token = pick.token
+        self.tokens.append(token)
+        self.sampler_accept(token)
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if token in eos and not self.params_ignore_eos:
+            reason, stop_reason = "eos", token
+        elif len(self.generated) >= self.params.max_tokens:
+            reason = "length"
+        elif getattr(self.sampler, "grammar_done", False):
+            reason = "stop"
+        # The eos token ends the text; it is never shown.
+        text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
+        text, stopped = self.text.push(tokenizer, text_tokens, final=reason is not None)
+        if stopped:
+            reason, stop_reason = "stop", self.text.matched
+        if reason is not None:
+            self.finish_reason, self.stop_reason = reason, stop_reason
+        return TokenEvent(
+            token,
+            text,
+            len(self.generated),
+            reason is not None,
+            reason,
+            stop_reason,
+            pick.logprob,
+            pick.top_logprobs,
+        )
+
+    @property
+    def params_ignore_eos(self) -> bool:
+        return bool(getattr(self.params, "ignore_eos", False))
+
+    def sampler_accept(self, token: int) -> None:
+        accept = getattr(self.sampler, "accept", None)
+        if accept is not None:
+            accept(token)
+
+    def pick(self, logits: torch.Tensor) -> Pick:
+        """Sample this sequence's next token from its logits row (1-D, float32, CPU)."""
+        sampler: Any = self.sampler
+        try:
+            picked = sampler.sample(logits, self.tokens, self.prompt_len)
+        except TypeError:  # a sampler taking the logits alone
+            picked = sampler.sample(logits)
+        if isinstance(picked, int):
+            return Pick(picked)
+        return Pick(picked.token, picked.logprob, picked.top_logprobs)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether a batched argmax picks this sequence's token (no processors, no logprobs)."""
+        return bool(getattr(self.sampler, "plain_greedy", self.params.greedy))
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""
+        finished = self.finish_reason in FINISH_REASONS
+        return {
+            "version": STATE_VERSION,
+            "id": self.id,
+            "tokens": list(self.tokens),
+            "prompt_len": self.prompt_len,
+            "params": self.params.to_json(),
+            "sampler": self.sampler.to_json(),
+            "text": self.text.to_json(),
+            "finished": finished,
+            "finish_reason": self.finish_reason if finished else None,
+        }

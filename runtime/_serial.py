@@ -1,0 +1,277 @@
+"""A generation stepped on its caller's thread with its own KV cache (`batching=False`).
+
+This is the runtime before continuous batching, kept for models whose cache the batcher
+cannot lay out in rows (sliding windows, non-standard caches) and as the benchmark's
+baseline. Forward passes of concurrent generations take the engine's lock, so they
+interleave token by token.
+
+States / data / events:
+
+    running  --step: eos, max_tokens or stop string-->  finished  --close-->  closed
+    running  --prefill(tokens) / load_state(state)-->  running | finished
+    running  --pause-->  paused (state exported)
+
+data: tokens (prompt + generated), the KV cache of tokens[:cached], pending logits for the
+next token (after a prefill), the sampler and the text stream. Everything but the cache is
+exported by `export_state`; the cache is recomputed from the tokens (`prefill`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from transformers import Cache
+
+from sllm.core.errors import Conflict, InvalidRequest
+
+from ._engine import Engine, Slot
+from ._generation import new_id, parse_state, restore
+from ._params import SamplingParams
+from ._sampling import Sampler
+from ._sequence import STATE_VERSION, Pick, TokenEvent
+from ._text import TextStream
+
+
+class SerialGeneration:
+    """A generation holding a concurrency slot and its own KV cache; close it when done."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        slot: Slot | None,
+        *,
+        prompt_len: int,
+        params: SamplingParams,
+        gen_id: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._slot = slot
+        # A generation dropped without close() must not keep its slot forever.
+        self._finalizer = weakref.finalize(self, slot.release) if slot is not None else None
+        self._lock = threading.RLock()
+        self.prompt_len = prompt_len
+        self.params = params
+        self.tokens: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._closed = False
+        self._sampler = Sampler(params)
+        self._text = TextStream.after(params.stop, prompt_len, prompt_len)
+        self._cache: Cache | None = None
+        self._cached = 0  # tokens[:_cached] are in the cache
+        self._logits: torch.Tensor | None = None  # next-token logits, when a prefill left them
+        self.id = gen_id or new_id()
+        self.stop_reason: str | int | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        """The generated tokens (everything after the prompt)."""
+        return self.tokens[self.prompt_len :]
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Make the KV cache hold exactly `tokens` (prompt + generated so far); continue from there.
+
+        Tokens past the prompt count as generated and their text as released. When the cache
+        already holds a prefix of `tokens` only the rest is computed (later migration rounds).
+        """
+        with self._lock:
+            self._check_open(running=True)
+            tokens = self._engine.check_tokens(tokens)
+            self._check_length(len(tokens), self.prompt_len, self.params)
+            self._fill(tokens)
+            done = len(tokens) - self.prompt_len
+            if not self.params.greedy and self._sampler.draws != done:
+                self._sampler = Sampler(self.params, seed=self._sampler.seed)
+                self._sampler.advance(done)
+            self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
+
+    def step(self, timeout: float | None = None) -> TokenEvent:
+        """Sample and append the next token; after the end, a finished event with no token."""
+        with self._lock:
+            if self.finished:
+                n = len(self.generated)
+                return TokenEvent(None, "", n, True, self.finish_reason, self.stop_reason)
+            self._check_open()
+            logits = self._logits if self._logits is not None else self._extend()
+            pick = _pick(self._sampler, logits, self.tokens, self.prompt_len)
+            token = pick.token
+            self._logits = None
+            self.tokens.append(token)
+            accept = getattr(self._sampler, "accept", None)
+            if accept is not None:
+                accept(token)
+            reason = self._end_reason()
+            stop_reason: str | int | None = token if reason == "eos" else None
+            # The eos token ends the text; it is never shown.
+            text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
+            text, stopped = self._text.push(
+                self._engine.tokenizer, text_tokens, final=reason is not None
+            )
+            if stopped:
+                reason, stop_reason = "stop", self._text.matched
+            if reason is not None:
+                self.stop_reason = stop_reason
+                self._finish(reason)
+            return TokenEvent(
+                token,
+                text,
+                len(self.generated),
+                reason is not None,
+                reason,
+                stop_reason,
+                pick.logprob,
+                pick.top_logprobs,
+            )
+
+    @property
+    def state(self) -> str:
+        """running, finished, paused or cancelled."""
+        if self.finish_reason == "paused":
+            return "paused"
+        if self.finished:
+            return "finished"
+        return "cancelled" if self._closed else "running"
+
+    def pause(self) -> dict[str, Any]:
+        """Stop; the final state. The next step reports the end with reason "paused"."""
+        with self._lock:
+            self._check_open(running=True)
+            state = self.export_state()
+            self._finish("paused")
+            return state
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""
+        with self._lock:
+            return {
+                "version": STATE_VERSION,
+                "tokens": list(self.tokens),
+                "prompt_len": self.prompt_len,
+                "params": self.params.to_json(),
+                "sampler": self._sampler.to_json(),
+                "text": self._text.to_json(),
+                "finished": self.finished,
+                "finish_reason": self.finish_reason,
+            }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where `export_state` left off (the final round of a migration)."""
+        with self._lock:
+            self._check_open(running=True)
+            parsed = parse_state(state, self._engine)
+            tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
+            self._check_length(len(tokens), prompt_len, params)
+            # Parse everything before computing anything: a bad state changes nothing.
+            sampler, stream = restore(parsed, state)
+            self.prompt_len, self.params = prompt_len, params
+            if parsed.finish_reason is None:
+                self._fill(tokens)
+            else:
+                self.tokens = tokens
+                self._finish(parsed.finish_reason)
+            self._sampler, self._text = sampler, stream
+
+    def close(self) -> None:
+        """Release the slot and the KV cache; calling it again does nothing."""
+        with self._lock:
+            self._closed = True
+            self._cache = self._logits = None
+            self._release_slot()
+
+    def __enter__(self) -> SerialGeneration:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self, *, running: bool = False) -> None:
+        if self._closed:
+            raise Conflict("the generation was closed")
+        if running and self.finished:
+            raise Conflict(f"the generation already finished ({self.finish_reason})")
+
+    def _check_length(self, n: int, prompt_len: int, params: SamplingParams) -> None:
+        generated = n - prompt_len
+        if generated < 0:
+            raise InvalidRequest(
+                f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
+            )
+        if generated > params.max_tokens:
+            raise InvalidRequest(
+                f"'tokens' holds {generated} generated tokens, more than max_tokens "
+                f"{params.max_tokens}"
+            )
+        if n > self._engine.max_context:
+            raise InvalidRequest(f"{n} tokens exceed the context of {self._engine.max_context}")
+
+    def _fill(self, tokens: list[int]) -> None:
+        """Compute the cache for `tokens`, reusing a cached prefix; set the finish state."""
+        cached = self._cached if self._cache is not None else 0
+        reuse = 0 < cached < len(tokens) and tokens[:cached] == self.tokens[:cached]
+        if not reuse:
+            self._cache, cached = None, 0  # let go of the old cache before building a new one
+        self.tokens, self._logits = tokens, None
+        self.finished, self.finish_reason = False, None
+        reason = self._end_reason()
+        if reason is not None:
+            self._finish(reason)
+            return
+        self._logits = self._extend()
+
+    def _extend(self) -> torch.Tensor:
+        """Run the tokens the cache does not hold yet through the model; the next-token logits.
+
+        A forward pass that fails may have grown the cache part way: it is dropped, so a
+        later step recomputes it from the tokens instead of reading a torn cache.
+        """
+        cache, cached = self._cache, self._cached
+        if cache is None or not cached:
+            cache, cached = self._engine.new_cache(), 0
+        self._cache, self._cached = None, 0
+        logits, self._cache = self._engine.forward(self.tokens[cached:], cache)
+        self._cached = len(self.tokens)
+        return logits
+
+    def _end_reason(self) -> str | None:
+        generated = len(self.tokens) - self.prompt_len
+        ignore_eos = getattr(self.params, "ignore_eos", False)
+        if generated > 0 and self.tokens[-1] in self._engine.eos and not ignore_eos:
+            return "eos"
+        if generated >= self.params.max_tokens:
+            return "length"
+        if generated > 0 and getattr(self._sampler, "grammar_done", False):
+            return "stop"
+        return None
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+        # A finished generation computes nothing more: free its memory and slot now.
+        self._cache = self._logits = None
+        self._cached = 0
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # calls slot.release() once, then detaches
+
+
+def _pick(sampler: Any, logits: torch.Tensor, tokens: list[int], prompt_len: int) -> Pick:
+    try:
+        picked = sampler.sample(logits, tokens, prompt_len)
+    except TypeError:  # a sampler taking the logits alone
+        picked = sampler.sample(logits)
+    if isinstance(picked, int):
+        return Pick(picked)
+    return Pick(picked.token, picked.logprob, picked.top_logprobs)
