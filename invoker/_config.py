@@ -43,6 +43,7 @@ class InvokerConfig:
     name: str = ""  # this invoker's name at the controller (default host:port)
     advertise_url: str = ""  # how the controller reaches this invoker (default http://host:port)
     heartbeat_interval: float = 2.0
+    batching: bool = True  # one batched forward pass for an instance's streams (off: one at a time)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -89,10 +90,12 @@ class InvokerConfig:
                 raise ValueError(
                     f"SLLM_QUEUE_TIMEOUT: expected seconds, got {env['SLLM_QUEUE_TIMEOUT']!r}"
                 ) from None
-        if "SLLM_MEASURE_BANDWIDTH" in env:
-            values["measure_bandwidth"] = parse_bool(
-                env["SLLM_MEASURE_BANDWIDTH"], name="SLLM_MEASURE_BANDWIDTH"
-            )
+        for name, var in (
+            ("measure_bandwidth", "SLLM_MEASURE_BANDWIDTH"),
+            ("batching", "SLLM_BATCHING"),
+        ):
+            if var in env:
+                values[name] = parse_bool(env[var], name=var)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["cache_dir"], str):
             values["cache_dir"] = Path(os.path.expanduser(values["cache_dir"]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,13 @@ class Instance:
         }
 
 
+def _batching_option(batching: bool) -> dict[str, bool]:
+    """`batching=` for Runtime, left out while the Runtime does not take it (one at a time)."""
+    if "batching" in inspect.signature(Runtime).parameters:
+        return {"batching": batching}
+    return {}
+
+
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -78,11 +86,17 @@ class Instances:
     """Model instances by function, loading through the tier cache on a miss."""
 
     def __init__(
-        self, tiers: TierCache, device: torch.device, *, queue_timeout: float = 30.0
+        self,
+        tiers: TierCache,
+        device: torch.device,
+        *,
+        queue_timeout: float = 30.0,
+        batching: bool = True,
     ) -> None:
         self.tiers = tiers
         self.device = device
         self.queue_timeout = queue_timeout
+        self.batching = batching
         self._lock = threading.Lock()
         self._ready: dict[str, Instance] = {}
         self._loading: dict[str, _Flight] = {}
@@ -184,6 +198,7 @@ class Instances:
             task=spec.task,
             concurrency=spec.concurrency,
             queue_timeout=self.queue_timeout,
+            **_batching_option(self.batching),
         )
         report = LoadReport(
             spec.function,

@@ -79,7 +79,12 @@ class Invoker:
                 download_concurrency=config.download_concurrency,
                 part_size=config.part_size,
             )
-            self.instances = Instances(self.tiers, self.device, queue_timeout=config.queue_timeout)
+            self.instances = Instances(
+                self.tiers,
+                self.device,
+                queue_timeout=config.queue_timeout,
+                batching=config.batching,
+            )
             self.metrics = InvokerMetrics(self)
         except BaseException:
             self._release_lock()
