@@ -43,6 +43,11 @@ class InvokerConfig:
     name: str = ""  # this invoker's name at the controller (default host:port)
     advertise_url: str = ""  # how the controller reaches this invoker (default http://host:port)
     heartbeat_interval: float = 2.0
+    batching: bool = True  # one batched forward pass for an instance's streams (off: one at a time)
+    kv_cache_bytes: int = (
+        0  # KV cache budget per instance; 0: a quarter of DRAM, or half the free GPU
+    )
+    prefill_chunk: int = 256  # prompt tokens per step, so a long prompt never stalls other streams
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -66,6 +71,7 @@ class InvokerConfig:
             "threads": "SLLM_INVOKER_THREADS",
             "default_concurrency": "SLLM_INVOKER_CONCURRENCY",
             "max_tokens_limit": "SLLM_MAX_TOKENS_LIMIT",
+            "prefill_chunk": "SLLM_PREFILL_CHUNK",
         }
         for name, var in ints.items():
             if var in env:
@@ -78,6 +84,7 @@ class InvokerConfig:
             "dram_capacity": "SLLM_DRAM_CAPACITY",
             "part_size": "SLLM_DOWNLOAD_PART_SIZE",
             "max_body_bytes": "SLLM_INVOKER_MAX_BODY",
+            "kv_cache_bytes": "SLLM_KV_CACHE_BYTES",
         }
         for name, var in sizes.items():
             if var in env:
@@ -89,10 +96,12 @@ class InvokerConfig:
                 raise ValueError(
                     f"SLLM_QUEUE_TIMEOUT: expected seconds, got {env['SLLM_QUEUE_TIMEOUT']!r}"
                 ) from None
-        if "SLLM_MEASURE_BANDWIDTH" in env:
-            values["measure_bandwidth"] = parse_bool(
-                env["SLLM_MEASURE_BANDWIDTH"], name="SLLM_MEASURE_BANDWIDTH"
-            )
+        for name, var in (
+            ("measure_bandwidth", "SLLM_MEASURE_BANDWIDTH"),
+            ("batching", "SLLM_BATCHING"),
+        ):
+            if var in env:
+                values[name] = parse_bool(env[var], name=var)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["cache_dir"], str):
             values["cache_dir"] = Path(os.path.expanduser(values["cache_dir"]))
@@ -132,6 +141,8 @@ class InvokerConfig:
             ("max_tokens_limit", self.max_tokens_limit, 1, 1 << 20),
             ("max_body_bytes", self.max_body_bytes, 1024, 1 << 30),
             ("heartbeat_interval", self.heartbeat_interval, 0.05, 3600),
+            ("kv_cache_bytes", self.kv_cache_bytes, 0, float("inf")),
+            ("prefill_chunk", self.prefill_chunk, 1, 1 << 16),
         ]
         for name, value, lo, hi in checks:
             if not lo <= value <= hi:

@@ -67,6 +67,16 @@ class Instance:
         }
 
 
+def kv_budget(device: torch.device, dram_capacity: int, configured: int | None) -> int:
+    """An instance's KV cache budget: as configured, else a quarter of the DRAM tier on the
+    CPU, or half the device memory free once the model is loaded on a GPU."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    return max(1, dram_capacity // 4)
+
+
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -78,11 +88,23 @@ class Instances:
     """Model instances by function, loading through the tier cache on a miss."""
 
     def __init__(
-        self, tiers: TierCache, device: torch.device, *, queue_timeout: float = 30.0
+        self,
+        tiers: TierCache,
+        device: torch.device,
+        *,
+        queue_timeout: float = 30.0,
+        batching: bool = True,
+        kv_cache_bytes: int | None = None,
+        dram_capacity: int = 16 << 30,
+        prefill_chunk: int = 256,
     ) -> None:
         self.tiers = tiers
         self.device = device
         self.queue_timeout = queue_timeout
+        self.batching = batching
+        self.kv_cache_bytes = kv_cache_bytes
+        self.dram_capacity = dram_capacity
+        self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()
         self._ready: dict[str, Instance] = {}
         self._loading: dict[str, _Flight] = {}
@@ -184,6 +206,9 @@ class Instances:
             task=spec.task,
             concurrency=spec.concurrency,
             queue_timeout=self.queue_timeout,
+            batching=self.batching,
+            kv_cache_bytes=kv_budget(self.device, self.dram_capacity, self.kv_cache_bytes),
+            prefill_chunk=self.prefill_chunk,
         )
         report = LoadReport(
             spec.function,

@@ -79,7 +79,15 @@ class Invoker:
                 download_concurrency=config.download_concurrency,
                 part_size=config.part_size,
             )
-            self.instances = Instances(self.tiers, self.device, queue_timeout=config.queue_timeout)
+            self.instances = Instances(
+                self.tiers,
+                self.device,
+                queue_timeout=config.queue_timeout,
+                batching=config.batching,
+                kv_cache_bytes=config.kv_cache_bytes or None,
+                dram_capacity=config.dram_capacity,
+                prefill_chunk=config.prefill_chunk,
+            )
             self.metrics = InvokerMetrics(self)
         except BaseException:
             self._release_lock()

@@ -19,6 +19,7 @@ from sllm.core.messages import MAX_EMBED_INPUTS, EmbedInput, embedding_inputs
 
 from . import _embed, _prompt
 from ._batch import Batcher, unavailable
+from ._embed_batch import EmbedBatcher
 from ._engine import Engine, Slots
 from ._generation import BatchedGeneration, Generation, new_id, parse_state, restore
 from ._models import TASKS
@@ -72,7 +73,10 @@ class Runtime:
         self._batcher: Batcher | None = None
         if task == "generate" and batching:
             self._batcher = _batcher_for(self._engine, self.kv_cache_bytes, prefill_chunk)
-        self._live: dict[str, Generation] = {}
+        # Concurrent embed calls share padded forward passes (right padding: see _embed_batch).
+        self._embedder = EmbedBatcher(
+            lambda b: self._pooled(b, self.pooling or _embed.PoolingConfig())
+        )
 
     @property
     def batching(self) -> bool:
@@ -247,20 +251,10 @@ class Runtime:
         inputs = embedding_inputs(inputs, MAX_EMBED_INPUTS)
         pooling = self.pooling or _embed.PoolingConfig()
         limit = min(self.max_context, pooling.max_seq_length or self.max_context)
-        ids = self._input_ids(inputs, limit)
-        # Right padding: real tokens never see pads and keep their positions, so an input
-        # embeds the same alone or in a batch.
-        width = max(len(row) for row in ids)
-        batch = {
-            "input_ids": torch.full((len(ids), width), self.tokenizer.pad_token_id or 0),
-            "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
-        }
-        for i, row in enumerate(ids):
-            batch["input_ids"][i, : len(row)] = torch.tensor(row)
-            batch["attention_mask"][i, : len(row)] = 1
+        ids = self._input_ids(inputs, limit)  # checked before joining a shared batch
         with self._slots.held():
-            vectors = self._pooled(batch, pooling)
-        return vectors.tolist(), sum(len(row) for row in ids)
+            vectors = self._embedder.embed(ids, self.tokenizer.pad_token_id or 0)
+        return vectors, sum(len(row) for row in ids)
 
     def _input_ids(self, inputs: list[EmbedInput], limit: int) -> list[list[int]]:
         """Token ids of each input (texts tokenized together), each at most `limit` long."""

@@ -60,6 +60,11 @@ def invoker() -> None:
     default=None,
     help="Probe disk, network and host->device bandwidth at start.",
 )
+@click.option(
+    "--batching/--no-batching",
+    default=None,
+    help="Batch an instance's concurrent streams into one forward pass [SLLM_BATCHING, on].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError

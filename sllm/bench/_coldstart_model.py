@@ -62,8 +62,14 @@ def stamp_path(folder: Path) -> Path:
     return folder.with_name(folder.name + ".complete")
 
 
-def build_model(folder: Path, size_bytes: int, echo: Callable[[str], None]) -> Path:
-    """The model folder (safetensors, config, tokenizer) in `folder`, built unless already there."""
+def build_model(
+    folder: Path, size_bytes: int, echo: Callable[[str], None], *, eos: bool = True
+) -> Path:
+    """The model folder (safetensors, config, tokenizer) in `folder`, built unless already there.
+
+    `eos=False` leaves the end-of-sequence token out of the tokenizer and the model's
+    config (so of its generation config too): every generation then runs to its length.
+    """
     stamp = stamp_path(folder)
     if stamp.exists():
         echo(f"reusing the model in {folder}")
@@ -81,6 +87,9 @@ def build_model(folder: Path, size_bytes: int, echo: Callable[[str], None]) -> P
         f"hidden {shape.hidden}) in {folder} ..."
     )
     tokenizer = build_tokenizer(folder)
+    if not eos:
+        tokenizer.eos_token = None
+        tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -91,7 +100,7 @@ def build_model(folder: Path, size_bytes: int, echo: Callable[[str], None]) -> P
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id if eos else None,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
