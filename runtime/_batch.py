@@ -225,8 +225,7 @@ class Batcher:
                 )
                 seq.admitted.set()
                 continue
-            longest = max([need] + [s.cached + 1 for s in self._rows])
-            if not kv.ensure(len(self._rows) + 1, longest, self.engine.max_context):
+            if not kv.ensure(len(self._rows) + 1, self._need(need), self.engine.max_context):
                 break  # wait for room: rows leave as generations end
             self._waiting.popleft()
             seq.row = len(self._rows)
@@ -234,6 +233,10 @@ class Batcher:
             seq.order = next(self._order)
             seq.phase = "prefilling"
             seq.admitted.set()
+
+    def _need(self, length: int) -> int:
+        """Columns the cache must keep: `length`, and every admitted row's next write."""
+        return max([length] + [s.cached + 1 for s in self._rows])
 
     def _drop_waiting(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -327,7 +330,9 @@ class Batcher:
     def _prefill_chunk(self, seq: Sequence, count: int) -> None:
         assert self._kv is not None and seq.row is not None
         start = seq.cached
-        while not self._kv.ensure(len(self._rows), start + count + 1, self.engine.max_context):
+        while not self._kv.ensure(
+            len(self._rows), self._need(start + count + 1), self.engine.max_context
+        ):
             if not self._preempt_youngest(keep=seq):
                 raise InsufficientCapacity("the KV cache budget cannot hold this generation")
             if seq.row is None:
@@ -351,7 +356,7 @@ class Batcher:
         while True:
             rows = self._rows[: self._decoding]
             width = max(s.cached for s in rows) + 1
-            if self._kv.ensure(len(self._rows), width, self.engine.max_context):
+            if self._kv.ensure(len(self._rows), self._need(width), self.engine.max_context):
                 break
             if not self._preempt_youngest():
                 raise InsufficientCapacity("the KV cache budget cannot hold this generation")
@@ -375,10 +380,19 @@ class Batcher:
             picked = torch.argmax(logits[greedy], dim=-1).tolist()
             chosen = dict(zip(greedy, picked, strict=False))
         cpu = logits.to(device="cpu", dtype=torch.float32) if len(greedy) < len(rows) else None
+        failed: list[tuple[Sequence, SllmError]] = []
         for i, seq in enumerate(rows):
-            pick = Pick(chosen[i]) if i in chosen else seq.pick(cpu[i])  # type: ignore[index]
-            event = seq.append(pick, self.engine.tokenizer, self.engine.eos)
+            try:
+                pick = Pick(chosen[i]) if i in chosen else seq.pick(cpu[i])  # type: ignore[index]
+                event = seq.append(pick, self.engine.tokenizer, self.engine.eos)
+            except SllmError as exc:  # this sequence's sampler gave up; the others go on
+                failed.append((seq, exc))
+                continue
             seq.push(event)
+        for seq, exc in failed:
+            self.leave(seq, "failed")
+            seq.error = exc
+            seq.push(exc)
         for seq in rows:
             if seq.finish_reason is not None and seq.live:
                 self.leave(seq, "finished")

@@ -79,22 +79,24 @@ class SlotCache:
         return rows * length * self.token_bytes <= self.budget_bytes
 
     def ensure(self, rows: int, length: int, max_length: int) -> bool:
-        """Make room for `rows` rows of at least `length` columns; False if over budget.
+        """Make room for `rows` rows of `length` columns; False if over budget.
 
-        Grows to the next power of two (at most `max_length` columns), or exactly to the
-        need when the doubled size would not fit; existing rows keep their contents.
+        `rows` and `length` must cover every row in use and its longest need: growing may
+        also drop spare rows or columns beyond them. Grows to the next power of two (at most
+        `max_length` columns), or to what the budget allows when doubling would not fit;
+        rows in use keep their contents.
         """
         if rows <= self.rows and length <= self.capacity:
             return True
-        want_rows = max(rows, self.rows)
-        want_len = max(length, self.capacity)
-        if not self.fits(want_rows, want_len):
+        if not self.fits(rows, length):
             return False
-        new_rows = max(want_rows, min(_next_pow2(want_rows), max(want_rows, 2 * self.rows)))
-        new_len = min(max_length, max(MIN_CAPACITY, _next_pow2(want_len)))
-        new_len = max(new_len, want_len)
+        new_rows = max(rows, min(self.rows, _next_pow2(rows)))
+        new_len = max(length, min(max_length, max(MIN_CAPACITY, _next_pow2(length))))
         if not self.fits(new_rows, new_len):
-            new_rows, new_len = want_rows, want_len
+            # Near the budget: as many columns as it allows, so growth is not one by one.
+            new_rows = rows
+            room = self.budget_bytes // (rows * self.token_bytes)
+            new_len = max(length, min(max_length, room))
         self._reallocate(new_rows, new_len)
         return True
 
@@ -102,11 +104,13 @@ class SlotCache:
         keys, values = [], []
         for i, shape in enumerate(self.layers):
             size = (rows, shape.heads, capacity, shape.head_dim)
-            k = torch.empty(size, dtype=shape.dtype, device=self.device)
-            v = torch.empty(size, dtype=shape.dtype, device=self.device)
-            if self.rows and self.capacity:
-                k[: self.rows, :, : self.capacity] = self.keys[i]
-                v[: self.rows, :, : self.capacity] = self.values[i]
+            # Zeros, not empty: masked columns get weight 0, and 0 * NaN garbage is NaN.
+            k = torch.zeros(size, dtype=shape.dtype, device=self.device)
+            v = torch.zeros(size, dtype=shape.dtype, device=self.device)
+            keep_rows, keep_len = min(rows, self.rows), min(capacity, self.capacity)
+            if keep_rows and keep_len:
+                k[:keep_rows, :, :keep_len] = self.keys[i][:keep_rows, :, :keep_len]
+                v[:keep_rows, :, :keep_len] = self.values[i][:keep_rows, :, :keep_len]
             keys.append(k)
             values.append(v)
         self.keys, self.values = keys, values

@@ -267,6 +267,7 @@ def _build_and_save(
     tie_word_embeddings: bool | None,
     save_kwargs: dict[str, Any],
     chat_template: bool = True,
+    init_std: float | None = None,
 ) -> pathlib.Path:
     if arch not in _BUILDERS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
@@ -274,6 +275,13 @@ def _build_and_save(
     tokenizer = build_tokenizer(folder, chat_template=chat_template)
     torch.manual_seed(seed)
     model = _BUILDERS[arch](len(tokenizer), _token_ids(tokenizer), tie_word_embeddings)
+    if init_std is not None:
+        # Wider weights than the default 0.02 give logits with clear winners: outputs
+        # vary and never hinge on a near-tie that batched matmuls could round apart.
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, init_std)
     # The cast only placates mypy (transformers' decorated ``to`` is mistyped); same call.
     cast(torch.nn.Module, model).to(dtype=dtype)
     model.eval()
@@ -289,12 +297,13 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool | None = None,
     chat_template: bool = True,
+    init_std: float | None = None,
 ) -> pathlib.Path:
     """Build a tiny random ``arch`` model plus tokenizer in ``folder`` (one safetensors file).
 
     ``tie_word_embeddings=None`` means: False for llama, True for opt/gpt2/qwen2 (ignored for
     bert, which has no LM head). ``chat_template=False`` leaves the tokenizer without a chat
-    template. Returns ``folder``.
+    template. ``init_std`` redraws every weight matrix from N(0, init_std). Returns ``folder``.
     """
     return _build_and_save(
         arch,
@@ -304,6 +313,7 @@ def build_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
         save_kwargs={},
         chat_template=chat_template,
+        init_std=init_std,
     )
 
 
