@@ -44,6 +44,10 @@ _LIMITS = {
     "max_grammar_size": 200_000,
 }
 
+# JSON is written in json.dumps' style with no other whitespace: with "any whitespace"
+# (llguidance's and vLLM's default) small models tend to emit blanks until max_tokens.
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 def _llguidance() -> Any:
     """The llguidance module, imported on first use (a runtime without grammars never loads it)."""
@@ -172,9 +176,9 @@ def _grammar_text(spec: GrammarSpec) -> str:
     """The llguidance grammar for `spec` (not yet checked)."""
     llg = _llguidance()
     if spec.kind == "json_object":
-        return str(llg.LLMatcher.grammar_from_json_schema({"type": "object"}))
+        return str(llg.LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_STYLE))
     if spec.kind == "json_schema":
-        return str(llg.LLMatcher.grammar_from_json_schema(spec.text))
+        return str(llg.LLMatcher.grammar_from_json_schema(spec.text, _JSON_STYLE))
     if spec.kind == "regex":
         return str(llg.LLMatcher.grammar_from_regex(spec.text))
     if spec.kind == "choice":

@@ -117,7 +117,11 @@ def _logit_bias_field(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
         )
     bias: dict[int, float] = {}
     for item in items:
-        key, amount = item if isinstance(item, (list, tuple)) and len(item) == 2 else (item, None)
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InvalidRequest(
+                f"'logit_bias' must be {rule}, got {show_value(item)}", param="logit_bias"
+            )
+        key, amount = item
         token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
         if isinstance(token, str) and len(token) > 10:
             token = None
