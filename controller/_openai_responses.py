@@ -77,10 +77,14 @@ def _token_text(token: Any, text: Any) -> str:
 
 
 def _tops(entry: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The alternatives as (text, logprob); the chosen token among them shows its own text."""
     out = []
     for top in entry.get("top_logprobs") or []:
         if isinstance(top, (list, tuple)) and len(top) >= 2:
-            out.append((_token_text(top[0], top[2] if len(top) > 2 else None), float(top[1])))
+            text = top[2] if len(top) > 2 else None
+            if text is None and top[0] == entry.get("token"):
+                text = entry.get("token_text")
+            out.append((_token_text(top[0], text), float(top[1])))
     return out
 
 

@@ -517,6 +517,17 @@ SAMPLING: dict[str, dict[str, Any]] = {
     "stop-64": {"stop": "y" * 64},
     "stop-list-of-int": {"stop": [1]},
     "stop-dict": {"stop": {"a": 1}},
+    "min-p-0": {"min_p": 0},
+    "min-p-over": {"min_p": 1.01},
+    "presence-2": {"presence_penalty": -2},
+    "presence-over": {"presence_penalty": 2.1},
+    "frequency-bool": {"frequency_penalty": True},
+    "repetition-2": {"repetition_penalty": 2},
+    "repetition-0": {"repetition_penalty": 0},
+    "min-tokens-3": {"min_tokens": 3},
+    "min-tokens-float": {"min_tokens": 3.0},
+    "ignore-eos": {"ignore_eos": True},
+    "ignore-eos-int": {"ignore_eos": 1},
 }
 
 
