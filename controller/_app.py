@@ -346,7 +346,13 @@ def create_app(controller: Controller) -> Flask:
         if req.stream:
             run.stream = True
             chunks = oai.CompletionStream(
-                req.kind, fn.name, run.id, created, include_usage=req.include_usage
+                req.kind,
+                fn.name,
+                run.id,
+                created,
+                include_usage=req.include_usage,
+                echo=req.echo,
+                logprobs=req.logprobs,
             )
             events = StartedEvents(controller.execute(run, fn))
             return stream_response(events, sse_events(events, chunks), "text/event-stream", run)
@@ -362,6 +368,9 @@ def create_app(controller: Controller) -> Flask:
                 result.get("text", ""),
                 result.get("finish_reason") or "stop",
                 result.get("usage") or {},
+                choices=result.get("choices"),
+                echo=req.echo,
+                logprobs=req.logprobs,
             ),
             headers={"X-Activation-Id": run.id},
         )

@@ -8,10 +8,15 @@
 Errors about one field name it as `param`, in the client's terms: the invoker's
 `max_tokens` is the `max_completion_tokens` a client sent, its `tokens` the `prompt`.
 
-A parameter that would change the output in a way a single-choice text model
-cannot honour (n > 1, logprobs, penalties, tools, JSON mode) is a 400 naming it
-rather than silently ignored; unknown fields are ignored, since clients add new
-ones. Sampling fields are checked with the ranges of the runtime's
+Supported beyond text in, text out: `n` (1-MAX_N choices), logprobs (chat:
+`logprobs` + `top_logprobs` 0-20; completions: `logprobs` 0-5), presence /
+frequency / repetition penalties, `logit_bias`, `min_p`, `min_tokens`,
+`ignore_eos`, `response_format` (json_object / json_schema, on both endpoints),
+vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, and
+`echo` on completions. A parameter that would change the output in a way we
+cannot honour (tools, suffix, best_of != n, prompt logprobs, beam search, ...) is
+a 400 naming it rather than silently ignored; unknown fields are ignored, since
+clients add new ones. Sampling fields are checked with the ranges of the runtime's
 `SamplingParams`, here rather than by importing it, so the controller never
 loads torch; only the fields the client gave travel on, so the function's own
 defaults apply to the rest.
@@ -26,15 +31,43 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.core.errors import InvalidRequest, PlatformError, SllmError
+from sllm.core.errors import InvalidRequest, SllmError
 from sllm.core.messages import embedding_inputs, require_object, show_value
 from sllm.core.numbers import is_int, is_number
+
+from ._openai_responses import (
+    CompletionStream,
+    completion_response,
+    error_from_event,
+    usage_of,
+)
+
+__all__ = [
+    "SSE_DONE",
+    "CompletionStream",
+    "OpenAIRequest",
+    "completion_response",
+    "embeddings_response",
+    "error_body",
+    "error_from_event",
+    "model_response",
+    "models_response",
+    "parse_chat",
+    "parse_completion",
+    "parse_embedding",
+    "sse",
+    "sse_error",
+]
 
 MAX_INT = 2**31 - 1
 MAX_SEED = 2**63 - 1
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
-_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+MAX_N = 8  # choices per request (the runtime's MAX_N)
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
+MAX_LOGIT_BIAS = 300
+MAX_SPEC_CHARS = 32 * 1024  # a schema, regex or grammar (the runtime's _formats.MAX_SPEC_CHARS)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -49,6 +82,8 @@ class OpenAIRequest:
     include_usage: bool = False
     encoding_format: str = "float"  # embeddings only: "float" | "base64"
     user: str | None = None
+    echo: str = ""  # completions with echo: the prompt text that starts each choice
+    logprobs: bool = False  # whether responses carry logprobs
     client_names: Mapping[str, str] = field(default_factory=dict, compare=False)  # param -> field
 
     def in_client_terms(self, exc: SllmError) -> SllmError:
@@ -110,10 +145,67 @@ def _stop(body: Mapping[str, Any]) -> list[str] | None:
     return stops
 
 
+def _signed(body: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
+    value = body.get(name)
+    if value is not None and (not is_number(value) or not lo <= value <= hi):
+        raise InvalidRequest(
+            f"{name!r} must be a number in [{lo:g}, {hi:g}], got {show_value(value)}", param=name
+        )
+    return value
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[str, float] | None:
+    value = body.get("logit_bias")
+    if value is None or value == {}:
+        return None
+    rule = f"an object of at most {MAX_LOGIT_BIAS} token ids (as strings) to numbers in [-100, 100]"
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        shown = f"{len(value)} entries" if isinstance(value, dict) else show_value(value)
+        raise InvalidRequest(f"'logit_bias' must be {rule}, got {shown}", param="logit_bias")
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InvalidRequest(
+                f"'logit_bias' keys must be token ids, got {show_value(key)}", param="logit_bias"
+            )
+        if not is_number(bias) or not -100 <= bias <= 100:
+            raise InvalidRequest(
+                f"'logit_bias' values must be numbers in [-100, 100], got {show_value(bias)}",
+                param="logit_bias",
+            )
+    return dict(value)
+
+
+def _spec_size(body: Mapping[str, Any]) -> None:
+    """Structured-output fields: passed on as given, but never larger than a runtime compiles."""
+    for name in ("response_format", *_GUIDED):
+        value = body.get(name)
+        if value is None:
+            continue
+        if name == "response_format" and (
+            not isinstance(value, dict) or value.get("type") not in _FORMATS
+        ):
+            raise InvalidRequest(
+                f"'response_format' must be an object whose 'type' is one of {list(_FORMATS)}, "
+                f"got {show_value(value)}",
+                param=name,
+            )
+        size = len(value) if isinstance(value, str) else len(json.dumps(value))
+        if size > MAX_SPEC_CHARS:
+            raise InvalidRequest(
+                f"{name!r} is {size} characters of JSON; at most {MAX_SPEC_CHARS} are supported",
+                param=name,
+            )
+
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_FORMATS = ("text", "json_object", "json_schema")
+
+
 def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling fields the client gave, validated; `max_completion_tokens` (the newer
     name) wins over `max_tokens` when both are given, as with OpenAI and vLLM."""
     max_tokens = _int(body, "max_tokens", 1, MAX_INT)
+    _spec_size(body)
     fields = {
         "max_tokens": _int(body, "max_completion_tokens", 1, MAX_INT) or max_tokens,
         "temperature": _number(body, "temperature", 2, open_lo=False),
@@ -121,7 +213,19 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         "top_k": _int(body, "top_k", 0, MAX_INT),
         "stop": _stop(body),
         "seed": _int(body, "seed", 0, MAX_SEED),
+        "n": _int(body, "n", 1, MAX_N),
+        "min_p": _number(body, "min_p", 1, open_lo=False),
+        "presence_penalty": _signed(body, "presence_penalty", -2, 2),
+        "frequency_penalty": _signed(body, "frequency_penalty", -2, 2),
+        "repetition_penalty": _number(body, "repetition_penalty", 2, open_lo=True),
+        "logit_bias": _logit_bias(body),
+        "min_tokens": _int(body, "min_tokens", 0, MAX_INT),
+        "ignore_eos": _bool(body, "ignore_eos") or None,
     }
+    for name in ("response_format", *_GUIDED):
+        fields[name] = body.get(name)
+    if fields["response_format"] == {"type": "text"}:
+        fields["response_format"] = None
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -145,32 +249,46 @@ def _tool_choice_none(value: Any) -> bool:
     return value is None or value == "none"
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value in ([], {})
+
+
 _Rule = tuple[str, Callable[[Any], bool], str]
+# Fields that would change the output in a way we do not implement: a 400, never ignored.
 _GENERATION_RULES: tuple[_Rule, ...] = (
-    ("n", _one, "must be 1: only one choice per request is supported"),
-    ("presence_penalty", _zero, "must be 0: penalties are not supported"),
-    ("frequency_penalty", _zero, "must be 0: penalties are not supported"),
-    ("logit_bias", lambda v: v is None or v == {}, "must be empty: logit_bias is not supported"),
+    ("prompt_logprobs", _absent, "must be null: prompt logprobs are not supported"),
+    ("use_beam_search", _off, "must be false: beam search is not supported"),
+    ("length_penalty", lambda v: v is None or v == 1, "must be 1: beam search is not supported"),
+    ("stop_token_ids", _empty, "must be empty: use 'stop' strings or 'logit_bias'"),
+    ("bad_words", _empty, "must be empty: use 'logit_bias'"),
+    ("allowed_token_ids", _empty, "must be empty: use 'logit_bias' or guided_choice"),
+    ("logits_processors", _empty, "must be empty: custom logits processors are not supported"),
+    ("structured_outputs", _absent, "must be null: use 'response_format' or guided_*"),
+    ("guided_whitespace_pattern", _absent, "must be null: JSON is written compactly"),
+    ("include_stop_str_in_output", _off, "must be false: the stop string is never included"),
+    ("skip_special_tokens", lambda v: v is None or v is True, "must be true"),
+    ("truncate_prompt_tokens", _absent, "must be null: prompts are never truncated"),
+    ("prediction", _absent, "must be null: predicted outputs are not supported"),
 )
 _COMPLETION_RULES: tuple[_Rule, ...] = (
     *_GENERATION_RULES,
-    ("best_of", _one, "must be 1: only one choice per request is supported"),
-    ("echo", _off, "must be false: echoing the prompt is not supported"),
-    ("logprobs", lambda v: _off(v) or v == 0, "must be null: logprobs are not supported"),
     ("suffix", lambda v: v is None, "must be null: suffix (insertion) is not supported"),
 )
 _CHAT_RULES: tuple[_Rule, ...] = (
     *_GENERATION_RULES,
-    ("logprobs", _off, "must be false: logprobs are not supported"),
-    ("top_logprobs", lambda v: v is None, "must be null: logprobs are not supported"),
     ("tools", _no_tools, "must be absent: tools are not supported"),
     ("functions", _no_tools, "must be absent: tools are not supported"),
     ("tool_choice", _tool_choice_none, "must be 'none': tools are not supported"),
     ("function_call", _tool_choice_none, "must be 'none': tools are not supported"),
+    ("audio", _absent, "must be null: audio output is not supported"),
     (
-        "response_format",
-        lambda v: v is None or v == {"type": "text"},
-        "must be {'type': 'text'}: structured output is not supported",
+        "modalities",
+        lambda v: v is None or v == ["text"],
+        "must be ['text']: only text output is supported",
     ),
 )
 
@@ -194,8 +312,19 @@ def _model_and_user(body: Mapping[str, Any]) -> tuple[str, str | None]:
     return model, user
 
 
-def _generation(body: Mapping[str, Any], kind: str, params: dict[str, Any]) -> OpenAIRequest:
-    """A completion or chat request: `params` plus sampling fields, model, user, stream fields."""
+def _generation(
+    body: Mapping[str, Any],
+    kind: str,
+    params: dict[str, Any],
+    *,
+    logprobs: int | None = None,
+    echo: str = "",
+    names: Mapping[str, str] | None = None,
+) -> OpenAIRequest:
+    """A completion or chat request: `params` plus sampling fields, model, user, stream fields.
+
+    `logprobs` is how many alternatives per token the invoker reports (None: no logprobs).
+    """
     model, user = _model_and_user(body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -209,17 +338,22 @@ def _generation(body: Mapping[str, Any], kind: str, params: dict[str, Any]) -> O
             param="stream_options",
         )
     include_usage = _bool(options or {}, "include_usage", "stream_options.")
-    names = {"tokens": "prompt"}
+    client_names = {"tokens": "prompt", **(names or {})}
     if body.get("max_completion_tokens") is not None:
-        names["max_tokens"] = "max_completion_tokens"
+        client_names["max_tokens"] = "max_completion_tokens"
+    sampling = _sampling(body)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
     return OpenAIRequest(
         model,
         kind,
-        {**params, **_sampling(body)},
+        {**params, **sampling},
         stream,
         include_usage,
         user=user,
-        client_names=names,
+        echo=echo,
+        logprobs=logprobs is not None,
+        client_names=client_names,
     )
 
 
@@ -246,7 +380,30 @@ def parse_completion(body: Any) -> OpenAIRequest:
             f"non-empty list of token ids, got {show_value(doc.get('prompt'))}",
             param="prompt",
         )
-    return _generation(doc, "completion", params)
+    logprobs = _int(doc, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    _best_of(doc)
+    echo = _bool(doc, "echo")
+    if echo and logprobs is not None:
+        raise InvalidRequest(
+            "'echo' with 'logprobs' needs prompt logprobs, which are not supported", param="echo"
+        )
+    if echo and "prompt" not in params:
+        raise InvalidRequest(
+            "'echo' needs the prompt as text; a prompt of token ids cannot be echoed",
+            param="echo",
+        )
+    text = params["prompt"] if echo else ""
+    return _generation(doc, "completion", params, logprobs=logprobs, echo=text)
+
+
+def _best_of(doc: Mapping[str, Any]) -> None:
+    best_of, n = doc.get("best_of"), doc.get("n")
+    if best_of is not None and not (is_int(best_of) and best_of == (1 if n is None else n)):
+        raise InvalidRequest(
+            f"'best_of' must equal 'n' (choosing the best of more candidates is not "
+            f"supported), got {show_value(best_of)}",
+            param="best_of",
+        )
 
 
 def parse_chat(body: Any) -> OpenAIRequest:
@@ -260,7 +417,13 @@ def parse_chat(body: Any) -> OpenAIRequest:
             param="messages",
         )
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
-    return _generation(doc, "chat", {"messages": checked})
+    wanted = _bool(doc, "logprobs")
+    top = _int(doc, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    logprobs = (top or 0) if wanted else None
+    names = {"logprobs": "top_logprobs"} if top else {}
+    return _generation(doc, "chat", {"messages": checked}, logprobs=logprobs, names=names)
 
 
 def _message(message: Any, where: str) -> dict[str, str]:
@@ -324,110 +487,6 @@ def parse_embedding(body: Any) -> OpenAIRequest:
 
 
 # --------------------------------------------------------------------- responses
-def _finish_reason(reason: Any) -> str:
-    """OpenAI knows "stop" and "length"; any other end (e.g. a stop sequence) is a stop."""
-    return reason if reason in ("stop", "length") else "stop"
-
-
-def _usage(usage: Mapping[str, Any], keys: tuple[str, ...] = _USAGE_KEYS) -> dict[str, int]:
-    """The token counts OpenAI reports; a count the invoker left out is 0."""
-    return {key: int(usage.get(key) or 0) for key in keys}
-
-
-def _head(
-    kind: str, model: str, activation_id: str, created: float, *, chunk: bool
-) -> dict[str, Any]:
-    """The fields every completion object starts with; ids are the activation's, prefixed."""
-    if kind == "chat":
-        obj = "chat.completion.chunk" if chunk else "chat.completion"
-        return {
-            "id": f"chatcmpl-{activation_id}",
-            "object": obj,
-            "created": int(created),
-            "model": model,
-            "system_fingerprint": None,
-        }
-    return {
-        "id": f"cmpl-{activation_id}",
-        "object": "text_completion",
-        "created": int(created),
-        "model": model,
-    }
-
-
-def _choice(body: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
-
-
-class CompletionStream:
-    """Turns one generation's invoker events into OpenAI stream chunks, in order.
-
-    For chat, the first chunk carries the assistant role; token text follows as
-    content deltas; "done" gives a chunk with only the finish reason and, with
-    `include_usage`, a last chunk with no choices and the usage (every other
-    chunk then carries `"usage": null`, as OpenAI sends them).
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        model: str,
-        activation_id: str,
-        created: float,
-        *,
-        include_usage: bool = False,
-    ) -> None:
-        self._kind = kind
-        self._head = _head(kind, model, activation_id, created, chunk=True)
-        self._usage: dict[str, Any] = {"usage": None} if include_usage else {}
-        self._started = False
-
-    def feed(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The chunks for one invoker event; an "error" event raises its SllmError."""
-        name = event.get("event")
-        if name == "error":
-            raise error_from_event(event)
-        if name not in ("start", "token", "done"):
-            return []
-        chunks = []
-        if not self._started and self._kind == "chat":
-            chunks.append(self._chunk({"delta": {"role": "assistant", "content": ""}}, None))
-        self._started = True
-        if name == "token" and event.get("text"):
-            chunks.append(self._chunk(self._text(event["text"]), None))
-        elif name == "done":
-            reason = _finish_reason(event.get("finish_reason"))
-            chunks.append(self._chunk(self._text(""), reason))
-            if self._usage:
-                usage = _usage(event.get("usage") or {})
-                chunks.append({**self._head, "choices": [], "usage": usage})
-        return chunks
-
-    def _text(self, text: str) -> dict[str, Any]:
-        if self._kind != "chat":
-            return {"text": text}
-        return {"delta": {"content": text} if text else {}}
-
-    def _chunk(self, body: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-        return {**self._head, "choices": [_choice(body, finish_reason)], **self._usage}
-
-
-def completion_response(
-    kind: str,
-    model: str,
-    activation_id: str,
-    created: float,
-    text: str,
-    finish_reason: str | None,
-    usage: Mapping[str, Any],
-) -> dict[str, Any]:
-    """A whole `chat.completion` (kind "chat") or `text_completion` object."""
-    head = _head(kind, model, activation_id, created, chunk=False)
-    body = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
-    choice = _choice(body, _finish_reason(finish_reason))
-    return {**head, "choices": [choice], "usage": _usage(usage)}
-
-
 def embeddings_response(
     model: str, result: Mapping[str, Any], encoding_format: str
 ) -> dict[str, Any]:
@@ -439,7 +498,7 @@ def embeddings_response(
         if encoding_format == "base64":
             embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": item["index"], "embedding": embedding})
-    usage = _usage(result.get("usage") or {}, ("prompt_tokens", "total_tokens"))
+    usage = usage_of(result.get("usage") or {}, ("prompt_tokens", "total_tokens"))
     return {"object": "list", "data": data, "model": model, "usage": usage}
 
 
@@ -477,15 +536,6 @@ def error_body(exc: SllmError) -> dict[str, Any]:
             "code": code,
         }
     }
-
-
-def error_from_event(event: Mapping[str, Any]) -> SllmError:
-    """The SllmError an invoker's `{"event": "error", "error": {code, message}}` stands for.
-
-    The class is found by its `code`; an unknown code is a PlatformError.
-    """
-    default = "the invoker reported an error without a message"
-    return PlatformError.from_json(event.get("error"), default)
 
 
 # --------------------------------------------------------------------------- SSE

@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -54,6 +54,7 @@ from sllm.runtime import SamplingParams
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._catalog import Catalog
+from ._choices import Choices, blocking_events
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
@@ -537,7 +538,7 @@ class Controller:
         started = time.monotonic()
         deadline = started + fn.timeout_s
         slot: Slot | None = None
-        text: list[str] = []
+        text = Choices()
         avoid: list[int] = []
         rebases = 0
         try:
@@ -631,12 +632,12 @@ class Controller:
         body: dict[str, Any],
         remaining: float,
         deadline: float,
-        text: list[str],
+        text: Choices,
     ) -> Generator[dict[str, Any], None, None]:
         events = (
             self.invokers.stream(slot.url, body, remaining)
             if run.stream
-            else _blocking_events(self.invokers.call(slot.url, "/v1/invoke", body, remaining))
+            else blocking_events(self.invokers.call(slot.url, "/v1/invoke", body, remaining))
         )
         try:
             for ev in events:
@@ -651,7 +652,9 @@ class Controller:
                 elif kind == "token":
                     if run.stream:
                         run.first_token()
-                    text.append(ev.get("text", ""))
+                    text.feed(ev)
+                elif kind == "finish":
+                    text.feed(ev)
                 elif kind == "done":
                     usage = ev.get("usage") or {}
                     timing = ev.get("timing") or {}
@@ -659,6 +662,7 @@ class Controller:
                     run.tpot_ms = float(timing.get("tpot_s", 0.0)) * 1000
                     if run.ttft_ms is None:  # a blocking call: the invoker timed the first token
                         run.ttft_ms = (run.wait_ms or 0.0) + float(timing.get("ttft_s", 0.0)) * 1000
+                    text.feed(ev)
                     run.result = self._partial(run, text, ev.get("finish_reason"), usage)
                     run.finish("success")
                 yield ev
@@ -671,20 +675,18 @@ class Controller:
 
     @staticmethod
     def _partial(
-        run: Run, text: list[str], reason: str | None, usage: Mapping[str, Any] | None = None
+        run: Run, text: Choices, reason: str | None, usage: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        tokens_out = run.tokens_out if run.tokens_out is not None else sum(1 for t in text if t)
-        return {
-            "text": "".join(text),
-            "finish_reason": reason,
-            "usage": dict(usage)
-            if usage
-            else {
+        tokens_out = run.tokens_out if run.tokens_out is not None else text.tokens
+        return text.result(
+            reason,
+            usage
+            or {
                 "prompt_tokens": run.tokens_in or 0,
                 "completion_tokens": tokens_out,
                 "total_tokens": (run.tokens_in or 0) + tokens_out,
             },
-        }
+        )
 
     def _released(self, slot: Slot) -> None:
         def release() -> None:
@@ -1229,20 +1231,3 @@ def _release_and_insert(keys: tuple[str, ...]) -> Insert:
         if column.name not in values and isinstance(default, ScalarElementColumnDefault):
             values[column.name] = default.arg
     return insert(_ACTIVATIONS).values(values).add_cte(RELEASE.cte("released"))
-
-
-def _blocking_events(doc: Any) -> Iterator[dict[str, Any]]:
-    """The events of a whole generation answered in one JSON document (no streaming)."""
-    usage = doc.get("usage") or {}
-    yield {
-        "event": "start",
-        "load": doc.get("load") or {},
-        "prompt_tokens": usage.get("prompt_tokens"),
-    }
-    yield {"event": "token", "token": None, "text": doc.get("text", ""), "index": 0}
-    yield {
-        "event": "done",
-        "finish_reason": doc.get("finish_reason"),
-        "usage": usage,
-        "timing": doc.get("timing") or {},
-    }

@@ -24,6 +24,7 @@ from . import _openai as oai
 from ._activations import Run
 
 Event = dict[str, Any]
+_LOGPROB_KEYS = ("token", "logprob", "top_logprobs", "token_text")
 
 
 class StartedEvents:
@@ -74,14 +75,25 @@ def native_events(events: StartedEvents, run: Run) -> Iterator[bytes]:
                     "load": ev.get("load"),
                 }
             elif kind == "token":
-                out = {"event": "token", "text": ev.get("text", ""), "index": ev.get("index")}
+                out = {
+                    "event": "token",
+                    "choice": ev.get("choice", 0),
+                    "text": ev.get("text", ""),
+                    "index": ev.get("index"),
+                }
+                out.update((k, ev[k]) for k in _LOGPROB_KEYS if ev.get(k) is not None)
+            elif kind == "finish":
+                out = {k: ev.get(k) for k in ("event", "choice", "finish_reason", "stop_reason")}
             elif kind == "done":
                 out = {
                     "event": "done",
                     "activationId": run.id,
                     "finish_reason": ev.get("finish_reason"),
+                    "stop_reason": ev.get("stop_reason"),
                     "usage": ev.get("usage"),
                 }
+                if ev.get("choices"):
+                    out["choices"] = ev["choices"]
             else:
                 continue
             yield (json.dumps(out) + "\n").encode()

@@ -1,4 +1,14 @@
-"""Picking the next token from logits: greedy, or temperature / top-k / top-p with a seeded RNG.
+"""Picking the next token of one sequence: processors, then greedy or seeded sampling; logprobs.
+
+    Sampler(params, seed, grammar=factory, eos=ids)   one per sequence
+      .sample(logits, tokens, prompt_len) -> Pick     the next token (and its logprobs)
+      .accept(token)                                  the engine took it: advance state
+      .grammar_done, .plain_greedy, .draws, .seed, .to_json(), Sampler.from_json(...)
+
+Per step: the processors of runtime/_logits.py (bias, min tokens, penalties, grammar
+mask), then argmax (temperature 0), or temperature, min-p, top-k, top-p and one draw.
+Logprobs are vLLM's default: the log-softmax of the model's own logits, before any
+processor or temperature, so they describe the model, not the constrained sampler.
 
 Every sampled token consumes exactly one uniform draw from the generation's own CPU
 `torch.Generator` (inverse-CDF sampling), and greedy tokens consume none. So the sampler's
@@ -12,20 +22,43 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, overload
 
 import torch
 
 from sllm.core.errors import FunctionError, InvalidRequest
 
+from ._grammar import GrammarMatcher, GrammarMatcherFactory
+from ._logits import Processors, logprobs_of, min_p_filter
 from ._params import MAX_SEED, SamplingParams
 
 
-class Sampler:
-    """The token picker of one generation; owns its random generator."""
+class Pick(NamedTuple):
+    """One sampled token, with its log-prob and the best alternatives when logprobs are asked."""
 
-    def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sampler:
+    """The token picker of one sequence: owns its random generator, processors and grammar state.
+
+    `grammar` is the compiled `params.response_format` for this model (required when it is
+    set); `eos` are the model's end ids, which `min_tokens` holds back. The engine calls
+    `sample` then `accept` once per step; state it missed is taken from `tokens` on the next
+    `sample`, and a resumed sequence replays its tokens (`from_json`).
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        seed: int | None = None,
+        *,
+        grammar: GrammarMatcherFactory | None = None,
+        eos: Sequence[int] = (),
+    ) -> None:
         self.params = params
         # A request without a seed still gets one seed, drawn once, so its state stays (seed, k).
         self.seed = seed if seed is not None else params.seed
@@ -34,6 +67,28 @@ class Sampler:
         self.draws = 0
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
+        if params.response_format is not None and grammar is None:
+            raise InvalidRequest(
+                "'response_format' needs this model's grammar compiler, which the runtime did "
+                "not provide",
+                param="response_format",
+            )
+        matcher: GrammarMatcher | None = None
+        if params.response_format is not None and grammar is not None:
+            matcher = grammar.matcher()
+        self._grammar = matcher
+        self._processors = Processors(params, eos, matcher)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor, grammar or logprobs: a batched argmax picks the same token."""
+        p = self.params
+        return p.greedy and not p.processed and p.logprobs is None and self._grammar is None
+
+    @property
+    def grammar_done(self) -> bool:
+        """Whether the structured output is complete (only eos may follow): end with "stop"."""
+        return self._grammar is not None and self._grammar.done
 
     def advance(self, draws: int) -> None:
         """Skip `draws` uniform draws, as if that many tokens had been sampled already."""
@@ -44,12 +99,55 @@ class Sampler:
             torch.rand(1, generator=self._generator, dtype=torch.float64)
         self.draws += draws
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """The next token id for the 1-D float logits over the vocabulary (on the CPU)."""
+    @overload
+    def sample(self, logits: torch.Tensor) -> int: ...
+
+    @overload
+    def sample(self, logits: torch.Tensor, tokens: Sequence[int], prompt_len: int) -> Pick: ...
+
+    def sample(
+        self, logits: torch.Tensor, tokens: Sequence[int] | None = None, prompt_len: int = 0
+    ) -> int | Pick:
+        """The next token for the 1-D float logits over the vocabulary (on the CPU).
+
+        `tokens` is the sequence so far (prompt + generated) and `prompt_len` its prompt's
+        length. Without them (the pre-batching Generation) the token id alone is returned
+        and taken as accepted, and the repetition penalty sees only generated tokens.
+        """
+        legacy = tokens is None
+        if tokens is not None:
+            self._sync(tokens, prompt_len)
+        row = self._processors.apply(logits) if self._processors.active else logits
+        token = self._greedy(row) if self.params.greedy else self._draw(row)
+        if legacy:
+            self.accept(token)
+            return token
+        if self.params.logprobs is None:
+            return Pick(token)
+        logprob, top = logprobs_of(logits, token, self.params.logprobs)
+        return Pick(token, logprob, top)
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar and the penalty counts past `token`, the sequence's next one."""
+        if self._grammar is not None:
+            self._grammar.accept(token)
+        self._processors.accept(token)
+
+    def _sync(self, tokens: Sequence[int], prompt_len: int) -> None:
+        self._processors.sync(tokens, prompt_len)
+        if self._grammar is not None:
+            self._grammar.replay(list(tokens[prompt_len + self._grammar.consumed :]))
+
+    def _greedy(self, row: torch.Tensor) -> int:
+        token = int(torch.argmax(row))
+        if self._processors.active and not bool(torch.isfinite(row[token])):
+            raise FunctionError("no token is possible: every logit is -inf after the processors")
+        return token
+
+    def _draw(self, logits: torch.Tensor) -> int:
+        """Inverse-CDF sampling with one uniform draw; temperature, min-p, top-k, top-p."""
         params = self.params
-        if params.greedy:
-            return int(torch.argmax(logits))
-        scaled = logits.to(torch.float64) / params.temperature
+        scaled = min_p_filter(logits.to(torch.float64) / params.temperature, params.min_p)
         # Sorted once: top-k and top-p both cut the tail, and the CDF is walked in this order.
         values, order = torch.sort(scaled, descending=True, stable=True)
         if 0 < params.top_k < values.numel():
@@ -71,7 +169,10 @@ class Sampler:
         return int(order[index])
 
     def to_json(self) -> dict[str, Any]:
-        """The sampler state: seed, number of draws and the raw generator state (base64)."""
+        """The sampler state: seed, number of draws and the raw generator state (base64).
+
+        Processor counts and grammar state are not in it: they follow from the tokens.
+        """
         raw = self._generator.get_state().numpy().tobytes()
         return {
             "seed": self.seed,
@@ -80,21 +181,45 @@ class Sampler:
         }
 
     @classmethod
-    def from_json(cls, params: SamplingParams, doc: Mapping[str, Any], draws: int) -> Sampler:
-        """Restore `to_json`'s state for `params`; InvalidRequest if it is malformed.
+    def from_json(
+        cls,
+        params: SamplingParams,
+        doc: Mapping[str, Any],
+        tokens: Sequence[int] | int,
+        prompt_len: int | None = None,
+        *,
+        grammar: GrammarMatcherFactory | None = None,
+        eos: Sequence[int] = (),
+    ) -> Sampler:
+        """Restore `to_json`'s state for `params` after `tokens` (prompt + generated).
 
-        Without `rng` the state is rebuilt from the seed (the request's, else a fresh one)
-        and the number of draws (default: `draws`, the tokens generated so far).
+        The generated tokens are replayed into the processors and the grammar, so the next
+        mask is the one the sequence had; tokens the grammar rejects are an InvalidRequest.
+        Without `rng` the generator is rebuilt from the seed and the number of draws
+        (default: one per generated token). The draws can be at most the generated tokens.
+        (The pre-batching Generation passes the generated count as `tokens` instead.)
         """
         if not isinstance(doc, Mapping):
             raise InvalidRequest("'sampler' must be a JSON object")
-        seed, draws, rng = doc.get("seed"), doc.get("draws", draws), doc.get("rng")
+        if isinstance(tokens, int):
+            generated, sequence = tokens, None
+        else:
+            if prompt_len is None or not 0 <= prompt_len <= len(tokens):
+                raise InvalidRequest(f"'prompt_len' must be in [0, {len(tokens)}]")
+            generated, sequence = len(tokens) - prompt_len, tokens
+        seed, draws, rng = doc.get("seed"), doc.get("draws", generated), doc.get("rng")
         for name, value in (("seed", seed), ("draws", draws)):
             if value is None and name == "seed":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
                 raise InvalidRequest(f"'sampler.{name}' must be an integer >= 0, got {value!r}")
-        sampler = cls(params, seed=seed)
+        if draws > generated:
+            raise InvalidRequest(
+                f"'sampler.draws' is {draws}, more than the {generated} generated tokens"
+            )
+        sampler = cls(params, seed=seed, grammar=grammar, eos=eos)
+        if sequence is not None:
+            sampler._sync(sequence, len(sequence) - generated)
         if rng is None:
             sampler.advance(draws)
             return sampler

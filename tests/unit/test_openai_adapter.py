@@ -95,21 +95,64 @@ BAD: dict[str, tuple[Parse, Any, str]] = {
     "prompt-negative-token": (parse_completion, _completion(prompt=[1, -2]), "'prompt' must be"),
     "prompt-bool-tokens": (parse_completion, _completion(prompt=[True]), "'prompt' must be"),
     "prompt-number": (parse_completion, _completion(prompt=3), "'prompt' must be"),
-    "n": (parse_chat, _chat(n=2), "'n' must be 1"),
-    "n-true": (parse_completion, _completion(n=True), "'n' must be 1"),
-    "best-of": (parse_completion, _completion(best_of=3), "'best_of' must be 1"),
-    "echo": (parse_completion, _completion(echo=True), "'echo' must be false"),
-    "completion-logprobs": (parse_completion, _completion(logprobs=2), "'logprobs'"),
-    "chat-logprobs": (parse_chat, _chat(logprobs=True), "'logprobs' must be false"),
-    "top-logprobs": (parse_chat, _chat(top_logprobs=0), "'top_logprobs' must be null"),
-    "suffix": (parse_completion, _completion(suffix="end"), "'suffix' must be null"),
-    "presence-penalty": (parse_chat, _chat(presence_penalty=0.5), "'presence_penalty' must be 0"),
-    "frequency-penalty": (
+    "n-over-cap": (parse_chat, _chat(n=9), r"'n' must be an integer in \[1, 8\]"),
+    "n-true": (parse_completion, _completion(n=True), "'n' must be an integer"),
+    "best-of": (parse_completion, _completion(best_of=3), "'best_of' must equal 'n'"),
+    "echo-with-logprobs": (
         parse_completion,
-        _completion(frequency_penalty=-1),
-        "'frequency_penalty' must be 0",
+        _completion(echo=True, logprobs=1),
+        "'echo' with 'logprobs' needs prompt logprobs",
     ),
-    "logit-bias": (parse_chat, _chat(logit_bias={"50256": -100}), "'logit_bias' must be empty"),
+    "echo-token-prompt": (parse_completion, _completion(echo=True, prompt=[1, 2]), "'echo'"),
+    "completion-logprobs-over-5": (parse_completion, _completion(logprobs=6), "'logprobs'"),
+    "chat-logprobs-not-bool": (parse_chat, _chat(logprobs=2), "'logprobs' must be a boolean"),
+    "top-logprobs-without-logprobs": (
+        parse_chat,
+        _chat(top_logprobs=2),
+        "'top_logprobs' needs 'logprobs': true",
+    ),
+    "top-logprobs-over-20": (
+        parse_chat,
+        _chat(logprobs=True, top_logprobs=21),
+        "'top_logprobs' must be an integer",
+    ),
+    "suffix": (parse_completion, _completion(suffix="end"), "'suffix' must be null"),
+    "presence-penalty-range": (parse_chat, _chat(presence_penalty=2.5), "'presence_penalty'"),
+    "frequency-penalty-type": (
+        parse_completion,
+        _completion(frequency_penalty="1"),
+        "'frequency_penalty' must be a number in",
+    ),
+    "repetition-penalty-zero": (parse_chat, _chat(repetition_penalty=0), "'repetition_penalty'"),
+    "min-p-range": (parse_chat, _chat(min_p=1.5), "'min_p'"),
+    "min-tokens-negative": (parse_chat, _chat(min_tokens=-1), "'min_tokens'"),
+    "ignore-eos-not-bool": (parse_chat, _chat(ignore_eos="yes"), "'ignore_eos' must be"),
+    "logit-bias-key": (parse_chat, _chat(logit_bias={"x": 1}), "'logit_bias' keys"),
+    "logit-bias-value": (parse_chat, _chat(logit_bias={"5": 200}), "'logit_bias' values"),
+    "logit-bias-too-many": (
+        parse_chat,
+        _chat(logit_bias={str(i): 1 for i in range(10**6)}),
+        "at most 300",
+    ),
+    "response-format-type": (
+        parse_completion,
+        _completion(response_format={"type": "yaml"}),
+        "'response_format' must be an object whose 'type'",
+    ),
+    "response-format-huge": (
+        parse_chat,
+        _chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"schema": {"enum": ["x" * 100] * 1000}},
+            }
+        ),
+        "at most 32768",
+    ),
+    "prompt-logprobs": (parse_completion, _completion(prompt_logprobs=1), "'prompt_logprobs'"),
+    "beam-search": (parse_chat, _chat(use_beam_search=True), "'use_beam_search'"),
+    "stop-token-ids": (parse_chat, _chat(stop_token_ids=[2]), "'stop_token_ids'"),
+    "whitespace-pattern": (parse_chat, _chat(guided_whitespace_pattern=" "), "'guided_whitespace"),
     "tools": (
         parse_chat,
         _chat(tools=[{"type": "function", "function": {"name": "f"}}]),
@@ -117,11 +160,6 @@ BAD: dict[str, tuple[Parse, Any, str]] = {
     ),
     "functions": (parse_chat, _chat(functions=[{"name": "f"}]), "tools are not supported"),
     "tool-choice": (parse_chat, _chat(tool_choice="auto"), "'tool_choice'.*tools are not"),
-    "json-mode": (
-        parse_chat,
-        _chat(response_format={"type": "json_object"}),
-        "'response_format' must be",
-    ),
     "stream-not-bool": (parse_chat, _chat(stream="yes"), "'stream' must be a boolean"),
     "stream-options-without-stream": (
         parse_chat,
@@ -240,7 +278,10 @@ PARAMS: dict[str, tuple[Parse, Any, str]] = {
     "temperature": (parse_completion, _completion(temperature=9), "temperature"),
     "top-p": (parse_chat, _chat(top_p=0), "top_p"),
     "stop": (parse_chat, _chat(stop=[""]), "stop"),
-    "n": (parse_chat, _chat(n=2), "n"),
+    "n": (parse_chat, _chat(n=9), "n"),
+    "top-logprobs": (parse_chat, _chat(logprobs=True, top_logprobs=99), "top_logprobs"),
+    "logit-bias": (parse_completion, _completion(logit_bias=[]), "logit_bias"),
+    "guided-choice": (parse_chat, _chat(guided_choice="x" * 40000), "guided_choice"),
     "tools": (parse_chat, _chat(tools=[{"type": "function"}]), "tools"),
     "stream": (parse_chat, _chat(stream="yes"), "stream"),
     "include-usage": (
@@ -323,7 +364,19 @@ GOOD: dict[str, tuple[Parse, Any, OpenAIRequest]] = {
             user="u1",
             brand_new_field={"clients": "add these"},
         ),
-        OpenAIRequest("fn", "completion", {"prompt": "Once"}, user="u1"),
+        OpenAIRequest(
+            "fn",
+            "completion",
+            {
+                "prompt": "Once",
+                "n": 1,
+                "presence_penalty": 0,
+                "frequency_penalty": 0.0,
+                "logprobs": 0,
+            },
+            user="u1",
+            logprobs=True,
+        ),
     ),
     "completion-sampling": (
         parse_completion,
@@ -464,6 +517,17 @@ SAMPLING: dict[str, dict[str, Any]] = {
     "stop-64": {"stop": "y" * 64},
     "stop-list-of-int": {"stop": [1]},
     "stop-dict": {"stop": {"a": 1}},
+    "min-p-0": {"min_p": 0},
+    "min-p-over": {"min_p": 1.01},
+    "presence-2": {"presence_penalty": -2},
+    "presence-over": {"presence_penalty": 2.1},
+    "frequency-bool": {"frequency_penalty": True},
+    "repetition-2": {"repetition_penalty": 2},
+    "repetition-0": {"repetition_penalty": 0},
+    "min-tokens-3": {"min_tokens": 3},
+    "min-tokens-float": {"min_tokens": 3.0},
+    "ignore-eos": {"ignore_eos": True},
+    "ignore-eos-int": {"ignore_eos": 1},
 }
 
 
@@ -491,8 +555,14 @@ def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str,
         "created": 1700000000,
         "model": "fn",
         "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, **_end(finish_reason)}],
     }
+
+
+def _end(finish_reason: str | None) -> dict[str, Any]:
+    """A choice's tail: finishing chunks carry vLLM's stop_reason too (null unless a stop string)."""
+    end = {"logprobs": None, "finish_reason": finish_reason}
+    return {"stop_reason": None, **end} if finish_reason else end
 
 
 def _feed(stream: CompletionStream, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -532,7 +602,7 @@ def test_completion_stream_gives_text_chunks() -> None:
     chunks = _feed(stream, _events(["Once", " upon", ""], finish_reason="length"))
 
     def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, **_end(finish_reason)}
         head = {"id": "cmpl-ff00", "object": "text_completion", "created": 1700000000}
         return {**head, "model": "fn", "choices": [choice], "usage": None}
 
@@ -611,6 +681,7 @@ def test_chat_completion_response() -> None:
                 "message": {"role": "assistant", "content": "Hello"},
                 "logprobs": None,
                 "finish_reason": "stop",
+                "stop_reason": None,
             }
         ],
         "usage": USAGE,
@@ -624,7 +695,15 @@ def test_text_completion_response() -> None:
         "object": "text_completion",
         "created": 1700000000,
         "model": "fn",
-        "choices": [{"index": 0, "text": " upon", "logprobs": None, "finish_reason": "length"}],
+        "choices": [
+            {
+                "index": 0,
+                "text": " upon",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        ],
         "usage": USAGE,
     }
 
@@ -915,6 +994,6 @@ def test_openai_client_models_and_errors(client_for: Callable[[FakeController], 
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("nope")
     assert missing.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError, match="'n' must be 1") as bad:
-        client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="'n' must be an integer in") as bad:
+        client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "x"}], n=9)
     assert bad.value.type == "invalid_request_error"
