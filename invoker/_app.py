@@ -18,7 +18,8 @@ GET    /v1/generations/<id>        one generation with its exportable state
 POST   /v1/generations/<id>/pause  stop it; its final state (its stream ends "paused")
 DELETE /v1/generations/<id>        cancel it (its stream ends "cancelled")
 POST   /v1/generations             {function, model, instance?, version?, activation?,
-                                    state, stream?}: resume, streaming like /v1/invoke
+                                    choice?, state, stream?}: resume, streaming like
+                                    /v1/invoke (token indexes continue the state's count)
 Unknown generation: 404; one that already ended (finished, paused, cancelled): 409.
 """
 

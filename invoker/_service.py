@@ -286,6 +286,7 @@ class Invoker:
         name = InstanceName.from_json(doc, spec.function)
         state = _check_state(doc.get("state"))
         gen_id = generation_id(doc, state.get("id"))
+        choice = _field_choice(doc)
         for attempt in range(2):
             inst, report = self.instances.ensure(spec, name)
             if len(state["tokens"]) > inst.runtime.max_context:
@@ -301,7 +302,7 @@ class Invoker:
                 if attempt:
                     raise
         self.metrics.observe_load(report)
-        entries = self._register(inst, [gen_id], [gen])
+        entries = self._register(inst, [gen_id], [gen], first_choice=choice)
         stream = _stream.events(
             self.generations,
             entries,
@@ -314,13 +315,18 @@ class Invoker:
         )
         return report, _touching(inst, stream)
 
-    def _register(self, inst: Instance, ids: list[str], gens: list[Any]) -> list[Entry]:
-        """Register `gens` under `ids`; on a clash none stays registered and all are closed."""
+    def _register(
+        self, inst: Instance, ids: list[str], gens: list[Any], *, first_choice: int = 0
+    ) -> list[Entry]:
+        """Register `gens` under `ids` as choices first_choice, first_choice + 1, ...;
+        on a clash none stays registered and all are closed."""
         entries: list[Entry] = []
         try:
             for i, (gen_id, gen) in enumerate(zip(ids, gens, strict=True)):
                 entries.append(
-                    self.generations.register(gen_id, inst.id, inst.spec.function, gen, i)
+                    self.generations.register(
+                        gen_id, inst.id, inst.spec.function, gen, first_choice + i
+                    )
                 )
         except BaseException:
             for entry in entries:
@@ -402,6 +408,16 @@ def _field_n(doc: Mapping[str, Any]) -> int:
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
         raise InvalidRequest(f"'n' must be an integer in [1, {MAX_N}], got {value!r}", param="n")
+    return value
+
+
+def _field_choice(doc: Mapping[str, Any]) -> int:
+    """A resumed generation's choice index in its request (its events carry it); default 0."""
+    value = doc.get("choice", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_N:
+        raise InvalidRequest(
+            f"'choice' must be an integer in [0, {MAX_N - 1}], got {value!r}", param="choice"
+        )
     return value
 
 

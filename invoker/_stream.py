@@ -74,7 +74,7 @@ def events(
     gen_id: str,
     resumed: int | None = None,
 ) -> Generator[dict[str, Any], None, None]:
-    """The stream of `entries` (choice i is entries[i]); ends them in the registry."""
+    """The stream of `entries` (choice entry.choice is entries[i]); ends them in the registry."""
     choices = [_Choice(e, generated=len(e.generation.generated)) for e in entries]
     first: float | None = None
     failed = False
@@ -91,10 +91,10 @@ def events(
             start["resumed"] = resumed
         yield start
         while not all(c.ended for c in choices):
-            for i, c in enumerate(choices):
+            for c in choices:
                 if c.ended:
                     continue
-                for out in _step(registry, i, c):
+                for out in _step(registry, c.entry.choice, c):
                     if out["event"] == "token" and out["token"] is not None and first is None:
                         first = time.perf_counter()
                         label = report.tier if report.cold else "warm"
@@ -122,8 +122,12 @@ def events(
                 "total_s": end - received,
             },
             "choices": [
-                {"index": i, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                for i, c in enumerate(choices)
+                {
+                    "index": c.entry.choice,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
             ],
         }
     except GeneratorExit:  # the client went away: its choices count as cancelled

@@ -273,6 +273,22 @@ def test_hostile_states_are_a_quick_400(
     assert r.json()["error"]["message"]
 
 
+def test_a_resumed_choice_keeps_its_index(pair: dict[str, InvokerProcess]) -> None:
+    fast = pair["fast"]
+    gen_id = uuid.uuid4().hex
+    fast.post("/v1/invoke", body(activation=gen_id, max_tokens=4)).raise_for_status()
+    state = fast.client().get(f"/v1/generations/{gen_id}").json()["generation"]
+    doc = {"function": "t/gen", "model": "llama", "state": state, "choice": 2}
+    with streaming(fast, "/v1/generations", doc) as events:
+        evs = list(events)
+    assert [e["event"] for e in evs] == ["start", "finish", "done"]  # it had finished
+    assert evs[0]["resumed"] == 4 and evs[1]["choice"] == 2
+    assert evs[-1]["choices"] == [
+        {"index": 2, "finish_reason": state["finish_reason"], "stop_reason": None}
+    ]
+    assert evs[-1]["usage"]["completion_tokens"] == 4
+
+
 def test_malformed_resume_bodies(pair: dict[str, InvokerProcess]) -> None:
     fast = pair["fast"]
     for doc in (
