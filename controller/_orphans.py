@@ -44,38 +44,56 @@ def instance_rows(s: Session, invoker_id: int) -> list[Row]:
 class OrphanUnloader:
     """Unloads instances an invoker holds without a row, one call at a time per instance."""
 
-    def __init__(self, db: Database, pool: Executor, unload: Callable[[str, str], None]) -> None:
+    def __init__(
+        self, db: Database, pool: Executor, unload: Callable[[str, str, str | None], None]
+    ) -> None:
         self._db = db
         self._pool = pool
-        self._unload = unload  # (invoker url, "namespace/function")
+        self._unload = unload  # (invoker url, "namespace/function", instance id or None)
         self._lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
 
-    def submit(self, invoker_id: int, url: str, function: str) -> None:
-        """Unload `function` on the invoker soon, unless that is already under way."""
-        key = (url, function)
+    def submit(self, invoker_id: int, url: str, function: str, instance: str | None = None) -> None:
+        """Unload instance `instance` of `function` on the invoker soon, unless that is already
+        under way (without an id: the invoker's one instance of `function`)."""
+        key = (url, instance or function)
         with self._lock:
             if key in self._pending:  # every heartbeat reports it until it is gone
                 return
             self._pending.add(key)
         try:
-            self._pool.submit(self._run, invoker_id, url, function)
+            self._pool.submit(self._run, invoker_id, url, function, instance)
         except RuntimeError:  # the pool is shut down: the controller is closing
             with self._lock:
                 self._pending.discard(key)
             log.info("not unloading %s on %s: the controller is closing", function, url)
 
-    def _run(self, invoker_id: int, url: str, function: str) -> None:
+    def _run(self, invoker_id: int, url: str, function: str, instance: str | None) -> None:
         try:
-            if not self._placed(invoker_id, function):
-                log.info("unloading %s on %s: the controller has no instance of it", function, url)
-                self._unload(url, function)
+            if not self._placed(invoker_id, function, instance):
+                log.info(
+                    "unloading %s (instance %s) on %s: the controller has no row for it",
+                    function,
+                    instance,
+                    url,
+                )
+                self._unload(url, function, instance)
         finally:
             with self._lock:
-                self._pending.discard((url, function))
+                self._pending.discard((url, instance or function))
 
-    def _placed(self, invoker_id: int, function: str) -> bool:
-        # Placed there again since the heartbeat was read: it is no orphan any more.
+    def _placed(self, invoker_id: int, function: str, instance: str | None) -> bool:
+        # Placed there (again) since the heartbeat was read: it is no orphan any more.
+        if instance is not None:
+            if not instance.isdigit() or len(instance) > 18:
+                return False  # not an id this controller gives: never one of its rows
+            with self._db.session() as s:
+                found = s.execute(
+                    select(Instance.id).where(
+                        Instance.id == int(instance), Instance.invoker_id == invoker_id
+                    )
+                ).first()
+            return found is not None
         ns, _, name = function.partition("/")
         with self._db.session() as s:
             found = s.execute(

@@ -64,7 +64,7 @@ from ._metrics import ControllerMetrics
 from ._orphans import OrphanUnloader, instance_rows
 from ._prewarm import CLEARED as PREWARM_CLEARED
 from ._prewarm import load_error_json, record_failure
-from ._reconcile import held_instances, reconcile
+from ._reconcile import Held, held_instances, reconcile
 from ._scheduler import LocalityScheduler, Scheduler
 
 log = logging.getLogger("sllm.controller")
@@ -208,15 +208,15 @@ class Controller:
         with self.db.session(write=True) as s:
             ns_id = self._namespace_id(s, name)
             placements = s.execute(
-                select(Invoker.url, Function.name)
+                select(Invoker.url, Function.name, Instance.id)
                 .join(Instance, Instance.invoker_id == Invoker.id)
                 .join(Function, Function.id == Instance.function_id)
                 .where(Function.namespace_id == ns_id)
             ).all()
             s.execute(delete(Namespace).where(Namespace.id == ns_id))
         self._functions.clear()
-        for url, fname in placements:
-            self._unload_on(url, f"{name}/{fname}")
+        for url, fname, instance_id in placements:
+            self._unload_on(url, f"{name}/{fname}", str(instance_id))
         return {"name": name, "deleted": True}
 
     def create_key(self, namespace: str, body: Any) -> dict[str, Any]:
@@ -390,14 +390,14 @@ class Controller:
             row = self._function(s, namespace, name)
             doc = _function_doc(row, namespace)
             placements = s.execute(
-                select(Invoker.url)
+                select(Invoker.url, Instance.id)
                 .join(Instance, Instance.invoker_id == Invoker.id)
                 .where(Instance.function_id == row.id)
             ).all()
             s.execute(delete(Function).where(Function.id == row.id))
         self._functions.pop((namespace, name), None)
-        for (url,) in placements:
-            self._unload_on(url, f"{namespace}/{name}")
+        for url, instance_id in placements:
+            self._unload_on(url, f"{namespace}/{name}", str(instance_id))
         return doc
 
     def function_for(self, namespace: str, name: str, *, fresh: bool = False) -> Function:
@@ -562,7 +562,15 @@ class Controller:
                     continue
                 first = run.dispatched(slot.invoker)
                 limit = {"max_tokens_limit": fn.max_tokens}  # the invoker fits max_tokens under it
-                body = {**_instance_of(run.namespace, fn), **limit, **run.request}
+                body = {
+                    **_instance_of(run.namespace, fn, slot),
+                    **limit,
+                    **run.request,
+                    # After the request's fields: a client cannot name an instance or id.
+                    "instance": str(slot.instance_id),
+                    "version": fn.version,
+                    "activation": run.id,
+                }
                 try:
                     if first and run.persisted:  # before it is sent: see _leases
                         # The lease covers the run's deadline (a newer definition may have
@@ -860,20 +868,21 @@ class Controller:
                 row.state, row.last_heartbeat = "active", now
             orphans = self._reconcile(s, row, status)
             invoker_id, invoker_url = row.id, row.url
-        for function in orphans:
-            self._orphans.submit(invoker_id, invoker_url, function)
+        for held in orphans:
+            self._orphans.submit(invoker_id, invoker_url, held.function, held.instance)
         return {"name": name, "state": "active", "heartbeat_timeout": self.config.heartbeat_timeout}
 
-    def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> list[str]:
+    def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> list[Held]:
         """Forget the rows of instances `invoker` no longer holds; those it holds without one."""
+        held = held_instances(status)
         decision = reconcile(
             instance_rows(s, invoker.id),
-            held_instances(status),
+            held,
             stale_before=time.time() - 2 * self.config.heartbeat_timeout,
         )
         if decision.forget:
             s.execute(delete(Instance).where(Instance.id.in_(decision.forget)))
-        return list(decision.unload)
+        return [held[key] for key in decision.unload]
 
     def list_invokers(self) -> list[dict[str, Any]]:
         """Every invoker with its state, last heartbeat and instances."""
@@ -1081,9 +1090,9 @@ class Controller:
                     )
                 )
                 if taken:
-                    doomed.append((url, f"{ns}/{fname}"))
-        for url, function in doomed:
-            self._unload_on(url, function)
+                    doomed.append((url, f"{ns}/{fname}", str(instance_id)))
+        for url, function, instance in doomed:
+            self._unload_on(url, function, instance)
 
     def _prewarm(self) -> None:
         now = time.time()
@@ -1127,7 +1136,7 @@ class Controller:
                 )
 
     def _load_into(self, slot: Slot, fn: Function, namespace: str) -> None:
-        body = _instance_of(namespace, fn)
+        body = _instance_of(namespace, fn, slot)
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
         except (Overloaded, InvokerLost, Unavailable) as exc:
@@ -1151,11 +1160,17 @@ class Controller:
         load_ms = float(report.get("load_seconds", 0.0)) * 1000
         self.dispatcher.loaded(slot, tier, load_ms)
 
-    def _unload_on(self, url: str, function: str) -> None:
+    def _unload_on(self, url: str, function: str, instance: str | None = None) -> None:
+        """Unload instance `instance` of `function` (without an id: its only instance there)."""
+        body = (
+            {"function": function}
+            if instance is None
+            else {"instance": instance, "function": function}
+        )
         try:
-            self.invokers.call(url, "/v1/unload", {"function": function}, 10.0)
+            self.invokers.call(url, "/v1/unload", body, 10.0)
         except SllmError as exc:
-            log.info("unload of %s on %s: %s", function, url, exc.message)
+            log.info("unload of %s (instance %s) on %s: %s", function, instance, url, exc.message)
 
     # ------------------------------------------------------------ lookups
     @staticmethod
@@ -1187,13 +1202,16 @@ def _namespace_gone(run: Run) -> NotFound:
     return NotFound(f"no function {run.function!r} in namespace {run.namespace!r}")
 
 
-def _instance_of(namespace: str, fn: Function) -> dict[str, Any]:
-    """What names `fn`'s instance to an invoker (the start of every invoke and load body)."""
+def _instance_of(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
+    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
+    the function, and the instance by its row id and the function's version."""
     return {
         "function": f"{namespace}/{fn.name}",
         "model": fn.model,
         "task": fn.task,
         "concurrency": fn.concurrency,
+        "instance": str(slot.instance_id),
+        "version": fn.version,
     }
 
 

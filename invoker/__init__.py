@@ -1,7 +1,8 @@
 """Invoker: per-host agent with the multi-tier model cache and inference endpoints.
 
 InvokerConfig.from_env(env)     configuration (SLLM_* variables, flags override)
-Invoker(config)                 tiers (remote -> NVMe -> DRAM -> device), instances, requests
+Invoker(config)                 tiers (remote -> NVMe -> DRAM -> device), instances by id,
+                                requests, and the registry of running generations
 create_app(invoker)             the Flask app (internal-token auth on every endpoint)
 serve(config)                   gunicorn: one worker process holding the models, request threads
 CacheLock.acquire(folder)       the exclusive claim on a cache folder (CacheFolderBusy if taken)

@@ -4,11 +4,23 @@ GET  /healthz            liveness
 GET  /readyz             200 once start-up (bandwidth probes) finished, else 503
 GET  /metrics            Prometheus text format
 GET  /v1/status          tiers with sizes, instances, device memory, load queue, bandwidths
-POST /v1/load            {function, model, task?, concurrency?} -> LoadReport
-POST /v1/unload          {function}
-POST /v1/invoke          {function, model, prompt|messages|tokens, sampling..., stream?}
-                         stream: NDJSON events start / token* / done (or error)
+POST /v1/load            {function, model, task?, concurrency?, instance?, version?}
+                         -> LoadReport plus instance and version
+POST /v1/unload          {instance} (or {function} while it has exactly one instance)
+POST /v1/invoke          {function, model, instance?, version?, activation?, n?,
+                          prompt|messages|tokens, sampling..., stream?}
+                         stream: NDJSON events start / token* / finish per choice / done
+                         (or error); see _stream for the event fields
 POST /v1/embed           {function, model, input}
+
+GET    /v1/generations             running (and recently ended) generations
+GET    /v1/generations/<id>        one generation with its exportable state
+POST   /v1/generations/<id>/pause  stop it; its final state (its stream ends "paused")
+DELETE /v1/generations/<id>        cancel it (its stream ends "cancelled")
+POST   /v1/generations             {function, model, instance?, version?, activation?,
+                                    choice?, state, stream?}: resume, streaming like
+                                    /v1/invoke (token indexes continue the state's count)
+Unknown generation: 404; one that already ended (finished, paused, cancelled): 409.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from sllm.core.errors import InvalidRequest, SllmError, Unauthorized
 from sllm.core.messages import require_object
 
 from ._service import Invoker
+from ._stream import collect
 
 log = logging.getLogger("sllm.invoker")
 
@@ -79,15 +92,20 @@ def create_app(invoker: Invoker) -> Flask:
 
     @app.post("/v1/load")
     def load() -> Response:
-        return _json(invoker.load(_body()).to_json())
+        body = _body()
+        report = invoker.load(body)
+        return _json({**report.to_json(), **invoker.loaded_name(body)})
 
     @app.post("/v1/unload")
     def unload() -> Response:
         body = require_object(_body())
-        function = body.get("function")
-        if not isinstance(function, str) or not function:
-            raise InvalidRequest("'function' must be a non-empty string")
-        return _json(invoker.unload(function))
+        instance, function = body.get("instance"), body.get("function")
+        for name, value in (("instance", instance), ("function", function)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequest(f"{name!r} must be a non-empty string", param=name)
+        if instance is None and function is None:
+            raise InvalidRequest("give 'instance' (or 'function' when it has one instance)")
+        return _json(invoker.unload(function, instance=instance))
 
     @app.post("/v1/evict")
     def evict() -> Response:
@@ -96,19 +114,54 @@ def create_app(invoker: Invoker) -> Flask:
     @app.post("/v1/invoke")
     def invoke() -> Response:
         body = _body()
-        stream = require_object(body).get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest(f"'stream' must be true or false, got {stream!r}")
+        stream = _stream_flag(body)
         _, events = invoker.invoke(body)
-        if stream:
-            return Response(_ndjson(events), mimetype="application/x-ndjson")
-        return _json(_collect(events))
+        return _answer(events, stream)
+
+    @app.get("/v1/generations")
+    def generations() -> Response:
+        return _json({"generations": invoker.generations.listing()})
+
+    @app.get("/v1/generations/<gen_id>")
+    def generation(gen_id: str) -> Response:
+        return _json(invoker.generations.get(gen_id).export())
+
+    @app.post("/v1/generations/<gen_id>/pause")
+    def pause(gen_id: str) -> Response:
+        return _json(invoker.generations.pause(gen_id).export())
+
+    @app.delete("/v1/generations/<gen_id>")
+    def cancel(gen_id: str) -> Response:
+        return _json(invoker.generations.cancel(gen_id).export())
+
+    @app.post("/v1/generations")
+    def resume() -> Response:
+        body = _body()
+        stream = _stream_flag(body)
+        _, events = invoker.resume(body)
+        return _answer(events, stream)
 
     @app.post("/v1/embed")
     def embed() -> Response:
         return _json(invoker.embed(_body()))
 
     return app
+
+
+def _stream_flag(body: Any) -> bool:
+    stream = require_object(body).get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest(f"'stream' must be true or false, got {stream!r}", param="stream")
+    return stream
+
+
+def _answer(events: Generator[dict[str, Any], None, None], stream: bool) -> Response:
+    if stream:
+        return Response(_ndjson(events), mimetype="application/x-ndjson")
+    try:
+        return _json(collect(events))
+    finally:
+        events.close()
 
 
 def _body() -> Any:
@@ -141,18 +194,3 @@ def _ndjson(events: Generator[dict[str, Any], None, None]) -> Iterator[str]:
         yield json.dumps({"event": "error", **exc.to_json()}) + "\n"
     finally:
         events.close()
-
-
-def _collect(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """A whole generation as one JSON document."""
-    out: dict[str, Any] = {"text": "", "tokens": []}
-    for ev in events:
-        if ev["event"] == "start":
-            out["load"] = ev["load"]
-        elif ev["event"] == "token":
-            out["text"] += ev["text"]
-            if ev["token"] is not None:
-                out["tokens"].append(ev["token"])
-        elif ev["event"] == "done":
-            out.update(finish_reason=ev["finish_reason"], usage=ev["usage"], timing=ev["timing"])
-    return out

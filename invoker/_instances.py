@@ -1,4 +1,12 @@
-"""The device tier: loaded model instances, one per function, single-flight loads.
+"""The device tier: loaded model instances by instance id, single-flight loads.
+
+An instance is named by the id the controller assigned it (the "instance"
+field of load / invoke / unload bodies) and the function's version. Two
+instances of one function may sit side by side (a migration target on the
+same host); an unload names exactly one. A request without an id (direct
+use, tests) gets one derived from its function: "{function}" alone, or
+"{function}@{version}" when it names a version, so such requests share one
+instance per function and version, as before ids existed.
 
 States of an instance:
 
@@ -19,15 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sllm.core.errors import Conflict, FunctionError, InsufficientCapacity, NotFound
-from sllm.core.messages import FunctionSpec, LoadReport
+from sllm.core.errors import Conflict, FunctionError, InsufficientCapacity, InvalidRequest, NotFound
+from sllm.core.messages import FunctionSpec, LoadReport, show_value
+from sllm.core.numbers import is_int
 from sllm.native_loader import FormatError, build_model
 from sllm.runtime import Runtime, load_tokenizer, model_class_for
 from sllm.store import PublishedModel
@@ -35,23 +46,67 @@ from sllm.store import PublishedModel
 from ._tiers import HostMemoryShort, TierCache, TierLoad
 
 GPU_HEADROOM = 1.15  # weights plus activations / KV cache for a few requests
+INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:/-]{0,299}")
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_VERSION = 2**63 - 1
+
+Version = int | str | None
+
+
+@dataclass(frozen=True)
+class InstanceName:
+    """Which instance a request means: its id and the function version it runs."""
+
+    id: str
+    version: Version = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], function: str) -> InstanceName:
+        """The body's "instance" and "version"; without an id, one derived from `function`."""
+        version = doc.get("version")
+        if version is not None and not (
+            (is_int(version) and 0 <= version <= MAX_VERSION)
+            or (isinstance(version, str) and VERSION.fullmatch(version))
+        ):
+            raise InvalidRequest(
+                "'version' must be an integer >= 0 or 1-64 letters, digits, . _ -; "
+                f"got {show_value(version)}",
+                param="version",
+            )
+        given = doc.get("instance")
+        if given is None:
+            return cls(function if version is None else f"{function}@{version}", version)
+        if not isinstance(given, str) or not INSTANCE_ID.fullmatch(given):
+            raise InvalidRequest(
+                f"'instance' must be 1-300 letters, digits, . _ @ : / -; got {show_value(given)}",
+                param="instance",
+            )
+        return cls(given, version)
 
 
 @dataclass
 class Instance:
-    """A model ready on a device for one function."""
+    """A model ready on a device for one function, under its instance id."""
 
     spec: FunctionSpec
     model: PublishedModel
     runtime: Runtime
     device: torch.device
     report: LoadReport
+    name: InstanceName
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        """The instance id."""
+        return self.name.id
 
     def to_json(self) -> dict[str, Any]:
         """Status view."""
         return {
+            "instance": self.name.id,
+            "version": self.name.version,
             "function": self.spec.function,
             "model": self.model.name,
             "digest": self.model.digest,
@@ -78,14 +133,15 @@ def kv_budget(device: torch.device, dram_capacity: int, configured: int | None) 
 
 
 class _Flight:
-    def __init__(self) -> None:
+    def __init__(self, function: str) -> None:
+        self.function = function
         self.done = threading.Event()
         self.instance: Instance | None = None
         self.error: BaseException | None = None
 
 
 class Instances:
-    """Model instances by function, loading through the tier cache on a miss."""
+    """Model instances by instance id, loading through the tier cache on a miss."""
 
     def __init__(
         self,
@@ -110,22 +166,33 @@ class Instances:
         self._loading: dict[str, _Flight] = {}
         self._admission = threading.Lock()
 
-    def get(self, function: str) -> Instance | None:
-        """The ready instance of `function`, if any."""
+    def get(self, instance: str) -> Instance | None:
+        """The ready instance with id `instance` (for direct use: a function's name), if any."""
         with self._lock:
-            return self._ready.get(function)
+            return self._ready.get(instance)
 
-    def ensure(self, spec: FunctionSpec, *, refresh: bool = False) -> tuple[Instance, LoadReport]:
-        """A ready instance for `spec`: warm if loaded, else one load shared by all callers.
+    def of_function(self, function: str) -> list[Instance]:
+        """The ready instances of `function`."""
+        with self._lock:
+            return [i for i in self._ready.values() if i.spec.function == function]
 
+    def ensure(
+        self, spec: FunctionSpec, name: InstanceName | None = None, *, refresh: bool = False
+    ) -> tuple[Instance, LoadReport]:
+        """A ready instance `name` for `spec`: warm if loaded, else one load shared by all callers.
+
+        Without `name` the instance id is derived from the function (see
+        InstanceName). An instance under that id running another function,
+        model or version is replaced (Conflict while it has requests).
         `refresh` re-reads the published pointer (before taking any lock: it
         is a store round trip) and reloads when the model was re-pushed.
         """
+        name = name or InstanceName(spec.function)
         latest = self.tiers.resolve(spec.model).digest if refresh else None
         while True:
             with self._lock:
-                inst = self._ready.get(spec.function)
-                if inst is not None and self._matches(inst, spec, latest):
+                inst = self._ready.get(name.id)
+                if inst is not None and self._matches(inst, spec, name, latest):
                     inst.last_used = time.time()
                     warm = LoadReport(
                         spec.function,
@@ -138,45 +205,51 @@ class Instances:
                         str(self.device),
                     )
                     return inst, warm
-                flight = self._loading.get(spec.function)
+                flight = self._loading.get(name.id)
                 leader = flight is None
                 if flight is None:
-                    flight = self._loading[spec.function] = _Flight()
+                    flight = self._loading[name.id] = _Flight(spec.function)
             if leader:
-                return self._lead(spec, flight)
+                return self._lead(spec, name, flight)
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
             # loop: the instance is ready now (or was replaced by a newer spec)
 
     @staticmethod
-    def _matches(inst: Instance, spec: FunctionSpec, latest: str | None) -> bool:
-        same = (inst.spec.model, inst.spec.task, inst.spec.concurrency) == (
-            spec.model,
-            spec.task,
-            spec.concurrency,
-        )
+    def _matches(
+        inst: Instance, spec: FunctionSpec, name: InstanceName, latest: str | None
+    ) -> bool:
+        same = (
+            inst.spec.function,
+            inst.spec.model,
+            inst.spec.task,
+            inst.spec.concurrency,
+            inst.name.version,
+        ) == (spec.function, spec.model, spec.task, spec.concurrency, name.version)
         return same and (latest is None or latest == inst.model.digest)
 
-    def _lead(self, spec: FunctionSpec, flight: _Flight) -> tuple[Instance, LoadReport]:
+    def _lead(
+        self, spec: FunctionSpec, name: InstanceName, flight: _Flight
+    ) -> tuple[Instance, LoadReport]:
         try:
-            old = self.get(spec.function)
+            old = self.get(name.id)
             if old is not None:
-                self._unload(spec.function, force=False)
-            inst = self._load(spec)
+                self._unload(name.id, force=False)
+            inst = self._load(spec, name)
             flight.instance = inst
             with self._lock:
-                self._ready[spec.function] = inst
+                self._ready[name.id] = inst
             return inst, inst.report
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
             with self._lock:
-                del self._loading[spec.function]
+                del self._loading[name.id]
             flight.done.set()
 
-    def _load(self, spec: FunctionSpec) -> Instance:
+    def _load(self, spec: FunctionSpec, name: InstanceName) -> Instance:
         start = time.perf_counter()  # the load counts from the pointer read on
         model = self.tiers.resolve(spec.model)
         # On a GPU, admission is one at a time: two loads must not both count
@@ -222,7 +295,7 @@ class Instances:
             tier.fetched,
             tier.resumed,
         )
-        return Instance(spec, model, runtime, self.device, report)
+        return Instance(spec, model, runtime, self.device, report, name)
 
     def _load_tensors(self, model: PublishedModel) -> tuple[dict[str, torch.Tensor], TierLoad]:
         """Load through the tiers; on the CPU, unload idle instances while DRAM is short.
@@ -264,26 +337,40 @@ class Instances:
             )
         for victim in idle:
             try:
-                self._unload(victim.spec.function, force=False)
+                self._unload(victim.id, force=False)
                 return True
             except (Conflict, NotFound):  # it got busy, or someone else unloaded it
                 continue
         return False
 
-    def unload(self, function: str) -> Instance:
-        """Drop `function`'s instance from the device (NotFound / Conflict when busy)."""
-        return self._unload(function, force=False)
+    def unload(self, instance: str) -> Instance:
+        """Drop instance `instance` from the device (NotFound / Conflict when busy)."""
+        return self._unload(instance, force=False)
 
-    def _unload(self, function: str, *, force: bool) -> Instance:
+    def unload_function(self, function: str) -> Instance:
+        """Drop the one instance of `function`; Conflict naming them when it has several."""
         with self._lock:
-            inst = self._ready.get(function)
+            ids = sorted(i.id for i in self._ready.values() if i.spec.function == function)
+        if not ids:
+            raise NotFound(f"function {function!r} has no loaded instance")
+        if len(ids) > 1:
+            raise Conflict(
+                f"function {function!r} has {len(ids)} loaded instances ({', '.join(ids)}); "
+                "name one with 'instance'"
+            )
+        return self._unload(ids[0], force=False)
+
+    def _unload(self, instance: str, *, force: bool) -> Instance:
+        with self._lock:
+            inst = self._ready.get(instance)
             if inst is None:
-                raise NotFound(f"function {function!r} has no loaded instance")
+                raise NotFound(f"no loaded instance {instance!r}")
             if inst.runtime.active() and not force:
                 raise Conflict(
-                    f"function {function!r} has {inst.runtime.active()} requests running"
+                    f"instance {instance!r} of {inst.spec.function!r} has "
+                    f"{inst.runtime.active()} requests running"
                 )
-            del self._ready[function]
+            del self._ready[instance]
         inst.runtime.close()
         gc.collect()  # drop the tensors now, so the DRAM copy turns idle at once
         if self.device.type == "cuda":
@@ -301,7 +388,10 @@ class Instances:
         """Every ready instance, and the loads in flight."""
         with self._lock:
             ready = [i.to_json() for i in self._ready.values()]
-            loading = [{"function": f, "loading": True} for f in self._loading]
+            loading = [
+                {"instance": i, "function": f.function, "loading": True}
+                for i, f in self._loading.items()
+            ]
         return ready + loading
 
     def queue_length(self) -> int:

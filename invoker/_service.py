@@ -1,4 +1,4 @@
-"""The invoker's core, without HTTP: tiers, instances, invoke / embed, status, metrics."""
+"""The invoker's core, without HTTP: tiers, instances, generations, invoke / embed, status."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -24,16 +25,22 @@ from sllm.native_loader import HostPool
 from sllm.runtime import SamplingParams
 from sllm.store import Store, open_store
 
+from . import _stream
 from ._bandwidth import Bandwidths, measure_disk, measure_host_to_device, measure_network
 from ._cachelock import CacheLock
 from ._config import InvokerConfig
 from ._download import cache_key
-from ._instances import Instance, Instances
+from ._generations import Entry, Generations, generation_id
+from ._instances import Instance, InstanceName, Instances
 from ._metrics import InvokerMetrics
 from ._nvme import NvmeTier
 from ._tiers import TierCache
 
 log = logging.getLogger("sllm.invoker")
+
+MAX_N = 128  # choices per request (OpenAI's limit)
+MAX_HELD_CHARS = 4096  # text a state may hold back for stop strings
+SEED_SPACE = 2**63  # SamplingParams seeds are in [0, 2**63 - 1]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +95,7 @@ class Invoker:
                 dram_capacity=config.dram_capacity,
                 prefill_chunk=config.prefill_chunk,
             )
+            self.generations = Generations()
             self.metrics = InvokerMetrics(self)
         except BaseException:
             self._release_lock()
@@ -174,14 +182,39 @@ class Invoker:
     def load(self, body: Any) -> LoadReport:
         """Make `body`'s function ready on the device, re-reading the published version."""
         spec = self._spec(body)
-        _, report = self.instances.ensure(spec, refresh=True)
+        name = InstanceName.from_json(body, spec.function)
+        _, report = self.instances.ensure(spec, name, refresh=True)
         self.metrics.observe_load(report)
         return report
 
-    def unload(self, function: str) -> dict[str, Any]:
-        """Drop a function's instance from the device; its DRAM copy stays while room allows."""
-        inst = self.instances.unload(function)
-        return {"function": function, "model": inst.model.name, "unloaded": True}
+    def loaded_name(self, body: Any) -> dict[str, Any]:
+        """The instance id and version a load body names (derived when it names none)."""
+        doc = require_object(body)
+        name = InstanceName.from_json(doc, str(doc.get("function")))
+        return {"instance": name.id, "version": name.version}
+
+    def unload(self, function: str | None = None, *, instance: str | None = None) -> dict[str, Any]:
+        """Drop one instance from the device; its DRAM copy stays while room allows.
+
+        By `instance` id; by `function` only while that function has exactly
+        one instance here (Conflict naming them otherwise).
+        """
+        if instance is not None:
+            found = self.instances.get(instance)
+            if found is not None and function is not None and found.spec.function != function:
+                raise NotFound(f"instance {instance!r} is not an instance of {function!r}")
+            inst = self.instances.unload(instance)
+        elif function is not None:
+            inst = self.instances.unload_function(function)
+        else:
+            raise InvalidRequest("give 'instance' (or 'function' when it has one instance)")
+        return {
+            "instance": inst.id,
+            "version": inst.name.version,
+            "function": inst.spec.function,
+            "model": inst.model.name,
+            "unloaded": True,
+        }
 
     def evict(self, body: Any) -> dict[str, Any]:
         """Drop a model's copy from the DRAM or NVMe tier (409 while in use, 404 when absent)."""
@@ -204,81 +237,115 @@ class Invoker:
 
     # -------------------------------------------------------------- requests
     def invoke(self, body: Any) -> tuple[LoadReport, Generator[dict[str, Any], None, None]]:
-        """Validate, make the function ready, and return the event stream of the generation.
+        """Validate, make the instance ready, and return the event stream of the generation(s).
 
         Validation that needs no model happens before any load, so a bad
-        request never costs a cold start. The first event is "start", then
-        one "token" per generated token, then "done" (or "error").
+        request never costs a cold start. The stream's events are described
+        in `_stream`: start, token..., finish per choice, done (or error).
         """
         received = time.perf_counter()
         doc = require_object(body)
         spec = self._spec(doc)
         if spec.task != "generate":
             raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
+        name = InstanceName.from_json(doc, spec.function)
+        gen_id = generation_id(doc)
+        n = _field_n(doc)
         # The function's own limit comes from the controller; this host's caps it.
         cap = self.config.max_tokens_limit
         limit = min(field_int(doc, "max_tokens_limit", cap, 1, 2**31 - 1), cap)
         params = SamplingParams.from_request(doc, max_tokens_limit=limit)
         prompt_param = _check_prompt(doc)
         for attempt in range(2):
-            inst, report = self.instances.ensure(spec)
+            inst, report = self.instances.ensure(spec, name)
             tokens = _prompt_tokens(inst, doc)
             try:
                 # Fitted to the context, then prefilled: the first forward pass.
-                gen = inst.runtime.start(tokens, params, prompt_param=prompt_param)
+                gens = _start(inst, tokens, params, n, prompt_param)
                 break
             except Unavailable:  # unloaded between ensure and start: load it again
                 if attempt:
                     raise
         self.metrics.observe_load(report)
-        return report, self._events(inst, report, gen, len(tokens), received)
+        ids = [gen_id] if n == 1 else [f"{gen_id}.{i}" for i in range(n)]
+        entries = self._register(inst, ids, gens)
+        stream = _stream.events(
+            self.generations,
+            entries,
+            report=report,
+            metrics=self.metrics,
+            prompt_tokens=len(tokens),
+            received=received,
+            gen_id=gen_id,
+        )
+        return report, _touching(inst, stream)
+
+    def resume(self, body: Any) -> tuple[LoadReport, Generator[dict[str, Any], None, None]]:
+        """Continue a generation from its exported state, streaming like `invoke`.
+
+        A hostile or corrupt state is an InvalidRequest naming the field, checked
+        in time bounded by the context length (sizes first, then the runtime's parse).
+        """
+        received = time.perf_counter()
+        doc = require_object(body)
+        spec = self._spec(doc)
+        if spec.task != "generate":
+            raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
+        name = InstanceName.from_json(doc, spec.function)
+        state = _check_state(doc.get("state"))
+        gen_id = generation_id(doc, state.get("id"))
+        choice = _field_choice(doc)
+        for attempt in range(2):
+            inst, report = self.instances.ensure(spec, name)
+            if len(state["tokens"]) > inst.runtime.max_context:
+                raise InvalidRequest(
+                    f"'state.tokens' holds {len(state['tokens'])} tokens, more than the "
+                    f"context of {inst.runtime.max_context}",
+                    param="state.tokens",
+                )
+            try:
+                gen = inst.runtime.resume(state)
+                break
+            except Unavailable:  # unloaded between ensure and resume: load it again
+                if attempt:
+                    raise
+        self.metrics.observe_load(report)
+        entries = self._register(inst, [gen_id], [gen], first_choice=choice)
+        stream = _stream.events(
+            self.generations,
+            entries,
+            report=report,
+            metrics=self.metrics,
+            prompt_tokens=gen.prompt_len,
+            received=received,
+            gen_id=gen_id,
+            resumed=len(gen.generated),
+        )
+        return report, _touching(inst, stream)
+
+    def _register(
+        self, inst: Instance, ids: list[str], gens: list[Any], *, first_choice: int = 0
+    ) -> list[Entry]:
+        """Register `gens` under `ids` as choices first_choice, first_choice + 1, ...;
+        on a clash none stays registered and all are closed."""
+        entries: list[Entry] = []
+        try:
+            for i, (gen_id, gen) in enumerate(zip(ids, gens, strict=True)):
+                entries.append(
+                    self.generations.register(
+                        gen_id, inst.id, inst.spec.function, gen, first_choice + i
+                    )
+                )
+        except BaseException:
+            for entry in entries:
+                self.generations.end(entry, "cancelled", None)
+            for gen in gens:
+                gen.close()
+            raise
+        return entries
 
     def _spec(self, doc: Any) -> FunctionSpec:
         return FunctionSpec.from_json(doc, default_concurrency=self.config.default_concurrency)
-
-    def _events(
-        self, inst: Instance, report: LoadReport, gen: Any, n_prompt: int, received: float
-    ) -> Generator[dict[str, Any], None, None]:
-        first: float | None = None
-        count = 0
-        try:
-            yield {"event": "start", "load": report.to_json(), "prompt_tokens": n_prompt}
-            while True:
-                ev = gen.step()
-                now = time.perf_counter()
-                if ev.token is not None:
-                    count += 1
-                    if first is None:
-                        first = now
-                        self.metrics.ttft.labels(report.tier if report.cold else "warm").observe(
-                            now - received
-                        )
-                    yield {"event": "token", "token": ev.token, "text": ev.text, "index": ev.index}
-                elif ev.text:
-                    yield {"event": "token", "token": None, "text": ev.text, "index": ev.index}
-                if ev.finished:
-                    end = time.perf_counter()
-                    self.metrics.tokens.inc(count)
-                    ttft = (first or end) - received
-                    yield {
-                        "event": "done",
-                        "finish_reason": ev.finish_reason,
-                        "usage": {
-                            "prompt_tokens": n_prompt,
-                            "completion_tokens": count,
-                            "total_tokens": n_prompt + count,
-                        },
-                        "timing": {
-                            "load_s": report.load_seconds,
-                            "ttft_s": ttft,
-                            "tpot_s": (end - first) / (count - 1) if first and count > 1 else 0.0,
-                            "total_s": end - received,
-                        },
-                    }
-                    return
-        finally:
-            inst.last_used = time.time()
-            gen.close()
 
     def embed(self, body: Any) -> dict[str, Any]:
         """Embeddings of `input`: a string, a list of them, token ids, or a list of those."""
@@ -330,6 +397,119 @@ class Invoker:
             "load_queue": self.instances.queue_length(),
             "bandwidths": self.bandwidths.to_json(),
         }
+
+
+def _touching(
+    inst: Instance, stream: Generator[dict[str, Any], None, None]
+) -> Generator[dict[str, Any], None, None]:
+    """`stream`, marking `inst` used when it ends (also when the client goes away)."""
+    try:
+        yield from stream
+    finally:
+        stream.close()
+        inst.last_used = time.time()
+
+
+def _field_n(doc: Mapping[str, Any]) -> int:
+    value = doc.get("n")
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
+        raise InvalidRequest(f"'n' must be an integer in [1, {MAX_N}], got {value!r}", param="n")
+    return value
+
+
+def _field_choice(doc: Mapping[str, Any]) -> int:
+    """A resumed generation's choice index in its request (its events carry it); default 0."""
+    value = doc.get("choice", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_N:
+        raise InvalidRequest(
+            f"'choice' must be an integer in [0, {MAX_N - 1}], got {value!r}", param="choice"
+        )
+    return value
+
+
+def _start(
+    inst: Instance, tokens: list[int], params: SamplingParams, n: int, prompt_param: str
+) -> list[Any]:
+    """n generations of `tokens`: Runtime.start_many when the runtime has it, else n starts.
+
+    Without start_many, choice i > 0 of a seeded request samples with seed + i, so
+    the n choices differ and each stays reproducible (its state carries its seed).
+    """
+    runtime = inst.runtime
+    if n == 1:
+        return [runtime.start(tokens, params, prompt_param=prompt_param)]
+    many = getattr(runtime, "start_many", None)
+    if many is not None:
+        return list(many(tokens, params, n, prompt_param=prompt_param))
+    if n > runtime.concurrency:
+        raise InvalidRequest(
+            f"'n' must be at most this function's concurrency ({runtime.concurrency}), got {n}",
+            param="n",
+        )
+    gens: list[Any] = []
+    try:
+        for i in range(n):
+            seeded = (
+                params
+                if i == 0 or params.seed is None
+                else replace(params, seed=(params.seed + i) % SEED_SPACE)
+            )
+            gens.append(runtime.start(tokens, seeded, prompt_param=prompt_param))
+    except BaseException:
+        for gen in gens:
+            gen.close()
+        raise
+    return gens
+
+
+def _check_state(state: Any) -> dict[str, Any]:
+    """Cheap shape checks of an exported state before any load (the runtime parses the rest).
+
+    Bounds what the runtime's parse would spend time on: the sampler may not claim
+    more draws than the state has generated tokens (replaying draws costs time per
+    draw), and the held-back text is short.
+    """
+    if not isinstance(state, dict):
+        raise InvalidRequest(
+            "'state' must be a generation's exported state (an object)", param="state"
+        )
+    tokens, prompt_len = state.get("tokens"), state.get("prompt_len")
+    if not isinstance(tokens, list) or not tokens:
+        raise InvalidRequest(
+            "'state.tokens' must be a non-empty list of token ids", param="state.tokens"
+        )
+    if (
+        isinstance(prompt_len, bool)
+        or not isinstance(prompt_len, int)
+        or not 1 <= prompt_len <= len(tokens)
+    ):
+        raise InvalidRequest(
+            f"'state.prompt_len' must be an integer in [1, {len(tokens)}], got {prompt_len!r}",
+            param="state.prompt_len",
+        )
+    for key in ("params", "sampler", "text"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise InvalidRequest(f"'state.{key}' must be an object", param=f"state.{key}")
+    sampler = state.get("sampler") or {}
+    draws = sampler.get("draws")
+    generated = len(tokens) - prompt_len
+    if draws is not None and (
+        isinstance(draws, bool) or not isinstance(draws, int) or not 0 <= draws <= generated
+    ):
+        raise InvalidRequest(
+            f"'state.sampler.draws' must be an integer in [0, {generated}] (one draw per "
+            f"generated token at most), got {draws!r}",
+            param="state.sampler.draws",
+        )
+    held = (state.get("text") or {}).get("held")
+    if isinstance(held, str) and len(held) > MAX_HELD_CHARS:
+        raise InvalidRequest(
+            f"'state.text.held' must be at most {MAX_HELD_CHARS} characters",
+            param="state.text.held",
+        )
+    return state
 
 
 def _check_prompt(doc: Mapping[str, Any]) -> str:

@@ -200,6 +200,28 @@ def test_instances_the_invoker_holds_without_a_row_are_unloaded(
     assert stub.called("/v1/unload")[1:] == [{"function": f"{NS}/busy"}]
 
 
+def test_instances_are_named_by_id_in_invoke_bodies_and_reconciled_by_id(
+    ctl: Controller, stub: StubInvoker
+) -> None:
+    _function(ctl)
+    ctl.heartbeat(stub.status())
+    aid = _submit(ctl, "places f")
+    _until("f to be placed", lambda: _activation(ctl, aid)["status"] == "success")
+    with ctl.db.session() as s:
+        row_id = s.execute(select(Instance.id)).scalar_one()
+    sent = stub.called("/v1/invoke")[0]
+    assert (sent["instance"], sent["activation"]) == (str(row_id), aid)
+    assert isinstance(sent["version"], int)
+    held = [
+        {"instance": str(row_id), "function": f"{NS}/f", "active": 0},  # its row: kept
+        {"instance": "99999", "function": f"{NS}/f", "active": 0},  # same function, no row
+    ]
+    ctl.heartbeat(stub.status(held))
+    stub.wait_for("the unload", lambda s: len(s.called("/v1/unload")) >= 1)
+    assert stub.called("/v1/unload") == [{"instance": "99999", "function": f"{NS}/f"}]
+    assert _instances(ctl) == 1
+
+
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "integer": (int,),

@@ -34,6 +34,26 @@ RECONCILE: dict[
         [{"function": "a/f", "active": 0}],
         ((), ()),
     ),
+    "held by id: in step": (
+        [_row(1, "a/f")],
+        [{"instance": "1", "function": "a/f", "active": 0}],
+        ((), ()),
+    ),
+    "a second instance of a function without a row: unloaded by id": (
+        [_row(1, "a/f")],
+        [{"instance": "1", "function": "a/f"}, {"instance": "7", "function": "a/f"}],
+        ((), ("7",)),
+    ),
+    "row not held under its id: forgotten": (
+        [_row(1, "a/f")],
+        [{"instance": "2", "function": "a/f", "active": 1}],
+        ((1,), ()),
+    ),
+    "an id named like a function is still an id": (
+        [_row(1, "a/f")],
+        [{"instance": "1", "function": "a/f"}, {"instance": "a/f", "function": "a/f"}],
+        ((), ("a/f",)),
+    ),
     "both ways at once": (
         [_row(1, "a/f"), _row(2, "a/h")],
         [{"function": "a/h"}, {"function": "b/x", "active": 0}, {"function": "a/g"}],
