@@ -58,8 +58,10 @@ def token_event(choice: int, ev: Any) -> dict[str, Any]:
     if logprob is not None:
         out["logprob"] = logprob
     top = getattr(ev, "top_logprobs", None)
-    if top is not None:
-        out["top_logprobs"] = [[int(t), float(lp)] for t, lp in top]
+    if top is not None:  # [token, logprob, text]: the controller has no tokenizer
+        out["top_logprobs"] = [[int(t), float(lp), *rest] for t, lp, *rest in top]
+    if getattr(ev, "token_text", None) is not None:
+        out["token_text"] = ev.token_text
     return out
 
 

@@ -43,7 +43,8 @@ from sllm.core.errors import (
 
 from ._engine import Engine
 from ._kv import LayerShape, SlotCache, StepView, decode_mask, prefill_mask
-from ._sequence import Pick, Sequence
+from ._sampling import Pick
+from ._sequence import Sequence
 
 log = logging.getLogger("sllm.runtime")
 T = TypeVar("T")
@@ -160,7 +161,9 @@ class Batcher:
                     self._step()
             except SllmError as exc:
                 self._fail_running(exc)
-            except RuntimeError as exc:  # torch reports OOM and kernel failures this way
+            except Exception as exc:
+                # torch reports OOM and kernel failures as RuntimeError; a model may raise
+                # anything. The running sequences fail; the thread goes on for the others.
                 log.exception("forward pass failed")
                 self._fail_running(FunctionError(f"the model failed in its forward pass: {exc}"))
 

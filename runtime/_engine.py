@@ -18,7 +18,10 @@ from transformers import Cache, DynamicCache
 
 from sllm.core.errors import FunctionError, InvalidRequest, Overloaded, Unavailable
 
+from ._grammar import Grammars
 from ._models import context_length, eos_token_ids, vocab_size
+from ._params import SamplingParams
+from ._sampling import Sampler
 
 
 class Engine:
@@ -41,6 +44,27 @@ class Engine:
         self.lock = threading.Lock()
         # Fast tokenizers refuse concurrent calls that change padding/truncation settings.
         self.tokenizer_lock = threading.Lock()
+        self._grammars: Grammars | None = None
+
+    def sampler(self, params: SamplingParams, seed: int | None = None) -> Sampler:
+        """A sampler for one sequence of this model: its grammar compiled, its eos ids known."""
+        return Sampler(params, seed, grammar=self._grammar(params), eos=tuple(self.eos))
+
+    def restore_sampler(
+        self, params: SamplingParams, doc: Any, tokens: list[int], prompt_len: int
+    ) -> Sampler:
+        """The sampler of an exported state, its grammar and penalties replayed over `tokens`."""
+        return Sampler.from_json(
+            params, doc, tokens, prompt_len, grammar=self._grammar(params), eos=tuple(self.eos)
+        )
+
+    def _grammar(self, params: SamplingParams) -> Any:
+        if params.response_format is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab, self.eos)
+        with self.tokenizer_lock:
+            return self._grammars.factory(params.response_format)
 
     def close(self) -> None:
         """Forget the model; later forward passes fail with Unavailable."""

@@ -177,7 +177,7 @@ class BatchedGeneration:
         engine = self._batcher.engine
         parsed = parse_state(state, engine)
         _check_length(engine, len(parsed.tokens), parsed.prompt_len, parsed.params)
-        sampler, text = restore(parsed, state)
+        sampler, text = restore(parsed, state, engine)
 
         def apply() -> None:
             seq = self._seq
@@ -267,6 +267,7 @@ def parse_state(state: Mapping[str, Any], engine: Engine) -> ParsedState:
     if not 1 <= prompt_len <= len(tokens):
         raise InvalidRequest(f"'prompt_len' must be in [1, {len(tokens)}], got {prompt_len}")
     params = SamplingParams.from_json(state.get("params", {}))
+    params.check_vocab(engine.vocab)
     if params.fit_context:
         params = params.fitted(prompt_len, engine.max_context)
     if prompt_len + params.max_tokens > engine.max_context:
@@ -282,10 +283,14 @@ def parse_state(state: Mapping[str, Any], engine: Engine) -> ParsedState:
     return ParsedState(tokens, prompt_len, params, reason)
 
 
-def restore(parsed: ParsedState, state: Mapping[str, Any]) -> tuple[Sampler, TextStream]:
+def restore(
+    parsed: ParsedState, state: Mapping[str, Any], engine: Engine
+) -> tuple[Sampler, TextStream]:
     """The sampler and text stream of a parsed state (InvalidRequest if malformed)."""
     n = len(parsed.tokens)
-    sampler = Sampler.from_json(parsed.params, state.get("sampler") or {}, n - parsed.prompt_len)
+    sampler = engine.restore_sampler(
+        parsed.params, state.get("sampler") or {}, parsed.tokens, parsed.prompt_len
+    )
     text = state.get("text")
     stream = (
         TextStream.after(parsed.params.stop, n, parsed.prompt_len)

@@ -7,6 +7,7 @@ not per-layer keys and values): then each generation runs serially (runtime/_ser
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Generator, Mapping
 from pathlib import Path
@@ -23,15 +24,13 @@ from ._embed_batch import EmbedBatcher
 from ._engine import Engine, Slots
 from ._generation import BatchedGeneration, Generation, new_id, parse_state, restore
 from ._models import TASKS
-from ._params import SamplingParams
-from ._sampling import Sampler
+from ._params import MAX_N, SamplingParams
 from ._sequence import Sequence, TokenEvent
 from ._serial import SerialGeneration
 from ._text import TextStream
 
 log = logging.getLogger("sllm.runtime")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-MAX_N = 16
 
 
 class Runtime:
@@ -133,6 +132,8 @@ class Runtime:
             raise InvalidRequest(f"'n' must be an integer in [1, {MAX_N}], got {n!r}", param="n")
         tokens = self._engine.check_tokens(tokens, prompt_param)
         params = params.fitted(len(tokens), self.max_context, prompt_param=prompt_param)
+        params.check_vocab(self._engine.vocab)
+        self._engine.sampler(params)  # a grammar that does not compile is a 400 before a slot
         base = gen_id or new_id()
         ids = [base] if n == 1 else [f"{base}.{i}" for i in range(n)]
         seeds = [None if params.seed is None else (params.seed + i) % (1 << 63) for i in range(n)]
@@ -148,7 +149,7 @@ class Runtime:
                 list(tokens),
                 len(tokens),
                 params,
-                Sampler(params, seed=s),
+                self._engine.sampler(params, s),
                 TextStream.after(params.stop, len(tokens), len(tokens)),
             )
             for i, s in zip(ids, seeds, strict=False)
@@ -179,7 +180,7 @@ class Runtime:
             self._engine, slot, prompt_len=len(tokens), params=params, gen_id=gen_id
         )
         if seed is not None:
-            generation._sampler = Sampler(params, seed=seed)
+            generation._sampler = self._engine.sampler(params, seed)
         try:
             generation.prefill(tokens)
         except BaseException:
@@ -195,7 +196,7 @@ class Runtime:
         """
         self._require("generate")
         parsed = parse_state(state, self._engine)
-        sampler, text = restore(parsed, state)  # a bad state is refused before any slot
+        sampler, text = restore(parsed, state, self._engine)  # refused before any slot
         gen_id = state.get("id") if isinstance(state.get("id"), str) else None
         slot = self._slots.acquire()
         if self._batcher is None:
@@ -305,6 +306,11 @@ def _batcher_for(engine: Engine, budget: int, prefill_chunk: int) -> Batcher | N
     sliding = getattr(config, "sliding_window", None) and (
         getattr(config, "use_sliding_window", True) or "sliding_attention" in types
     )
+    accepts = inspect.signature(engine.model.forward).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepts.values())
+    if not takes_all and not {"position_ids", "attention_mask"} <= set(accepts):
+        log.info("%s: serial generation (no position_ids / attention_mask)", type(engine.model))
+        return None
     if sliding or getattr(config, "is_encoder_decoder", False):
         log.info(
             "%s: serial generation (sliding-window or encoder-decoder attention)",

@@ -25,7 +25,7 @@ import torch
 from sllm.core.errors import SllmError
 
 from ._params import SamplingParams
-from ._sampling import Sampler
+from ._sampling import Pick, Sampler
 from ._text import TextStream
 
 FINISH_REASONS = ("length", "stop", "eos")
@@ -48,16 +48,22 @@ class TokenEvent:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
+    top_logprobs: list[tuple[int, float, str]] | None = None  # (token, logprob, its text)
+    token_text: str | None = None  # the token decoded alone, when logprobs are asked for
 
 
-@dataclass(frozen=True)
-class Pick:
-    """A sampled token with its log-probability and the best alternatives, when asked for."""
+def logprob_fields(
+    tokenizer: Any, pick: Pick
+) -> tuple[float | None, list[tuple[int, float, str]] | None, str | None]:
+    """A pick's logprobs with the text of each token (the controller has no tokenizer)."""
+    if pick.logprob is None:
+        return None, None, None
+    top = [(t, lp, _piece(tokenizer, t)) for t, lp in pick.top_logprobs or []]
+    return pick.logprob, top, _piece(tokenizer, pick.token)
 
-    token: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
+
+def _piece(tokenizer: Any, token: int) -> str:
+    return str(tokenizer.decode([token], skip_special_tokens=False))
 
 
 class Sequence:
@@ -125,15 +131,17 @@ class Sequence:
         """Add a sampled token; settle whether it ends the generation; the event to send."""
         token = pick.token
         self.tokens.append(token)
-        self.sampler_accept(token)
+        self.sampler.accept(token)
         reason: str | None = None
         stop_reason: str | int | None = None
-        if token in eos and not self.params_ignore_eos:
+        if token in eos and not self.params.ignore_eos:
             reason, stop_reason = "eos", token
         elif len(self.generated) >= self.params.max_tokens:
             reason = "length"
-        elif getattr(self.sampler, "grammar_done", False):
+        elif self.sampler.grammar_done:
             reason = "stop"
+        # vLLM's min_tokens holds back stop strings as well as eos.
+        self.text.stops = () if len(self.generated) < self.params.min_tokens else self.params.stop
         # The eos token ends the text; it is never shown.
         text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
         text, stopped = self.text.push(tokenizer, text_tokens, final=reason is not None)
@@ -148,34 +156,17 @@ class Sequence:
             reason is not None,
             reason,
             stop_reason,
-            pick.logprob,
-            pick.top_logprobs,
+            *logprob_fields(tokenizer, pick),
         )
-
-    @property
-    def params_ignore_eos(self) -> bool:
-        return bool(getattr(self.params, "ignore_eos", False))
-
-    def sampler_accept(self, token: int) -> None:
-        accept = getattr(self.sampler, "accept", None)
-        if accept is not None:
-            accept(token)
 
     def pick(self, logits: torch.Tensor) -> Pick:
         """Sample this sequence's next token from its logits row (1-D, float32, CPU)."""
-        sampler: Any = self.sampler
-        try:
-            picked = sampler.sample(logits, self.tokens, self.prompt_len)
-        except TypeError:  # a sampler taking the logits alone
-            picked = sampler.sample(logits)
-        if isinstance(picked, int):
-            return Pick(picked)
-        return Pick(picked.token, picked.logprob, picked.top_logprobs)
+        return self.sampler.sample(logits, self.tokens, self.prompt_len)
 
     @property
     def plain_greedy(self) -> bool:
         """Whether a batched argmax picks this sequence's token (no processors, no logprobs)."""
-        return bool(getattr(self.sampler, "plain_greedy", self.params.greedy))
+        return self.sampler.plain_greedy
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -32,8 +32,7 @@ from sllm.core.errors import Conflict, InvalidRequest
 from ._engine import Engine, Slot
 from ._generation import new_id, parse_state, restore
 from ._params import SamplingParams
-from ._sampling import Sampler
-from ._sequence import STATE_VERSION, Pick, TokenEvent
+from ._sequence import STATE_VERSION, TokenEvent, logprob_fields
 from ._text import TextStream
 
 
@@ -60,7 +59,7 @@ class SerialGeneration:
         self.finished = False
         self.finish_reason: str | None = None
         self._closed = False
-        self._sampler = Sampler(params)
+        self._sampler = engine.sampler(params)
         self._text = TextStream.after(params.stop, prompt_len, prompt_len)
         self._cache: Cache | None = None
         self._cached = 0  # tokens[:_cached] are in the cache
@@ -86,7 +85,7 @@ class SerialGeneration:
             self._fill(tokens)
             done = len(tokens) - self.prompt_len
             if not self.params.greedy and self._sampler.draws != done:
-                self._sampler = Sampler(self.params, seed=self._sampler.seed)
+                self._sampler = self._engine.sampler(self.params, seed=self._sampler.seed)
                 self._sampler.advance(done)
             self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
 
@@ -98,14 +97,14 @@ class SerialGeneration:
                 return TokenEvent(None, "", n, True, self.finish_reason, self.stop_reason)
             self._check_open()
             logits = self._logits if self._logits is not None else self._extend()
-            pick = _pick(self._sampler, logits, self.tokens, self.prompt_len)
+            pick = self._sampler.sample(logits, self.tokens, self.prompt_len)
             token = pick.token
             self._logits = None
             self.tokens.append(token)
-            accept = getattr(self._sampler, "accept", None)
-            if accept is not None:
-                accept(token)
+            self._sampler.accept(token)
             reason = self._end_reason()
+            below = len(self.generated) < self.params.min_tokens  # holds back stops too
+            self._text.stops = () if below else self.params.stop
             stop_reason: str | int | None = token if reason == "eos" else None
             # The eos token ends the text; it is never shown.
             text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
@@ -124,8 +123,7 @@ class SerialGeneration:
                 reason is not None,
                 reason,
                 stop_reason,
-                pick.logprob,
-                pick.top_logprobs,
+                *logprob_fields(self._engine.tokenizer, pick),
             )
 
     @property
@@ -167,7 +165,7 @@ class SerialGeneration:
             tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
             self._check_length(len(tokens), prompt_len, params)
             # Parse everything before computing anything: a bad state changes nothing.
-            sampler, stream = restore(parsed, state)
+            sampler, stream = restore(parsed, state, self._engine)
             self.prompt_len, self.params = prompt_len, params
             if parsed.finish_reason is None:
                 self._fill(tokens)
@@ -246,12 +244,11 @@ class SerialGeneration:
 
     def _end_reason(self) -> str | None:
         generated = len(self.tokens) - self.prompt_len
-        ignore_eos = getattr(self.params, "ignore_eos", False)
-        if generated > 0 and self.tokens[-1] in self._engine.eos and not ignore_eos:
+        if generated > 0 and self.tokens[-1] in self._engine.eos and not self.params.ignore_eos:
             return "eos"
         if generated >= self.params.max_tokens:
             return "length"
-        if generated > 0 and getattr(self._sampler, "grammar_done", False):
+        if generated > 0 and self._sampler.grammar_done:
             return "stop"
         return None
 
@@ -265,13 +262,3 @@ class SerialGeneration:
     def _release_slot(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # calls slot.release() once, then detaches
-
-
-def _pick(sampler: Any, logits: torch.Tensor, tokens: list[int], prompt_len: int) -> Pick:
-    try:
-        picked = sampler.sample(logits, tokens, prompt_len)
-    except TypeError:  # a sampler taking the logits alone
-        picked = sampler.sample(logits)
-    if isinstance(picked, int):
-        return Pick(picked)
-    return Pick(picked.token, picked.logprob, picked.top_logprobs)

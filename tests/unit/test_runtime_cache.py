@@ -1,4 +1,5 @@
-"""The decode loop's KV cache: transformers' current Cache API, passed and returned explicitly."""
+"""The serial decode loop's KV cache (`batching=False`): transformers' current Cache API,
+passed and returned explicitly. The batched slot cache is tested in test_runtime_batching."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def runtime_for(folder: Path) -> Runtime:
     model = load_model(folder, cls=model_class_for(folder, "generate"))
-    return Runtime(model, load_tokenizer(folder), folder)
+    return Runtime(model, load_tokenizer(folder), folder, batching=False)
 
 
 def _removed(self: Any) -> Any:
