@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -261,7 +260,7 @@ class Invoker:
             tokens = _prompt_tokens(inst, doc)
             try:
                 # Fitted to the context, then prefilled: the first forward pass.
-                gens = _start(inst, tokens, params, n, prompt_param)
+                gens = _start(inst, tokens, params, n, prompt_param, gen_id)
                 break
             except Unavailable:  # unloaded between ensure and start: load it again
                 if attempt:
@@ -430,38 +429,17 @@ def _field_choice(doc: Mapping[str, Any]) -> int:
 
 
 def _start(
-    inst: Instance, tokens: list[int], params: SamplingParams, n: int, prompt_param: str
+    inst: Instance,
+    tokens: list[int],
+    params: SamplingParams,
+    n: int,
+    prompt_param: str,
+    gen_id: str,
 ) -> list[Any]:
-    """n generations of `tokens`: Runtime.start_many when the runtime has it, else n starts.
-
-    Without start_many, choice i > 0 of a seeded request samples with seed + i, so
-    the n choices differ and each stays reproducible (its state carries its seed).
-    """
-    runtime = inst.runtime
-    if n == 1:
-        return [runtime.start(tokens, params, prompt_param=prompt_param)]
-    many = getattr(runtime, "start_many", None)
-    if many is not None:
-        return list(many(tokens, params, n, prompt_param=prompt_param))
-    if n > runtime.concurrency:
-        raise InvalidRequest(
-            f"'n' must be at most this function's concurrency ({runtime.concurrency}), got {n}",
-            param="n",
-        )
-    gens: list[Any] = []
-    try:
-        for i in range(n):
-            seeded = (
-                params
-                if i == 0 or params.seed is None
-                else replace(params, seed=(params.seed + i) % SEED_SPACE)
-            )
-            gens.append(runtime.start(tokens, seeded, prompt_param=prompt_param))
-    except BaseException:
-        for gen in gens:
-            gen.close()
-        raise
-    return gens
+    """n generations of `tokens` sharing one prefill, named as the registry names them."""
+    return list(
+        inst.runtime.start_many(tokens, params, n, prompt_param=prompt_param, gen_id=gen_id)
+    )
 
 
 def _check_state(state: Any) -> dict[str, Any]:

@@ -388,14 +388,14 @@ class Batcher:
             try:
                 pick = Pick(chosen[i]) if i in chosen else seq.pick(cpu[i])  # type: ignore[index]
                 event = seq.append(pick, self.engine.tokenizer, self.engine.eos)
-            except SllmError as exc:  # this sequence's sampler gave up; the others go on
-                failed.append((seq, exc))
+            except SllmError as error:  # this sequence's sampler gave up; the others go on
+                failed.append((seq, error))
                 continue
             seq.push(event)
-        for seq, exc in failed:
+        for seq, why in failed:
             self.leave(seq, "failed")
-            seq.error = exc
-            seq.push(exc)
+            seq.error = why
+            seq.push(why)
         for seq in rows:
             if seq.finish_reason is not None and seq.live:
                 self.leave(seq, "finished")

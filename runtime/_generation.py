@@ -41,10 +41,12 @@ _PUBLIC_STATE = {
 class Generation(Protocol):
     """What the invoker needs of a generation, batched or serial."""
 
-    id: str
-    prompt_len: int
-    params: SamplingParams
-
+    @property
+    def id(self) -> str: ...
+    @property
+    def prompt_len(self) -> int: ...
+    @property
+    def params(self) -> SamplingParams: ...
     @property
     def tokens(self) -> list[int]: ...
     @property
@@ -218,7 +220,11 @@ class BatchedGeneration:
         self._closed = True
         seq = self._seq
         if seq.live:
-            self._batcher.post(lambda: seq.live and self._batcher.leave(seq, "cancelled"))
+            self._batcher.post(lambda: self._cancel(seq))
+
+    def _cancel(self, seq: Sequence) -> None:
+        if seq.live:
+            self._batcher.leave(seq, "cancelled")
 
     def _release(self) -> None:
         slot, self._slot = self._slot, None

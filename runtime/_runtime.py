@@ -139,10 +139,12 @@ class Runtime:
         seeds = [None if params.seed is None else (params.seed + i) % (1 << 63) for i in range(n)]
         slot = self._slots.acquire()
         if self._batcher is None:
-            return [self._start_serial(tokens, params, slot, ids[0])] + [
+            serial: list[Generation] = [self._start_serial(tokens, params, slot, ids[0])]
+            serial += [
                 self._start_serial(tokens, params, None, i, seed=s)
                 for i, s in zip(ids[1:], seeds[1:], strict=False)
             ]
+            return serial
         seqs = [
             Sequence(
                 i,

@@ -312,3 +312,82 @@ def test_knative_host_routing(stack: dict[str, Any]) -> None:
         },
     )
     assert other.status_code == 403
+
+
+def test_openai_n_logprobs_and_json_schema(stack: dict[str, Any]) -> None:
+    """What vLLM users reach for, through the official client: n, logprobs, json_schema."""
+    make_fn(api(stack), "feature-fn")
+    client = oai(stack)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+
+    many = client.chat.completions.create(
+        model="feature-fn", messages=messages, max_tokens=8, temperature=1.0, seed=5, n=3
+    )
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert len({c.message.content for c in many.choices}) > 1  # seed + i per choice
+    if all(c.finish_reason == "length" for c in many.choices):
+        assert many.usage.completion_tokens == 3 * 8  # usage counts every choice
+    streamed = client.chat.completions.create(
+        model="feature-fn",
+        messages=messages,
+        max_tokens=8,
+        temperature=1.0,
+        seed=5,
+        n=3,
+        stream=True,
+    )
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in many.choices]
+
+    scored = client.chat.completions.create(
+        model="feature-fn",
+        messages=messages,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = scored.choices[0].logprobs.content
+    assert 1 <= len(content) <= 5
+    for entry in content:
+        assert entry.logprob <= 0.0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob >= entry.top_logprobs[-1].logprob - 1e-6  # greedy: the best one
+    completion = client.completions.create(
+        model="feature-fn", prompt="Once upon", max_tokens=4, temperature=0, logprobs=2
+    )
+    assert len(completion.choices[0].logprobs.token_logprobs) >= 1
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    shaped = client.chat.completions.create(
+        model="feature-fn",
+        messages=messages,
+        max_tokens=60,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
+    )
+    doc = json.loads(shaped.choices[0].message.content)
+    assert set(doc) == {"name", "age"} and isinstance(doc["age"], int)
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="feature-fn",
+            messages=messages,
+            max_tokens=5,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}},
+            },
+        )
+    assert info.value.body["param"] == "response_format"
