@@ -65,6 +65,17 @@ def invoker() -> None:
     default=None,
     help="Batch an instance's concurrent streams into one forward pass [SLLM_BATCHING, on].",
 )
+@click.option(
+    "--kv-cache-bytes",
+    callback=_size,
+    help="KV cache budget per instance, e.g. 4GiB [SLLM_KV_CACHE_BYTES; "
+    "default a quarter of the DRAM tier, or half the free GPU memory].",
+)
+@click.option(
+    "--prefill-chunk",
+    type=int,
+    help="Prompt tokens per step between decode passes [SLLM_PREFILL_CHUNK, 256].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError
