@@ -42,7 +42,7 @@ from sllm.core.errors import (
 )
 
 from ._engine import Engine
-from ._kv import LayerShape, SlotCache, StepView, decode_mask, prefill_mask
+from ._kv import LayerShape, PrefillView, SlotCache, StepView, decode_mask, prefill_inputs
 from ._sampling import Pick
 from ._sequence import Sequence
 
@@ -292,65 +292,78 @@ class Batcher:
         seq.row = None
         seq.cached = 0
 
-    def _preempt_youngest(self, keep: Sequence | None = None) -> bool:
-        candidates = [s for s in self._rows if s is not keep]
-        if not candidates:
+    def _preempt_youngest(self) -> bool:
+        if not self._rows:
             return False
-        victim = max(candidates, key=lambda s: s.order)
+        self._preempt(max(self._rows, key=lambda s: s.order))
+        return True
+
+    def _preempt(self, victim: Sequence) -> None:
+        """Free `victim`'s row; it waits first in line, to be recomputed from its tokens."""
         self.leave(victim, "waiting")
         victim.preemptions += 1
         self.preemptions += 1
         self._waiting.appendleft(victim)
-        return True
 
     # -- prefill -------------------------------------------------------------------------------
 
     def _prefill(self) -> None:
+        """One padded pass over the prefilling rows' next chunks, within the token budget."""
+        prefilling = [s for s in self._rows if s.phase == "prefilling"]
+        batch: list[tuple[Sequence, int]] = []
         budget = self.prefill_chunk
-        for seq in [s for s in self._rows if s.phase == "prefilling"]:
-            if seq.row is None:
-                continue
+        for seq in prefilling:
+            source = seq.share_from
+            if source is not None and source.live and source.phase == "prefilling":
+                continue  # n > 1: the sibling's prefill is shared, not repeated
+            count = min(len(seq.tokens) - 1 - seq.cached, budget)
+            if count > 0:
+                batch.append((seq, count))
+                budget -= count
+        if batch:
+            self._prefill_pass(batch)
+        for seq in prefilling:
+            if seq.row is None or seq.phase != "prefilling":
+                continue  # preempted to make room
             target = len(seq.tokens) - 1  # the last token goes through the decode pass
             source = seq.share_from
-            if source is not None and source.row is not None and source.cached >= target:
-                assert self._kv is not None
-                self._kv.copy_row(source.row, seq.row, target)
-                seq.cached, seq.share_from = target, None
-            elif source is not None and source.live and source.phase == "prefilling":
-                continue  # the sibling's prefill comes first
-            while seq.cached < target and budget > 0:
-                count = min(target - seq.cached, budget)
-                self._prefill_chunk(seq, count)
-                budget -= count
+            if source is not None and seq.cached < target:
+                if (
+                    source.row is not None
+                    and source.cached >= target
+                    and source.tokens[:target] == seq.tokens[:target]
+                ):
+                    assert self._kv is not None
+                    self._kv.copy_row(source.row, seq.row, target)
+                    seq.cached = target
+                if not (source.live and source.phase == "prefilling"):
+                    seq.share_from = None  # copied, or the sibling left: prefill alone
             if seq.cached >= target:
                 if seq.hold:
                     seq.phase = "held"
                 else:
                     self._start_decoding(seq)
-            if budget <= 0:
-                break
 
-    def _prefill_chunk(self, seq: Sequence, count: int) -> None:
-        assert self._kv is not None and seq.row is not None
-        start = seq.cached
-        while not self._kv.ensure(
-            len(self._rows), self._need(start + count + 1), self.engine.max_context
-        ):
-            if not self._preempt_youngest(keep=seq):
+    def _prefill_pass(self, batch: list[tuple[Sequence, int]]) -> None:
+        assert self._kv is not None
+        need = max(s.cached + count for s, count in batch) + 1
+        while not self._kv.ensure(len(self._rows), self._need(need), self.engine.max_context):
+            keep = {id(s) for s, _ in batch}
+            others = [s for s in self._rows if id(s) not in keep]
+            if others:
+                self._preempt(max(others, key=lambda s: s.order))
+            elif len(batch) > 1:
+                self._preempt(batch.pop()[0])
+            else:
                 raise InsufficientCapacity("the KV cache budget cannot hold this generation")
-            if seq.row is None:
-                return
-        device, dtype = self.engine.device, self.engine.dtype
-        view = StepView(
-            self._kv, rows=slice(seq.row, seq.row + 1), start=start, width=start + count
-        )
-        self.engine.run(
-            torch.tensor([seq.tokens[start : start + count]], dtype=torch.long, device=device),
-            torch.arange(start, start + count, device=device)[None],
-            prefill_mask(start, count, device, dtype),
-            view,
-        )
-        seq.cached = start + count
+        rows = [s.row for s, _ in batch]
+        starts = [s.cached for s, _ in batch]
+        chunks = [s.tokens[s.cached : s.cached + count] for s, count in batch]
+        ids, positions, mask = prefill_inputs(chunks, starts, self.engine.device, self.engine.dtype)
+        view = PrefillView(self._kv, rows, starts, [len(c) for c in chunks])  # type: ignore[arg-type]
+        self.engine.run(ids, positions, mask, view)
+        for seq, count in batch:
+            seq.cached += count
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -367,7 +380,7 @@ class Batcher:
                 return
         device = self.engine.device
         positions = torch.tensor([s.cached for s in rows], dtype=torch.long, device=device)
-        view = StepView(self._kv, rows=slice(0, len(rows)), positions=positions, width=width)
+        view = StepView(self._kv, rows=len(rows), positions=positions, width=width)
         logits = self.engine.run(
             torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=device),
             positions[:, None],

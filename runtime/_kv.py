@@ -140,32 +140,16 @@ class SlotCache:
 
 
 class StepView(Cache):
-    """What one forward pass sees as its cache: writes go into the slots, reads are views.
+    """What a decode pass sees as its cache: rows [0, n), one new token each, written at
+    column `positions[i]` of row i; attention reads columns [0, width) of those rows (a
+    view, no copy)."""
 
-    decode: rows [0, n), one new token each, written at column `positions[i]` of row i;
-    attention reads columns [0, width). prefill: one row, `c` new tokens written from
-    column `start`; attention reads columns [0, start + c).
-    """
-
-    def __init__(
-        self,
-        slots: SlotCache,
-        *,
-        rows: slice,
-        positions: torch.Tensor | None = None,
-        start: int = 0,
-        width: int,
-    ) -> None:
+    def __init__(self, slots: SlotCache, *, rows: int, positions: torch.Tensor, width: int) -> None:
         super().__init__(layers=[])
         self._slots = slots
         self._rows = rows
         self._positions = positions
-        self._row_index = (
-            torch.arange(rows.start, rows.stop, device=slots.device)
-            if positions is not None
-            else None
-        )
-        self._start = start
+        self._row_index = torch.arange(rows, device=slots.device)
         self._width = width
 
     def update(
@@ -177,14 +161,10 @@ class StepView(Cache):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._slots.keys[layer_idx], self._slots.values[layer_idx]
-        if self._positions is not None:  # decode: one token per row, each at its own column
-            keys[self._row_index, :, self._positions] = key_states[:, :, 0]
-            values[self._row_index, :, self._positions] = value_states[:, :, 0]
-        else:
-            end = self._start + key_states.shape[2]
-            keys[self._rows, :, self._start : end] = key_states
-            values[self._rows, :, self._start : end] = value_states
-        return keys[self._rows, :, : self._width], values[self._rows, :, : self._width]
+        keys[self._row_index, :, self._positions] = key_states[:, :, 0]
+        values[self._row_index, :, self._positions] = value_states[:, :, 0]
+        n, width = self._rows, self._width
+        return keys[:n, :, :width], values[:n, :, :width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._width
@@ -194,6 +174,74 @@ class StepView(Cache):
         return False
 
 
+class PrefillView(Cache):
+    """A prefill pass over several rows: row i's `counts[i]` new tokens go from column
+    `starts[i]`; attention reads columns [0, width) of those rows (one row: a view, else a
+    gathered copy; prefill is compute-bound, so the copy is cheap beside it).
+
+    Inputs are right-padded to the longest chunk; padded positions are never written.
+    """
+
+    def __init__(
+        self, slots: SlotCache, rows: list[int], starts: list[int], counts: list[int]
+    ) -> None:
+        super().__init__(layers=[])
+        self._slots = slots
+        self._rows, self._starts, self._counts = rows, starts, counts
+        self._width = max(s + c for s, c in zip(starts, counts, strict=True))
+        self._index = torch.tensor(rows, device=slots.device)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._slots.keys[layer_idx], self._slots.values[layer_idx]
+        for i, (row, start, count) in enumerate(
+            zip(self._rows, self._starts, self._counts, strict=True)
+        ):
+            keys[row, :, start : start + count] = key_states[i, :, :count]
+            values[row, :, start : start + count] = value_states[i, :, :count]
+        if len(self._rows) == 1:
+            row = self._rows[0]
+            return keys[row : row + 1, :, : self._width], values[row : row + 1, :, : self._width]
+        index = self._index
+        return keys[index, :, : self._width], values[index, :, : self._width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._width
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def prefill_inputs(
+    chunks: list[list[int]], starts: list[int], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, positions and the additive mask (rows, 1, longest, width).
+
+    A padded query repeats its row's last real position, so it stays inside the model's
+    position range and sees only what that token sees; its output is never used.
+    """
+    longest = max(len(c) for c in chunks)
+    width = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
+    ids = torch.zeros((len(chunks), longest), dtype=torch.long)
+    positions = torch.empty((len(chunks), longest), dtype=torch.long)
+    steps = torch.arange(longest)
+    for i, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
+        ids[i, : len(chunk)] = torch.tensor(chunk)
+        positions[i] = start + torch.clamp(steps, max=len(chunk) - 1)
+    cols = torch.arange(width)
+    hidden = cols[None, None, :] > positions[:, :, None]
+    mask = torch.zeros(hidden.shape, dtype=dtype)
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
+    return ids.to(device), positions.to(device), mask[:, None].to(device)
+
+
 def decode_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask (rows, 1, 1, width): row i sees its first `lengths[i]` columns."""
     cols = torch.arange(width, device=lengths.device)
@@ -201,12 +249,3 @@ def decode_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.
     mask = torch.zeros(hidden.shape, dtype=dtype, device=lengths.device)
     mask.masked_fill_(hidden, torch.finfo(dtype).min)
     return mask[:, None, None, :]
-
-
-def prefill_mask(start: int, count: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Additive causal mask (1, 1, count, start + count) for `count` tokens after `start`."""
-    rows = torch.arange(count, device=device)[:, None] + start
-    cols = torch.arange(start + count, device=device)[None, :]
-    mask = torch.zeros((count, start + count), dtype=dtype, device=device)
-    mask.masked_fill_(cols > rows, torch.finfo(dtype).min)
-    return mask[None, None]

@@ -183,4 +183,6 @@ class Sequence:
             "text": self.text.to_json(),
             "finished": finished,
             "finish_reason": self.finish_reason if finished else None,
+            # Informative (a resume recomputes it from params and tokens).
+            "remaining_tokens": 0 if finished else self.params.max_tokens - len(self.generated),
         }

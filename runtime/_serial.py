@@ -148,6 +148,7 @@ class SerialGeneration:
         with self._lock:
             return {
                 "version": STATE_VERSION,
+                "id": self.id,
                 "tokens": list(self.tokens),
                 "prompt_len": self.prompt_len,
                 "params": self.params.to_json(),
@@ -155,6 +156,9 @@ class SerialGeneration:
                 "text": self._text.to_json(),
                 "finished": self.finished,
                 "finish_reason": self.finish_reason,
+                "remaining_tokens": 0
+                if self.finished
+                else self.params.max_tokens - len(self.generated),
             }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
