@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -49,6 +50,7 @@ from ._sequence import Sequence
 log = logging.getLogger("sllm.runtime")
 T = TypeVar("T")
 DEFAULT_PREFILL_CHUNK = 256
+STALL_WAIT = 0.05  # seconds a loop with nothing runnable waits before looking again
 
 
 class Batcher:
@@ -71,6 +73,7 @@ class Batcher:
         self._closed: SllmError | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode passes run (tests and metrics)
+        self.passes = 0  # forward passes run, prefill and decode
         self.preemptions = 0
 
     # -- the handles' side -----------------------------------------------------------------------
@@ -87,17 +90,19 @@ class Batcher:
             self._start()
             self._waiting.extend(seqs)
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
         for seq in seqs:
-            if not seq.admitted.wait(timeout):
-                self.call(lambda: self._drop_waiting(seqs))
-                if seq.error is None:
-                    raise Overloaded(
-                        f"the instance's KV cache budget ({self.budget_bytes} bytes) is full "
-                        f"(waited {timeout:g}s)",
-                        retry_after=1.0,
-                    )
+            admitted = seq.admitted.wait(max(0.0, deadline - time.monotonic()))
+            if admitted and seq.error is None:
+                continue
+            self.call(lambda: self._drop_waiting(seqs))  # none of them runs
             if seq.error is not None:
                 raise seq.error
+            raise Overloaded(
+                f"the instance's KV cache budget ({self.budget_bytes} bytes) is full "
+                f"(waited {timeout:g}s)",
+                retry_after=1.0,
+            )
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the batcher thread at the next step boundary; its result or exception."""
@@ -129,6 +134,11 @@ class Batcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._fail_all(reason)
+        with self._cond:  # commands the loop will never run: their callers get `reason`
+            pending = list(self._commands)
+            self._commands.clear()
+        for _, future in pending:
+            future.set_exception(reason)
 
     @property
     def running(self) -> int:
@@ -143,8 +153,13 @@ class Batcher:
             self._thread.start()
 
     def _loop(self) -> None:
+        progressed = True
         while True:
             with self._cond:
+                if not progressed and not self._commands and self._closed is None:
+                    # Only waiters that do not fit yet: look again when something changes
+                    # (a command, a new request) or shortly, instead of spinning.
+                    self._cond.wait(STALL_WAIT)
                 while not (self._commands or self._has_work() or self._closed):
                     self._cond.wait()
                 if self._closed is not None:
@@ -156,9 +171,10 @@ class Batcher:
                     future.set_result(fn())
                 except BaseException as exc:  # handed to the caller, who raises it
                     future.set_exception(exc)
+            progressed = True
             try:
                 with torch.inference_mode():
-                    self._step()
+                    progressed = self._step()
             except SllmError as exc:
                 self._fail_running(exc)
             except Exception as exc:
@@ -170,13 +186,16 @@ class Batcher:
     def _has_work(self) -> bool:
         return bool(self._waiting) or any(s.phase in ("prefilling", "decoding") for s in self._rows)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step; whether it admitted or computed anything."""
+        before = (len(self._rows), self.passes)
         self._admit()
         self._prefill()
         if self._decoding:
             self._decode()
         if not self._rows and self._kv is not None:
             self._kv.release()  # idle: give the memory back
+        return (len(self._rows), self.passes) != before
 
     # -- admission and rows --------------------------------------------------------------------
 
@@ -362,6 +381,7 @@ class Batcher:
         ids, positions, mask = prefill_inputs(chunks, starts, self.engine.device, self.engine.dtype)
         view = PrefillView(self._kv, rows, starts, [len(c) for c in chunks])  # type: ignore[arg-type]
         self.engine.run(ids, positions, mask, view)
+        self.passes += 1
         for seq, count in batch:
             seq.cached += count
 
@@ -388,6 +408,7 @@ class Batcher:
             view,
         )
         self.steps += 1
+        self.passes += 1
         for seq in rows:
             seq.cached += 1
         greedy = [i for i, s in enumerate(rows) if s.plain_greedy]

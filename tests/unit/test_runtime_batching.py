@@ -204,7 +204,7 @@ def test_a_generation_larger_than_the_whole_budget_is_refused(folders: dict[str,
 
 
 def test_sampling_parameters_are_per_sequence_in_a_mixed_batch(folders: dict[str, Path]) -> None:
-    rt = runtime_for(folders["qwen2"])
+    rt = runtime_for(folders["qwen2"], concurrency=16)
     prompt = rt.encode(prompt=PROMPTS[0])
     mix = [
         SamplingParams(max_tokens=24, temperature=0.0),
@@ -212,6 +212,10 @@ def test_sampling_parameters_are_per_sequence_in_a_mixed_batch(folders: dict[str
         SamplingParams(max_tokens=24, temperature=0.7, top_k=5, seed=8),
         SamplingParams(max_tokens=24, temperature=1.0, top_p=0.5, seed=9),
         SamplingParams(max_tokens=5, temperature=1.0, seed=10),
+        SamplingParams(max_tokens=24, temperature=0.0, presence_penalty=1.5, logprobs=3),
+        SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.8),
+        SamplingParams(max_tokens=24, temperature=0.0, logit_bias=((7, 100.0),)),
+        SamplingParams(max_tokens=24, temperature=1.0, min_p=0.2, frequency_penalty=1.0, seed=11),
     ]
     expected = [alone(rt, prompt, p) for p in mix]
 
@@ -220,7 +224,8 @@ def test_sampling_parameters_are_per_sequence_in_a_mixed_batch(folders: dict[str
 
     assert got == expected
     assert len({tuple(t) for t in got}) == len(mix)  # each asked for something else
-    assert len(got[-1]) == 5
+    assert len(got[4]) == 5
+    assert set(got[7]) == {7}  # a +100 bias wins every step
 
 
 def test_stop_strings_are_per_sequence(folders: dict[str, Path]) -> None:
