@@ -171,14 +171,14 @@ class BatchedGeneration:
         """
         engine = self._batcher.engine
         tokens = engine.check_tokens(tokens)
-        _check_length(engine, len(tokens), self.prompt_len, self.params)
+        check_length(engine, len(tokens), self.prompt_len, self.params)
         self._batcher.call(lambda: self._restage(tokens))
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where `state` left off (the final round of a migration)."""
         engine = self._batcher.engine
         parsed = parse_state(state, engine)
-        _check_length(engine, len(parsed.tokens), parsed.prompt_len, parsed.params)
+        check_length(engine, len(parsed.tokens), parsed.prompt_len, parsed.params)
         sampler, text = restore(parsed, state, engine)
 
         def apply() -> None:
@@ -306,7 +306,8 @@ def restore(
     return sampler, stream
 
 
-def _check_length(engine: Engine, n: int, prompt_len: int, params: SamplingParams) -> None:
+def check_length(engine: Engine, n: int, prompt_len: int, params: SamplingParams) -> None:
+    """InvalidRequest unless `n` tokens hold the prompt, at most max_tokens more, and fit."""
     generated = n - prompt_len
     if generated < 0:
         raise InvalidRequest(

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from sllm.core.errors import Conflict, InvalidRequest
+from sllm.core.errors import Conflict
 
 from ._engine import Engine, Slot
-from ._generation import new_id, parse_state, restore
+from ._generation import check_length, new_id, parse_state, restore
 from ._params import SamplingParams
 from ._sequence import STATE_VERSION, TokenEvent, logprob_fields
 from ._text import TextStream
@@ -81,7 +81,7 @@ class SerialGeneration:
         with self._lock:
             self._check_open(running=True)
             tokens = self._engine.check_tokens(tokens)
-            self._check_length(len(tokens), self.prompt_len, self.params)
+            check_length(self._engine, len(tokens), self.prompt_len, self.params)
             self._fill(tokens)
             done = len(tokens) - self.prompt_len
             if not self.params.greedy and self._sampler.draws != done:
@@ -167,7 +167,7 @@ class SerialGeneration:
             self._check_open(running=True)
             parsed = parse_state(state, self._engine)
             tokens, prompt_len, params = parsed.tokens, parsed.prompt_len, parsed.params
-            self._check_length(len(tokens), prompt_len, params)
+            check_length(self._engine, len(tokens), prompt_len, params)
             # Parse everything before computing anything: a bad state changes nothing.
             sampler, stream = restore(parsed, state, self._engine)
             self.prompt_len, self.params = prompt_len, params
@@ -203,20 +203,6 @@ class SerialGeneration:
             raise Conflict("the generation was closed")
         if running and self.finished:
             raise Conflict(f"the generation already finished ({self.finish_reason})")
-
-    def _check_length(self, n: int, prompt_len: int, params: SamplingParams) -> None:
-        generated = n - prompt_len
-        if generated < 0:
-            raise InvalidRequest(
-                f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
-            )
-        if generated > params.max_tokens:
-            raise InvalidRequest(
-                f"'tokens' holds {generated} generated tokens, more than max_tokens "
-                f"{params.max_tokens}"
-            )
-        if n > self._engine.max_context:
-            raise InvalidRequest(f"{n} tokens exceed the context of {self._engine.max_context}")
 
     def _fill(self, tokens: list[int]) -> None:
         """Compute the cache for `tokens`, reusing a cached prefix; set the finish state."""

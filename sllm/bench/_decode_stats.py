@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._overhead_stats import percentile
+
 # (name, (scenario, size, system, metric) numerator, denominator, comparison, bound)
 Ref = tuple[str, str, str, str]
 TARGETS: tuple[tuple[str, Ref, Ref, str, float], ...] = (
@@ -81,20 +83,6 @@ class StreamTimes:
     def counted(self) -> list[float]:
         """Arrival times of the tokens that count."""
         return self.tokens if self.useful is None else self.tokens[: self.useful]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The `q`-th percentile (0-100) with linear interpolation; nan for no values.
-
-    Example: percentile([1, 2, 3, 4], 50) == 2.5; percentile([1, 2], 99) == 1.99.
-    """
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def run_stats(streams: Sequence[StreamTimes], *, end: float | None = None) -> dict[str, float]:
