@@ -66,6 +66,52 @@ def _piece(tokenizer: Any, token: int) -> str:
     return str(tokenizer.decode([token], skip_special_tokens=False))
 
 
+def next_event(
+    pick: Pick,
+    tokens: list[int],
+    prompt_len: int,
+    params: SamplingParams,
+    sampler: Sampler,
+    text: TextStream,
+    tokenizer: Any,
+    eos: frozenset[int],
+) -> TokenEvent:
+    """Append a sampled token to `tokens` (the sampler takes it too); the event it makes.
+
+    The event says whether the token ends the generation: eos (unless `ignore_eos`),
+    max_tokens, a finished grammar, or a stop string in the released text. Batched and
+    serial generations both step through here.
+    """
+    token = pick.token
+    tokens.append(token)
+    sampler.accept(token)
+    generated = len(tokens) - prompt_len
+    reason: str | None = None
+    stop_reason: str | int | None = None
+    if token in eos and not params.ignore_eos:
+        reason, stop_reason = "eos", token
+    elif generated >= params.max_tokens:
+        reason = "length"
+    elif sampler.grammar_done:
+        reason = "stop"
+    # vLLM's min_tokens holds back stop strings as well as eos.
+    text.stops = () if generated < params.min_tokens else params.stop
+    # The eos token ends the text; it is never shown.
+    text_tokens = tokens[:-1] if reason == "eos" else tokens
+    released, stopped = text.push(tokenizer, text_tokens, final=reason is not None)
+    if stopped:
+        reason, stop_reason = "stop", text.matched
+    return TokenEvent(
+        token,
+        released,
+        generated,
+        reason is not None,
+        reason,
+        stop_reason,
+        *logprob_fields(tokenizer, pick),
+    )
+
+
 class Sequence:
     """A generation as the batcher sees it; only the batcher thread changes it once admitted."""
 
@@ -129,35 +175,12 @@ class Sequence:
 
     def append(self, pick: Pick, tokenizer: Any, eos: frozenset[int]) -> TokenEvent:
         """Add a sampled token; settle whether it ends the generation; the event to send."""
-        token = pick.token
-        self.tokens.append(token)
-        self.sampler.accept(token)
-        reason: str | None = None
-        stop_reason: str | int | None = None
-        if token in eos and not self.params.ignore_eos:
-            reason, stop_reason = "eos", token
-        elif len(self.generated) >= self.params.max_tokens:
-            reason = "length"
-        elif self.sampler.grammar_done:
-            reason = "stop"
-        # vLLM's min_tokens holds back stop strings as well as eos.
-        self.text.stops = () if len(self.generated) < self.params.min_tokens else self.params.stop
-        # The eos token ends the text; it is never shown.
-        text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
-        text, stopped = self.text.push(tokenizer, text_tokens, final=reason is not None)
-        if stopped:
-            reason, stop_reason = "stop", self.text.matched
-        if reason is not None:
-            self.finish_reason, self.stop_reason = reason, stop_reason
-        return TokenEvent(
-            token,
-            text,
-            len(self.generated),
-            reason is not None,
-            reason,
-            stop_reason,
-            *logprob_fields(tokenizer, pick),
+        event = next_event(
+            pick, self.tokens, self.prompt_len, self.params, self.sampler, self.text, tokenizer, eos
         )
+        if event.finished:
+            self.finish_reason, self.stop_reason = event.finish_reason, event.stop_reason
+        return event
 
     def pick(self, logits: torch.Tensor) -> Pick:
         """Sample this sequence's next token from its logits row (1-D, float32, CPU)."""

@@ -32,7 +32,7 @@ from sllm.core.errors import Conflict
 from ._engine import Engine, Slot
 from ._generation import check_length, new_id, parse_state, restore
 from ._params import SamplingParams
-from ._sequence import STATE_VERSION, TokenEvent, logprob_fields
+from ._sequence import STATE_VERSION, TokenEvent, next_event
 from ._text import TextStream
 
 
@@ -98,33 +98,21 @@ class SerialGeneration:
             self._check_open()
             logits = self._logits if self._logits is not None else self._extend()
             pick = self._sampler.sample(logits, self.tokens, self.prompt_len)
-            token = pick.token
             self._logits = None
-            self.tokens.append(token)
-            self._sampler.accept(token)
-            reason = self._end_reason()
-            below = len(self.generated) < self.params.min_tokens  # holds back stops too
-            self._text.stops = () if below else self.params.stop
-            stop_reason: str | int | None = token if reason == "eos" else None
-            # The eos token ends the text; it is never shown.
-            text_tokens = self.tokens[:-1] if reason == "eos" else self.tokens
-            text, stopped = self._text.push(
-                self._engine.tokenizer, text_tokens, final=reason is not None
+            event = next_event(
+                pick,
+                self.tokens,
+                self.prompt_len,
+                self.params,
+                self._sampler,
+                self._text,
+                self._engine.tokenizer,
+                self._engine.eos,
             )
-            if stopped:
-                reason, stop_reason = "stop", self._text.matched
-            if reason is not None:
-                self.stop_reason = stop_reason
-                self._finish(reason)
-            return TokenEvent(
-                token,
-                text,
-                len(self.generated),
-                reason is not None,
-                reason,
-                stop_reason,
-                *logprob_fields(self._engine.tokenizer, pick),
-            )
+            if event.finish_reason is not None:
+                self.stop_reason = event.stop_reason
+                self._finish(event.finish_reason)
+            return event
 
     @property
     def state(self) -> str:
