@@ -139,7 +139,20 @@ class SlotCache:
                 t[dst, :, :length] = t[src, :, :length]
 
 
-class StepView(Cache):
+class _SlotView(Cache):
+    """A forward pass's view of the slot cache, `width` columns wide (not compilable)."""
+
+    _width: int
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._width
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class StepView(_SlotView):
     """What a decode pass sees as its cache: rows [0, n), one new token each, written at
     column `positions[i]` of row i; attention reads columns [0, width) of those rows (a
     view, no copy)."""
@@ -166,15 +179,8 @@ class StepView(Cache):
         n, width = self._rows, self._width
         return keys[:n, :, :width], values[:n, :, :width]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._width
 
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-
-class PrefillView(Cache):
+class PrefillView(_SlotView):
     """A prefill pass over several rows: row i's `counts[i]` new tokens go from column
     `starts[i]`; attention reads columns [0, width) of those rows (one row: a view, else a
     gathered copy; prefill is compute-bound, so the copy is cheap beside it).
@@ -210,13 +216,6 @@ class PrefillView(Cache):
             return keys[row : row + 1, :, : self._width], values[row : row + 1, :, : self._width]
         index = self._index
         return keys[index, :, : self._width], values[index, :, : self._width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._width
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
 
 def prefill_inputs(
