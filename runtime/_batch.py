@@ -5,8 +5,9 @@ Each step of the loop:
 1. runs the commands queued by handles (pause, cancel, export, prefill, load) at the step
    boundary, so every state they see or change is whole;
 2. admits waiting sequences while the KV budget has room (FIFO; preempted ones first);
-3. prefills: runs at most `prefill_chunk` prompt tokens through the model, one sequence's
-   chunk per pass, so a long prompt delays the running streams by a bounded amount;
+3. prefills: one padded pass over the prefilling rows' next chunks, at most
+   `prefill_chunk` prompt tokens in all, so a long prompt delays the running streams by a
+   bounded amount (see `_prefill_budget` for when a step takes more);
 4. decodes: one forward pass over every decoding row (their last tokens), samples each
    row's next token with its own sampler, and queues the events.
 
@@ -50,7 +51,11 @@ from ._sequence import Sequence
 log = logging.getLogger("sllm.runtime")
 T = TypeVar("T")
 DEFAULT_PREFILL_CHUNK = 256
+BURST_CHUNKS = 8  # a burst's prefill may take up to this many chunks in one step
 STALL_WAIT = 0.05  # seconds a loop with nothing runnable waits before looking again
+# An idle instance keeps its KV cache this long before giving the memory back, so a burst
+# that follows a short pause does not regrow (and re-zero) the cache from nothing.
+IDLE_RELEASE = 10.0
 
 
 class Batcher:
@@ -161,7 +166,11 @@ class Batcher:
                     # (a command, a new request) or shortly, instead of spinning.
                     self._cond.wait(STALL_WAIT)
                 while not (self._commands or self._has_work() or self._closed):
-                    self._cond.wait()
+                    if self._kv is not None and self._kv.rows and not self._rows:
+                        if not self._cond.wait(IDLE_RELEASE):
+                            self._kv.release()  # idle for a while: give the memory back
+                    else:
+                        self._cond.wait()
                 if self._closed is not None:
                     return
                 commands = list(self._commands)
@@ -193,8 +202,6 @@ class Batcher:
         self._prefill()
         if self._decoding:
             self._decode()
-        if not self._rows and self._kv is not None:
-            self._kv.release()  # idle: give the memory back
         return (len(self._rows), self.passes) != before
 
     # -- admission and rows --------------------------------------------------------------------
@@ -330,7 +337,7 @@ class Batcher:
         """One padded pass over the prefilling rows' next chunks, within the token budget."""
         prefilling = [s for s in self._rows if s.phase == "prefilling"]
         batch: list[tuple[Sequence, int]] = []
-        budget = self.prefill_chunk
+        budget = self._prefill_budget(len(prefilling))
         for seq in prefilling:
             source = seq.share_from
             if source is not None and source.live and source.phase == "prefilling":
@@ -362,6 +369,21 @@ class Batcher:
                     seq.phase = "held"
                 else:
                     self._start_decoding(seq)
+
+    def _prefill_budget(self, prefilling: int) -> int:
+        """Prompt tokens this step may prefill.
+
+        `prefill_chunk` bounds the stall a prefill imposes on the decoding streams. While
+        more sequences wait for their first token than are decoding (a burst of arrivals,
+        or an idle instance), the stall costs fewer streams than it serves, so the step
+        takes a chunk per decoding stream's worth of waiters, up to BURST_CHUNKS chunks:
+        one large pass instead of many small ones interleaved with decode passes, as a
+        prefill-first scheduler does. Example: 15 prompts of 64 tokens arrive while one
+        stream decodes, chunk 256: one pass of 960 tokens rather than four of 256.
+        """
+        if prefilling <= self._decoding:
+            return self.prefill_chunk
+        return self.prefill_chunk * min(BURST_CHUNKS, -(-prefilling // max(1, self._decoding)))
 
     def _prefill_pass(self, batch: list[tuple[Sequence, int]]) -> None:
         assert self._kv is not None

@@ -90,7 +90,7 @@ class SlotCache:
             return True
         if not self.fits(rows, length):
             return False
-        new_rows = max(rows, min(self.rows, _next_pow2(rows)))
+        new_rows = _next_pow2(rows)  # rows join one by one: double, never grow by one
         new_len = max(length, min(max_length, max(MIN_CAPACITY, _next_pow2(length))))
         if not self.fits(new_rows, new_len):
             # Near the budget: as many columns as it allows, so growth is not one by one.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,89 @@ def test_sliding_window_models_fall_back_to_serial_generation(tmp_path: Path) ->
     assert not rt.batching
     tokens = alone(rt, rt.encode(prompt="Tests"), SamplingParams(max_tokens=4, temperature=0))
     assert len(tokens) == 4
+
+
+def test_the_kv_cache_grows_by_doubling_and_is_kept_a_while_when_idle(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sllm.runtime import _batch
+
+    rt = runtime_for(folders["llama"])
+    batcher = rt._batcher
+    assert batcher is not None
+    reallocations: list[tuple[int, int]] = []
+    kv = batcher._cache()
+    real = kv._reallocate
+
+    def counted(rows: int, capacity: int) -> None:
+        reallocations.append((rows, capacity))
+        real(rows, capacity)
+
+    monkeypatch.setattr(kv, "_reallocate", counted)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    prompt = rt.encode(prompt=PROMPTS[0])
+    long = SamplingParams(max_tokens=40, temperature=0.0)  # all five run at once
+    generations = [rt.start(prompt, long) for _ in range(5)]
+    for g in generations:
+        drain(g)
+
+    # Five rows joined: the row count doubled (1, 2, 4, 8), it never grew one by one.
+    assert sorted({rows for rows, _ in reallocations}) == [1, 2, 4, 8]
+    # Idle: the cache stays for the next burst, which reuses it without reallocating...
+    assert kv.rows == 8
+    before = len(reallocations)
+    drain(rt.start(prompt, params))
+    assert len(reallocations) == before
+    # ...and goes back once the instance has been idle for IDLE_RELEASE seconds.
+    monkeypatch.setattr(_batch, "IDLE_RELEASE", 0.2)
+    batcher.post(lambda: None)  # wake the loop so it waits again with the short timeout
+    deadline = time.monotonic() + 10
+    while kv.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv.rows == 0 and kv.allocated_bytes == 0
+    assert drain(rt.start(prompt, params)) == drain(rt.start(prompt, params))
+
+
+def test_a_burst_of_arrivals_is_prefilled_in_one_pass_beyond_the_chunk(
+    folders: dict[str, Path],
+) -> None:
+    rt = runtime_for(folders["llama"], prefill_chunk=8)
+    batcher = rt._batcher
+    assert batcher is not None
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    text = " ".join(PROMPTS)
+    prompts = [rt.encode(prompt=text[i:])[:8] for i in range(4)]
+    assert all(len(p) == 8 for p in prompts)
+    expected = [alone(rt, p, params) for p in prompts]
+    running = rt.start(rt.encode(prompt="Tests"), SamplingParams(max_tokens=40, temperature=0.0))
+    running.step(timeout=5)  # it decodes
+    log = PassLog(rt)
+
+    # Hold the loop at a step boundary while the burst arrives, so all four wait together.
+    hold, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=lambda: batcher.call(lambda: (holding.set(), hold.wait(30))))
+    blocker.start()
+    assert holding.wait(10)
+    started: list[Any] = [None] * 4
+    threads = [
+        threading.Thread(target=lambda i=i: started.__setitem__(i, rt.start(prompts[i], params)))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._waiting) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.set()
+    for t in threads:
+        t.join(30)
+    blocker.join(30)
+    got = [drain(g) for g in started]
+    drain(running)
+
+    assert got == expected
+    # Four waiting against one decoding: one pass took all four prompts (4 x 7 tokens,
+    # beyond the 8-token chunk), not four chunked passes between decode steps.
+    first = next((rows, width) for rows, width in log.passes if width > 1)
+    assert first[0] == 4 and first[0] * first[1] > 8
+    assert len(log.prefills) == 1
