@@ -19,6 +19,7 @@ from sllm.core.messages import (
     embedding_inputs,
     field_int,
     require_object,
+    show_value,
 )
 from sllm.native_loader import HostPool
 from sllm.runtime import SamplingParams
@@ -250,6 +251,7 @@ class Invoker:
         name = InstanceName.from_json(doc, spec.function)
         gen_id = generation_id(doc)
         n = _field_n(doc)
+        resumable = _field_resumable(doc)
         # The function's own limit comes from the controller; this host's caps it.
         cap = self.config.max_tokens_limit
         limit = min(field_int(doc, "max_tokens_limit", cap, 1, 2**31 - 1), cap)
@@ -276,6 +278,7 @@ class Invoker:
             prompt_tokens=len(tokens),
             received=received,
             gen_id=gen_id,
+            resumable=resumable,
         )
         return report, _touching(inst, stream)
 
@@ -294,6 +297,7 @@ class Invoker:
         state = _check_state(doc.get("state"))
         gen_id = generation_id(doc, state.get("id"))
         choice = _field_choice(doc)
+        resumable = _field_resumable(doc)
         for attempt in range(2):
             inst, report = self.instances.ensure(spec, name)
             if len(state["tokens"]) > inst.runtime.max_context:
@@ -319,6 +323,7 @@ class Invoker:
             received=received,
             gen_id=gen_id,
             resumed=len(gen.generated),
+            resumable=resumable,
         )
         return report, _touching(inst, stream)
 
@@ -424,6 +429,16 @@ def _field_choice(doc: Mapping[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_N:
         raise InvalidRequest(
             f"'choice' must be an integer in [0, {MAX_N - 1}], got {value!r}", param="choice"
+        )
+    return value
+
+
+def _field_resumable(doc: Mapping[str, Any]) -> bool:
+    """The request's "resumable" flag (see _stream): a boolean, false when absent."""
+    value = doc.get("resumable", False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(
+            f"'resumable' must be true or false, got {show_value(value)}", param="resumable"
         )
     return value
 

@@ -2,8 +2,10 @@
 
 Events (see interfaces.md, "Invoker wire events"):
 
-    {"event": "start", "load", "prompt_tokens", "generation", "instance", "n"[, "resumed"]}
-    {"event": "token", "choice", "index", "token", "text"[, "logprob", "top_logprobs"]}
+    {"event": "start", "load", "prompt_tokens", "generation", "instance", "n"[, "resumed"]
+                       [, "states"]}
+    {"event": "token", "choice", "index", "token", "text"[, "logprob", "top_logprobs"]
+                       [, "text_state"]}
     {"event": "paused", "choice", "state"}            the choice was paused: its final state
     {"event": "finish", "choice", "finish_reason", "stop_reason"}   one per choice, at its end
     {"event": "done", "finish_reason", "stop_reason", "usage", "timing", "choices"}
@@ -14,6 +16,13 @@ tokens its state had generated. A paused choice sends "paused" then its
 "finish" with finish_reason "paused"; a cancelled one (DELETE, or the client
 went away) a "finish" with finish_reason "cancelled". `usage` counts the whole
 generations (resumed tokens included); `timing` this stream.
+
+A `resumable` request (the controller's relay asks for it) gets what a resume needs
+without asking the invoker again, which may be gone by then: "states" in the start
+event (each choice's state at its start: prompt or resumed tokens, params, seed), and
+"text_state" in each token event (the text stream after it). The state at token k is the
+start state with the tokens relayed up to k appended and the k-th event's text_state as
+its "text" (see runtime/_sequence.py, start_state).
 
 The n generations are stepped round-robin from the stream's own thread: with
 the serial runtime a step is one forward pass, with the batching engine
@@ -45,7 +54,7 @@ class _Choice:
     ended: bool = False
 
 
-def token_event(choice: int, ev: Any) -> dict[str, Any]:
+def token_event(choice: int, ev: Any, resumable: bool = False) -> dict[str, Any]:
     """The wire form of a TokenEvent that carries a token or text."""
     out: dict[str, Any] = {
         "event": "token",
@@ -62,6 +71,8 @@ def token_event(choice: int, ev: Any) -> dict[str, Any]:
         out["top_logprobs"] = [[int(t), float(lp), *rest] for t, lp, *rest in top]
     if getattr(ev, "token_text", None) is not None:
         out["token_text"] = ev.token_text
+    if resumable and getattr(ev, "text_state", None) is not None:
+        out["text_state"] = ev.text_state
     return out
 
 
@@ -75,6 +86,7 @@ def events(
     received: float,
     gen_id: str,
     resumed: int | None = None,
+    resumable: bool = False,
 ) -> Generator[dict[str, Any], None, None]:
     """The stream of `entries` (choice entry.choice is entries[i]); ends them in the registry."""
     choices = [_Choice(e, generated=len(e.generation.generated)) for e in entries]
@@ -91,12 +103,14 @@ def events(
         }
         if resumed is not None:
             start["resumed"] = resumed
+        if resumable:
+            start["states"] = [e.generation.start_state() for e in entries]
         yield start
         while not all(c.ended for c in choices):
             for c in choices:
                 if c.ended:
                     continue
-                for out in _step(registry, c.entry.choice, c):
+                for out in _step(registry, c.entry.choice, c, resumable):
                     if out["event"] == "token" and out["token"] is not None and first is None:
                         first = time.perf_counter()
                         label = report.tier if report.cold else "warm"
@@ -145,7 +159,7 @@ def events(
             gen.close()
 
 
-def _step(registry: Generations, i: int, c: _Choice) -> list[dict[str, Any]]:
+def _step(registry: Generations, i: int, c: _Choice, resumable: bool) -> list[dict[str, Any]]:
     """One step of choice `i`: its token event (if any), and its ending events."""
     entry, gen = c.entry, c.entry.generation
     native_pause = getattr(gen, "pause", None) is not None
@@ -162,7 +176,7 @@ def _step(registry: Generations, i: int, c: _Choice) -> list[dict[str, Any]]:
             raise
     out: list[dict[str, Any]] = []
     if ev.token is not None or ev.text:
-        out.append(token_event(i, ev))
+        out.append(token_event(i, ev, resumable))
         if ev.token is not None:
             c.produced += 1
     c.generated = max(c.generated, ev.index)

@@ -61,9 +61,8 @@ class Sampler:
     ) -> None:
         self.params = params
         # A request without a seed still gets one seed, drawn once, so its state stays (seed, k).
-        self.seed = seed if seed is not None else params.seed
-        if self.seed is None:
-            self.seed = secrets.randbelow(MAX_SEED + 1)
+        given = seed if seed is not None else params.seed
+        self.seed: int = given if given is not None else secrets.randbelow(MAX_SEED + 1)
         self.draws = 0
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)

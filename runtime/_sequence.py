@@ -50,6 +50,9 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float, str]] | None = None  # (token, logprob, its text)
     token_text: str | None = None  # the token decoded alone, when logprobs are asked for
+    # The text stream's state after this token (see TextStream.to_json): with the tokens so
+    # far and the start state, all a relay needs to resume the generation elsewhere.
+    text_state: dict[str, Any] | None = None
 
 
 def logprob_fields(
@@ -109,7 +112,36 @@ def next_event(
         reason,
         stop_reason,
         *logprob_fields(tokenizer, pick),
+        text_state=text.to_json(),
     )
+
+
+def start_state(
+    gen_id: str,
+    tokens: list[int],
+    prompt_len: int,
+    params: SamplingParams,
+    seed: int,
+    text: dict[str, Any],
+) -> dict[str, Any]:
+    """A resumable state at a generation's start, without the generator's raw state.
+
+    Every sampled token consumes one draw and a greedy one none, so the seed and the
+    number of generated tokens imply the generator (`Sampler.from_json` replays it). A
+    relay that has seen the token events since can resume the generation elsewhere: the
+    start's tokens plus the relayed ones, and the last event's `text_state` as "text".
+    """
+    return {
+        "version": STATE_VERSION,
+        "id": gen_id,
+        "tokens": list(tokens),
+        "prompt_len": prompt_len,
+        "params": params.to_json(),
+        "sampler": {"seed": seed},
+        "text": dict(text),
+        "finished": False,
+        "finish_reason": None,
+    }
 
 
 class Sequence:
@@ -145,6 +177,9 @@ class Sequence:
         self.error: SllmError | None = None  # why it could not be admitted or failed
         self._events: deque[TokenEvent | SllmError] = deque()
         self._ready = threading.Condition()
+        # What start_state() describes; tokens only grow after this (a copy would cost more).
+        self._start_len = len(tokens)
+        self._start_text = text.to_json()
 
     @property
     def generated(self) -> list[int]:
@@ -192,6 +227,17 @@ class Sequence:
         return self.sampler.plain_greedy
 
     # -- state ------------------------------------------------------------------------------------
+
+    def start_state(self) -> dict[str, Any]:
+        """The state this sequence started from, readable from any thread (see start_state)."""
+        return start_state(
+            self.id,
+            self.tokens[: self._start_len],
+            self.prompt_len,
+            self.params,
+            self.sampler.seed,
+            self._start_text,
+        )
 
     def export_state(self) -> dict[str, Any]:
         """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""

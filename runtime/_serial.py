@@ -32,7 +32,7 @@ from sllm.core.errors import Conflict
 from ._engine import Engine, Slot
 from ._generation import check_length, new_id, parse_state, restore
 from ._params import SamplingParams
-from ._sequence import STATE_VERSION, TokenEvent, next_event
+from ._sequence import STATE_VERSION, TokenEvent, next_event, start_state
 from ._text import TextStream
 
 
@@ -66,6 +66,10 @@ class SerialGeneration:
         self._logits: torch.Tensor | None = None  # next-token logits, when a prefill left them
         self.id = gen_id or new_id()
         self.stop_reason: str | int | None = None
+        # start_state(): what the prefill or state before the first step left.
+        self._stepped = False
+        self._start_len = 0
+        self._start_text = self._text.to_json()
 
     @property
     def generated(self) -> list[int]:
@@ -88,6 +92,11 @@ class SerialGeneration:
                 self._sampler = self._engine.sampler(self.params, seed=self._sampler.seed)
                 self._sampler.advance(done)
             self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
+            self._mark_start()
+
+    def _mark_start(self) -> None:
+        if not self._stepped:
+            self._start_len, self._start_text = len(self.tokens), self._text.to_json()
 
     def step(self, timeout: float | None = None) -> TokenEvent:
         """Sample and append the next token; after the end, a finished event with no token."""
@@ -96,6 +105,7 @@ class SerialGeneration:
                 n = len(self.generated)
                 return TokenEvent(None, "", n, True, self.finish_reason, self.stop_reason)
             self._check_open()
+            self._stepped = True
             logits = self._logits if self._logits is not None else self._extend()
             pick = self._sampler.sample(logits, self.tokens, self.prompt_len)
             self._logits = None
@@ -131,6 +141,18 @@ class SerialGeneration:
             self._finish("paused")
             return state
 
+    def start_state(self) -> dict[str, Any]:
+        """The state it started from (the prompt, or the state it resumed)."""
+        with self._lock:
+            return start_state(
+                self.id,
+                self.tokens[: self._start_len],
+                self.prompt_len,
+                self.params,
+                self._sampler.seed,
+                self._start_text,
+            )
+
     def export_state(self) -> dict[str, Any]:
         """Everything needed to resume elsewhere, as JSON: tokens, params, sampler, text stream."""
         with self._lock:
@@ -165,6 +187,7 @@ class SerialGeneration:
                 self.tokens = tokens
                 self._finish(parsed.finish_reason)
             self._sampler, self._text = sampler, stream
+            self._mark_start()
 
     def close(self) -> None:
         """Release the slot and the KV cache; calling it again does nothing."""

@@ -186,6 +186,61 @@ def test_pause_then_resume_on_another_invoker_continues_token_for_token(
     assert after[-1]["finish_reason"] == reference["finish_reason"]
 
 
+def state_from_events(events: list[dict[str, Any]], choice: int = 0) -> dict[str, Any]:
+    """What a relay rebuilds from a resumable stream: the start state, the tokens relayed
+    since, and the last token event's text state (runtime/_sequence.py, start_state)."""
+    start = events[0]
+    assert start["event"] == "start"
+    state = dict(start["states"][choice])
+    mine = [e for e in events if e["event"] == "token" and e["choice"] == choice]
+    state["tokens"] = state["tokens"] + [e["token"] for e in mine if e["token"] is not None]
+    if mine:
+        state["text"] = mine[-1]["text_state"]
+    return state
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0},
+        {"temperature": 1.0, "seed": 99},
+        {"temperature": 0.8, "top_p": 0.9},  # no seed: the start state carries the drawn one
+    ],
+    ids=["greedy", "seeded", "unseeded"],
+)
+def test_a_resumable_stream_carries_what_a_resume_needs(
+    pair: dict[str, InvokerProcess], sampling: dict[str, Any]
+) -> None:
+    """Nothing is asked of the source afterwards: the relayed events alone resume the
+    generation on another invoker, token for token and character for character."""
+    slow, fast = pair["slow"], pair["fast"]
+    gen_id = uuid.uuid4().hex
+    with streaming(slow, "/v1/invoke", body(activation=gen_id, resumable=True, **sampling)) as ev:
+        seen = read_until_tokens(ev, 5)
+    start = seen[0]
+    assert [s["prompt_len"] for s in start["states"]] == [len(start["states"][0]["tokens"])]
+    assert all("text_state" in e for e in seen if e["event"] == "token")
+    state = state_from_events(seen)
+    seed = state["sampler"]["seed"]
+    assert isinstance(seed, int)
+    reference = fast.post("/v1/invoke", body(**{**sampling, "seed": seed})).json()
+
+    resume = {"function": "t/gen", "model": "llama", "state": state, "resumable": True}
+    with streaming(fast, "/v1/generations", resume) as events:
+        after = list(events)
+    assert after[0]["states"][0]["tokens"] == state["tokens"]
+    before = tokens_of(seen)
+    assert before + tokens_of(after) == reference["tokens"]
+    text = "".join(e["text"] for e in seen + after if e["event"] == "token")
+    assert text == reference["text"]
+    # A plain stream carries neither (it costs every client bytes per token).
+    with streaming(fast, "/v1/invoke", body(max_tokens=3)) as events:
+        plain = list(events)
+    assert "states" not in plain[0]
+    assert not any("text_state" in e for e in plain)
+    assert fast.client().post("/v1/invoke", json=body(resumable="yes")).status_code == 400
+
+
 def test_cancel_ends_the_stream(pair: dict[str, InvokerProcess]) -> None:
     slow = pair["slow"]
     gen_id = uuid.uuid4().hex

@@ -100,7 +100,9 @@ def test_max_tokens_bounds_the_output(llama: Runtime) -> None:
 
 
 def test_step_after_the_end_reports_finished_without_a_token(llama: Runtime) -> None:
-    generation = llama.start(llama.encode(prompt=PROMPT), SamplingParams(max_tokens=2))
+    generation = llama.start(
+        llama.encode(prompt=PROMPT), SamplingParams(max_tokens=2, ignore_eos=True)
+    )
     run_events = [generation.step(), generation.step()]
 
     after = generation.step()
@@ -475,7 +477,7 @@ def test_bad_prompt_tokens_are_rejected(
 
 def test_context_limit_comes_from_the_model_config(llama: Runtime) -> None:
     assert llama.max_context == tiny_models.MAX_POSITIONS
-    with llama.start([5] * 120, SamplingParams(max_tokens=8)) as generation:
+    with llama.start([5] * 120, SamplingParams(max_tokens=8, ignore_eos=True)) as generation:
         assert len(list(run(generation))) == 8
 
 
@@ -583,7 +585,7 @@ def test_waiting_request_gets_the_slot_when_it_frees(folders: dict[str, Path]) -
 
 def test_finished_generation_gives_back_its_slot(folders: dict[str, Path]) -> None:
     rt = runtime_for(folders["llama"], concurrency=1, queue_timeout=0.05)
-    generation = rt.start(rt.encode(prompt=PROMPT), SamplingParams(max_tokens=1))
+    generation = rt.start(rt.encode(prompt=PROMPT), SamplingParams(max_tokens=1, ignore_eos=True))
     generation.step()
 
     assert generation.finished and rt.active() == 0
