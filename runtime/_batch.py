@@ -5,9 +5,10 @@ Each step of the loop:
 1. runs the commands queued by handles (pause, cancel, export, prefill, load) at the step
    boundary, so every state they see or change is whole;
 2. admits waiting sequences while the KV budget has room (FIFO; preempted ones first);
-3. prefills: one padded pass over the prefilling rows' next chunks, at most
-   `prefill_chunk` prompt tokens in all, so a long prompt delays the running streams by a
-   bounded amount (see `_prefill_budget` for when a step takes more);
+3. prefills the prefilling rows' next chunks, at most `prefill_chunk` prompt tokens in
+   all, so a long prompt delays the running streams by a bounded amount (see
+   `_prefill_budget` for when a step takes more), in padded passes of chunks of like
+   length (`pad_groups`);
 4. decodes: one forward pass over every decoding row (their last tokens), samples each
    row's next token with its own sampler, and queues the events.
 
@@ -52,6 +53,10 @@ log = logging.getLogger("sllm.runtime")
 T = TypeVar("T")
 DEFAULT_PREFILL_CHUNK = 256
 BURST_CHUNKS = 8  # a burst's prefill may take up to this many chunks in one step
+# A prefill pass pads its rows to the longest chunk; a row joins a pass while the padding
+# stays within this share of the real tokens, or within PAD_TOKENS (less than a pass costs).
+PAD_SHARE = 0.5
+PAD_TOKENS = 64
 STALL_WAIT = 0.05  # seconds a loop with nothing runnable waits before looking again
 # An idle instance keeps its KV cache this long before giving the memory back, so a burst
 # that follows a short pause does not regrow (and re-zero) the cache from nothing.
@@ -346,8 +351,11 @@ class Batcher:
             if count > 0:
                 batch.append((seq, count))
                 budget -= count
-        if batch:
-            self._prefill_pass(batch)
+        for group in pad_groups([count for _, count in batch]):
+            # A pass may preempt rows for room, a later group's too: those sit this one out.
+            rows = [batch[i] for i in group if batch[i][0].phase == "prefilling"]
+            if rows:
+                self._prefill_pass(rows)
         for seq in prefilling:
             if seq.row is None or seq.phase != "prefilling":
                 continue  # preempted to make room
@@ -474,6 +482,34 @@ class Batcher:
         self._waiting.clear()
         if self._kv is not None:
             self._kv.release()
+
+
+def pad_groups(counts: list[int]) -> list[list[int]]:
+    """Indexes of `counts` (chunk lengths) grouped into prefill passes that pad little.
+
+    One pass pads every row to its longest chunk, so a 1-token chunk beside a 500-token
+    one costs 500 tokens of compute. Longest first, a chunk joins the current pass while
+    the padding stays within PAD_SHARE of the pass's real tokens or within PAD_TOKENS
+    (about what an extra pass costs); otherwise it starts the next pass.
+
+    Example: counts [1, 501, 84, 410, 9, 77, 18, 6] -> passes of [501, 410],
+    [84, 77, 18] and [9, 6, 1] (1,281 tokens computed for 1,106 real), where one pass
+    would compute 8 x 501 = 4,008.
+    """
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    groups: list[list[int]] = []
+    longest = real = 0
+    for i in order:
+        c = counts[i]
+        if groups:
+            waste = longest * (len(groups[-1]) + 1) - (real + c)
+            if waste <= max(PAD_SHARE * (real + c), PAD_TOKENS):
+                groups[-1].append(i)
+                real += c
+                continue
+        groups.append([i])
+        longest = real = c
+    return groups
 
 
 def unavailable() -> Unavailable:

@@ -379,3 +379,55 @@ def test_a_burst_of_arrivals_is_prefilled_in_one_pass_beyond_the_chunk(
     first = next((rows, width) for rows, width in log.passes if width > 1)
     assert first[0] == 4 and first[0] * first[1] > 8
     assert len(log.prefills) == 1
+
+
+def test_prefill_passes_group_chunks_of_like_length() -> None:
+    from sllm.runtime._batch import pad_groups
+
+    counts = [1, 501, 84, 410, 9, 77, 18, 6]
+    groups = pad_groups(counts)
+    assert [[counts[i] for i in g] for g in groups] == [[501, 410], [84, 77, 18], [9, 6, 1]]
+    assert sorted(i for g in groups for i in g) == list(range(len(counts)))
+    assert pad_groups([64] * 16) == [list(range(16))]  # equal chunks: one pass
+    assert pad_groups([3, 2, 1]) == [[0, 1, 2]]  # padding below an extra pass's cost
+    assert pad_groups([]) == []
+
+
+def test_a_long_and_short_prompts_arriving_together_are_not_padded_to_one_length(
+    folders: dict[str, Path],
+) -> None:
+    rt = runtime_for(folders["llama"], prefill_chunk=128)
+    batcher = rt._batcher
+    assert batcher is not None
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    text = " ".join(PROMPTS * 8)
+    long_prompt = rt.encode(prompt=text)[:101]
+    shorts = [rt.encode(prompt=p)[:3] for p in PROMPTS[:3]]
+    assert len(long_prompt) == 101 and all(len(s) == 3 for s in shorts)
+    prompts = [shorts[0], long_prompt, shorts[1], shorts[2]]
+    expected = [alone(rt, p, params) for p in prompts]
+    log = PassLog(rt)
+
+    hold, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=lambda: batcher.call(lambda: (holding.set(), hold.wait(30))))
+    blocker.start()
+    assert holding.wait(10)
+    started: list[Any] = [None] * len(prompts)
+    threads = [
+        threading.Thread(target=lambda i=i: started.__setitem__(i, rt.start(prompts[i], params)))
+        for i in range(len(prompts))
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._waiting) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.set()
+    for t in threads:
+        t.join(30)
+    blocker.join(30)
+
+    assert [drain(g) for g in started] == expected
+    # Two passes: the long prompt alone (100 tokens), the three short ones together (3 x 2),
+    # not one pass of 4 x 100 tokens.
+    assert sorted(p for p in log.passes if p[1] > 1) == [(1, 100), (3, 2)]
