@@ -23,7 +23,7 @@ import base64
 import binascii
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 import torch
 
@@ -98,29 +98,15 @@ class Sampler:
             torch.rand(1, generator=self._generator, dtype=torch.float64)
         self.draws += draws
 
-    @overload
-    def sample(self, logits: torch.Tensor) -> int: ...
-
-    @overload
-    def sample(self, logits: torch.Tensor, tokens: Sequence[int], prompt_len: int) -> Pick: ...
-
-    def sample(
-        self, logits: torch.Tensor, tokens: Sequence[int] | None = None, prompt_len: int = 0
-    ) -> int | Pick:
+    def sample(self, logits: torch.Tensor, tokens: Sequence[int], prompt_len: int) -> Pick:
         """The next token for the 1-D float logits over the vocabulary (on the CPU).
 
         `tokens` is the sequence so far (prompt + generated) and `prompt_len` its prompt's
-        length. Without them (the pre-batching Generation) the token id alone is returned
-        and taken as accepted, and the repetition penalty sees only generated tokens.
+        length; state the sampler missed since its last token is taken from them.
         """
-        legacy = tokens is None
-        if tokens is not None:
-            self._sync(tokens, prompt_len)
+        self._sync(tokens, prompt_len)
         row = self._processors.apply(logits) if self._processors.active else logits
         token = self._greedy(row) if self.params.greedy else self._draw(row)
-        if legacy:
-            self.accept(token)
-            return token
         if self.params.logprobs is None:
             return Pick(token)
         logprob, top = logprobs_of(logits, token, self.params.logprobs)
@@ -184,8 +170,8 @@ class Sampler:
         cls,
         params: SamplingParams,
         doc: Mapping[str, Any],
-        tokens: Sequence[int] | int,
-        prompt_len: int | None = None,
+        tokens: Sequence[int],
+        prompt_len: int,
         *,
         grammar: GrammarMatcherFactory | None = None,
         eos: Sequence[int] = (),
@@ -196,16 +182,12 @@ class Sampler:
         mask is the one the sequence had; tokens the grammar rejects are an InvalidRequest.
         Without `rng` the generator is rebuilt from the seed and the number of draws
         (default: one per generated token). The draws can be at most the generated tokens.
-        (The pre-batching Generation passes the generated count as `tokens` instead.)
         """
         if not isinstance(doc, Mapping):
             raise InvalidRequest("'sampler' must be a JSON object")
-        if isinstance(tokens, int):
-            generated, sequence = tokens, None
-        else:
-            if prompt_len is None or not 0 <= prompt_len <= len(tokens):
-                raise InvalidRequest(f"'prompt_len' must be in [0, {len(tokens)}]")
-            generated, sequence = len(tokens) - prompt_len, tokens
+        if not 0 <= prompt_len <= len(tokens):
+            raise InvalidRequest(f"'prompt_len' must be in [0, {len(tokens)}]")
+        generated = len(tokens) - prompt_len
         seed, draws, rng = doc.get("seed"), doc.get("draws", generated), doc.get("rng")
         for name, value in (("seed", seed), ("draws", draws)):
             if value is None and name == "seed":
@@ -217,8 +199,7 @@ class Sampler:
                 f"'sampler.draws' is {draws}, more than the {generated} generated tokens"
             )
         sampler = cls(params, seed=seed, grammar=grammar, eos=eos)
-        if sequence is not None:
-            sampler._sync(sequence, len(sequence) - generated)
+        sampler._sync(tokens, prompt_len)
         if rng is None:
             sampler.advance(draws)
             return sampler

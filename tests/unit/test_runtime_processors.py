@@ -351,10 +351,11 @@ def test_processors_leave_seeded_draws_unchanged_when_off() -> None:
     new = Sampler(SamplingParams(seed=5, logprobs=3))
     tokens = [0]
     for _ in range(20):
-        a, b = old.sample(logits), new.sample(logits, tokens, 1)
+        a, b = old.sample(logits, tokens, 1), new.sample(logits, tokens, 1)
+        old.accept(a.token)
         new.accept(b.token)
         tokens.append(b.token)
-        assert a == b.token
+        assert a.token == b.token
     assert old.draws == new.draws == 20
 
 
