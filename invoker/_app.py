@@ -18,9 +18,15 @@ GET    /v1/generations/<id>        one generation with its exportable state
 POST   /v1/generations/<id>/pause  stop it; its final state (its stream ends "paused")
 DELETE /v1/generations/<id>        cancel it (its stream ends "cancelled")
 POST   /v1/generations             {function, model, instance?, version?, activation?,
-                                    choice?, state, stream?}: resume, streaming like
-                                    /v1/invoke (token indexes continue the state's count)
-Unknown generation: 404; one that already ended (finished, paused, cancelled): 409.
+                                    choice?, state, stream?, hold?}: resume, streaming like
+                                    /v1/invoke (token indexes continue the state's count);
+                                    with hold: a migration target, prefilled, not decoding
+POST   /v1/generations/<id>/prefill   {tokens, wait?}: a held one's cache holds `tokens`
+                                    -> {id, tokens, cached, computed, pending} (202: pending)
+POST   /v1/generations/<id>/continue  {state}: a held one loads its final state and decodes
+                                    -> {id, tokens, recomputed}
+Unknown generation: 404; one that already ended (finished, paused, cancelled): 409; so is
+a prefill or continue of one that is not held, and a pause of a held one (see _holds).
 """
 
 from __future__ import annotations
@@ -140,6 +146,15 @@ def create_app(invoker: Invoker) -> Flask:
         stream = _stream_flag(body)
         _, events = invoker.resume(body)
         return _answer(events, stream)
+
+    @app.post("/v1/generations/<gen_id>/prefill")
+    def prefill(gen_id: str) -> Response:
+        done, doc = invoker.holds.prefill(gen_id, _body())
+        return _json(doc, 200 if done else 202)
+
+    @app.post("/v1/generations/<gen_id>/continue")
+    def continue_held(gen_id: str) -> Response:
+        return _json(invoker.holds.continue_(gen_id, _body()))
 
     @app.post("/v1/embed")
     def embed() -> Response:

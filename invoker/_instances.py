@@ -115,6 +115,7 @@ class Instance:
             "bytes": self.model.total_bytes,
             "concurrency": self.runtime.concurrency,
             "active": self.runtime.active(),
+            "kv_rows": self.runtime.kv_rows(),
             "loaded_from": self.report.tier,
             "load_seconds": self.report.load_seconds,
             "loaded_at": self.loaded_at,

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ._service import Invoker
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
 class InvokerMetrics:
@@ -62,6 +63,34 @@ class InvokerMetrics:
         )
         Gauge("sllm_invoker_load_queue", "Loads in flight", registry=r).set_function(
             invoker.instances.queue_length
+        )
+        # Migration targets (see _holds).
+        Gauge(
+            "sllm_invoker_held_generations",
+            "Generations held as migration targets (prefilled, waiting for their continue)",
+            registry=r,
+        ).set_function(lambda: sum(1 for e in invoker.generations.running() if e.held))
+        self.hold_expired = Counter(
+            "sllm_invoker_hold_expired",
+            "Held generations cancelled because no continue came within the hold timeout",
+            registry=r,
+        )
+        self.migration_prefill_tokens = Counter(
+            "sllm_invoker_migration_prefill_tokens",
+            "Tokens computed by prefill rounds of held generations",
+            registry=r,
+        )
+        self.migration_prefill_seconds = Histogram(
+            "sllm_invoker_migration_prefill_seconds",
+            "Time a prefill round of a held generation took to answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.migration_recomputed = Histogram(
+            "sllm_invoker_migration_recomputed_tokens",
+            "Tokens a continue recomputed (the final round of a migration)",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
 
     def observe_load(self, report: LoadReport) -> None:

@@ -31,15 +31,16 @@ from ._cachelock import CacheLock
 from ._config import InvokerConfig
 from ._download import cache_key
 from ._generations import Entry, Generations, generation_id
+from ._holds import Holds, held_prompt
 from ._instances import Instance, InstanceName, Instances
 from ._metrics import InvokerMetrics
 from ._nvme import NvmeTier
+from ._states import check_state
 from ._tiers import TierCache
 
 log = logging.getLogger("sllm.invoker")
 
 MAX_N = 128  # choices per request (OpenAI's limit)
-MAX_HELD_CHARS = 4096  # text a state may hold back for stop strings
 SEED_SPACE = 2**63  # SamplingParams seeds are in [0, 2**63 - 1]
 
 
@@ -97,6 +98,8 @@ class Invoker:
             )
             self.generations = Generations()
             self.metrics = InvokerMetrics(self)
+            self.generations.on_expire = self.metrics.hold_expired.inc
+            self.holds = Holds(self.generations, self.metrics, config.hold_timeout)
         except BaseException:
             self._release_lock()
             raise
@@ -287,6 +290,8 @@ class Invoker:
 
         A hostile or corrupt state is an InvalidRequest naming the field, checked
         in time bounded by the context length (sizes first, then the runtime's parse).
+        With "hold": true it is a migration target (see _holds): prefilled from the
+        state, registered as held, decoding nothing until its continue.
         """
         received = time.perf_counter()
         doc = require_object(body)
@@ -294,10 +299,17 @@ class Invoker:
         if spec.task != "generate":
             raise InvalidRequest(f"function {spec.function!r} is an {spec.task} function")
         name = InstanceName.from_json(doc, spec.function)
-        state = _check_state(doc.get("state"))
+        state = check_state(doc.get("state"))
         gen_id = generation_id(doc, state.get("id"))
         choice = _field_choice(doc)
         resumable = _field_resumable(doc)
+        hold = _field_hold(doc)
+        if hold and (state.get("finished") or state.get("finish_reason") is not None):
+            raise InvalidRequest(
+                "a finished generation cannot be held as a migration target (resume it "
+                "without 'hold')",
+                param="state.finished",
+            )
         for attempt in range(2):
             inst, report = self.instances.ensure(spec, name)
             if len(state["tokens"]) > inst.runtime.max_context:
@@ -307,13 +319,14 @@ class Invoker:
                     param="state.tokens",
                 )
             try:
-                gen = inst.runtime.resume(state)
+                gen = inst.runtime.resume(state, hold=hold)
                 break
             except Unavailable:  # unloaded between ensure and resume: load it again
                 if attempt:
                     raise
         self.metrics.observe_load(report)
-        entries = self._register(inst, [gen_id], [gen], first_choice=choice)
+        held = (held_prompt(state), self.config.hold_timeout) if hold else None
+        entries = self._register(inst, [gen_id], [gen], first_choice=choice, held=held)
         stream = _stream.events(
             self.generations,
             entries,
@@ -324,20 +337,28 @@ class Invoker:
             gen_id=gen_id,
             resumed=len(gen.generated),
             resumable=resumable,
+            held=hold,
         )
         return report, _touching(inst, stream)
 
     def _register(
-        self, inst: Instance, ids: list[str], gens: list[Any], *, first_choice: int = 0
+        self,
+        inst: Instance,
+        ids: list[str],
+        gens: list[Any],
+        *,
+        first_choice: int = 0,
+        held: tuple[list[int], float] | None = None,
     ) -> list[Entry]:
         """Register `gens` under `ids` as choices first_choice, first_choice + 1, ...;
-        on a clash none stays registered and all are closed."""
+        on a clash none stays registered and all are closed. `held`: (prompt, timeout) of
+        a migration target."""
         entries: list[Entry] = []
         try:
             for i, (gen_id, gen) in enumerate(zip(ids, gens, strict=True)):
                 entries.append(
                     self.generations.register(
-                        gen_id, inst.id, inst.spec.function, gen, first_choice + i
+                        gen_id, inst.id, inst.spec.function, gen, first_choice + i, held=held
                     )
                 )
         except BaseException:
@@ -433,6 +454,14 @@ def _field_choice(doc: Mapping[str, Any]) -> int:
     return value
 
 
+def _field_hold(doc: Mapping[str, Any]) -> bool:
+    """The resume's "hold" flag (a migration target, see _holds): a boolean, false when absent."""
+    value = doc.get("hold", False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'hold' must be true or false, got {show_value(value)}", param="hold")
+    return value
+
+
 def _field_resumable(doc: Mapping[str, Any]) -> bool:
     """The request's "resumable" flag (see _stream): a boolean, false when absent."""
     value = doc.get("resumable", False)
@@ -455,54 +484,6 @@ def _start(
     return list(
         inst.runtime.start_many(tokens, params, n, prompt_param=prompt_param, gen_id=gen_id)
     )
-
-
-def _check_state(state: Any) -> dict[str, Any]:
-    """Cheap shape checks of an exported state before any load (the runtime parses the rest).
-
-    Bounds what the runtime's parse would spend time on: the sampler may not claim
-    more draws than the state has generated tokens (replaying draws costs time per
-    draw), and the held-back text is short.
-    """
-    if not isinstance(state, dict):
-        raise InvalidRequest(
-            "'state' must be a generation's exported state (an object)", param="state"
-        )
-    tokens, prompt_len = state.get("tokens"), state.get("prompt_len")
-    if not isinstance(tokens, list) or not tokens:
-        raise InvalidRequest(
-            "'state.tokens' must be a non-empty list of token ids", param="state.tokens"
-        )
-    if (
-        isinstance(prompt_len, bool)
-        or not isinstance(prompt_len, int)
-        or not 1 <= prompt_len <= len(tokens)
-    ):
-        raise InvalidRequest(
-            f"'state.prompt_len' must be an integer in [1, {len(tokens)}], got {prompt_len!r}",
-            param="state.prompt_len",
-        )
-    for key in ("params", "sampler", "text"):
-        if state.get(key) is not None and not isinstance(state[key], dict):
-            raise InvalidRequest(f"'state.{key}' must be an object", param=f"state.{key}")
-    sampler = state.get("sampler") or {}
-    draws = sampler.get("draws")
-    generated = len(tokens) - prompt_len
-    if draws is not None and (
-        isinstance(draws, bool) or not isinstance(draws, int) or not 0 <= draws <= generated
-    ):
-        raise InvalidRequest(
-            f"'state.sampler.draws' must be an integer in [0, {generated}] (one draw per "
-            f"generated token at most), got {draws!r}",
-            param="state.sampler.draws",
-        )
-    held = (state.get("text") or {}).get("held")
-    if isinstance(held, str) and len(held) > MAX_HELD_CHARS:
-        raise InvalidRequest(
-            f"'state.text.held' must be at most {MAX_HELD_CHARS} characters",
-            param="state.text.held",
-        )
-    return state
 
 
 def _check_prompt(doc: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 Events (see interfaces.md, "Invoker wire events"):
 
     {"event": "start", "load", "prompt_tokens", "generation", "instance", "n"[, "resumed"]
-                       [, "states"]}
+                       [, "held"][, "states"]}
     {"event": "token", "choice", "index", "token", "text"[, "logprob", "top_logprobs"]
                        [, "text_state"]}
     {"event": "paused", "choice", "state"}            the choice was paused: its final state
@@ -16,6 +16,11 @@ tokens its state had generated. A paused choice sends "paused" then its
 "finish" with finish_reason "paused"; a cancelled one (DELETE, or the client
 went away) a "finish" with finish_reason "cancelled". `usage` counts the whole
 generations (resumed tokens included); `timing` this stream.
+
+A held generation (a migration target, see _holds) sends its start event with
+"held": true at once, then nothing until it is continued: then token events from
+the final state's count + 1 on, as a resumed one. Cancelled or expired while held,
+it sends its "cancelled" finish and done.
 
 A `resumable` request (the controller's relay asks for it) gets what a resume needs
 without asking the invoker again, which may be gone by then: "states" in the start
@@ -87,6 +92,7 @@ def events(
     gen_id: str,
     resumed: int | None = None,
     resumable: bool = False,
+    held: bool = False,
 ) -> Generator[dict[str, Any], None, None]:
     """The stream of `entries` (choice entry.choice is entries[i]); ends them in the registry."""
     choices = [_Choice(e, generated=len(e.generation.generated)) for e in entries]
@@ -103,6 +109,8 @@ def events(
         }
         if resumed is not None:
             start["resumed"] = resumed
+        if held:
+            start["held"] = True
         if resumable:
             start["states"] = [e.generation.start_state() for e in entries]
         yield start
@@ -163,6 +171,8 @@ def _step(registry: Generations, i: int, c: _Choice, resumable: bool) -> list[di
     """One step of choice `i`: its token event (if any), and its ending events."""
     entry, gen = c.entry, c.entry.generation
     native_pause = getattr(gen, "pause", None) is not None
+    if entry.held:  # a migration target: nothing to read until it is continued
+        registry.wait_released(entry)
     with entry.step_lock:
         if entry.cancelled:
             return _ended(c, i, "cancelled", None)

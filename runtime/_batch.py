@@ -180,11 +180,14 @@ class Batcher:
                     return
                 commands = list(self._commands)
                 self._commands.clear()
-            for fn, future in commands:
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the caller, who raises it
-                    future.set_exception(exc)
+            # Commands move KV rows (a row that leaves swaps with the last one): the cache's
+            # tensors are inference tensors, changed in place only under inference mode.
+            with torch.inference_mode():
+                for fn, future in commands:
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, who raises it
+                        future.set_exception(exc)
             progressed = True
             try:
                 with torch.inference_mode():
@@ -315,6 +318,7 @@ class Batcher:
             if seq in self._waiting:
                 self._waiting.remove(seq)
             seq.phase = phase
+            seq.notify()
             return
         self._stop_decoding(seq, phase)
         assert seq.row is not None
@@ -322,6 +326,7 @@ class Batcher:
         self._rows.pop()
         seq.row = None
         seq.cached = 0
+        seq.notify()
 
     def _preempt_youngest(self) -> bool:
         if not self._rows:
@@ -375,6 +380,7 @@ class Batcher:
             if seq.cached >= target:
                 if seq.hold:
                     seq.phase = "held"
+                    seq.notify()  # a migration round waits for this (wait_prefilled)
                 else:
                     self._start_decoding(seq)
 
@@ -457,8 +463,8 @@ class Batcher:
                 continue
             seq.push(event)
         for seq, why in failed:
+            seq.error = why  # before leave(): a waiter woken by it reads why
             self.leave(seq, "failed")
-            seq.error = why
             seq.push(why)
         for seq in rows:
             if seq.finish_reason is not None and seq.live:
@@ -468,15 +474,15 @@ class Batcher:
 
     def _fail_running(self, exc: SllmError) -> None:
         for seq in list(self._rows):
+            seq.error = exc  # before leave(): a waiter woken by it reads why
             self.leave(seq, "failed")
-            seq.error = exc
             seq.push(exc)
 
     def _fail_all(self, exc: SllmError) -> None:
         for seq in list(self._rows) + list(self._waiting):
             if seq.live:
-                self.leave(seq, "failed")
                 seq.error = exc
+                self.leave(seq, "failed")
                 seq.push(exc)
                 seq.admitted.set()
         self._waiting.clear()

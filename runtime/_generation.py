@@ -57,12 +57,15 @@ class Generation(Protocol):
     def finish_reason(self) -> str | None: ...
     @property
     def state(self) -> str: ...
+    @property
+    def cached(self) -> int: ...
     def step(self, timeout: float | None = None) -> TokenEvent: ...
     def export_state(self) -> dict[str, Any]: ...
     def start_state(self) -> dict[str, Any]: ...
     def pause(self) -> dict[str, Any]: ...
-    def prefill(self, tokens: list[int]) -> None: ...
-    def load_state(self, state: Mapping[str, Any]) -> None: ...
+    def prefill(self, tokens: list[int]) -> int: ...
+    def wait_prefilled(self, timeout: float | None) -> bool: ...
+    def load_state(self, state: Mapping[str, Any]) -> int: ...
     def close(self) -> None: ...
     def __enter__(self) -> Generation: ...
     def __exit__(
@@ -168,26 +171,54 @@ class BatchedGeneration:
         seq.push(TokenEvent(None, "", len(seq.generated), True, "paused"))
         return seq.export_state()
 
-    def prefill(self, tokens: list[int]) -> None:
+    @property
+    def cached(self) -> int:
+        """Tokens whose keys and values the cache holds (a held one: all but its last token,
+        which goes through the first decode pass)."""
+        return self._seq.cached
+
+    def prefill(self, tokens: list[int]) -> int:
         """Make the KV cache hold `tokens` (prompt + generated so far) without decoding.
 
         For a migration target created with `hold=True`: later rounds send the tokens
-        generated meanwhile, and only those are computed.
+        generated meanwhile, and only those are computed. Returns how many of `tokens` the
+        cache already held (not computed again) once the prefill is scheduled; the batcher
+        computes the rest in its next steps (`wait_prefilled` waits for it).
         """
         engine = self._batcher.engine
         tokens = engine.check_tokens(tokens)
         check_length(engine, len(tokens), self.prompt_len, self.params)
-        self._batcher.call(lambda: self._restage(tokens))
+        return self._batcher.call(lambda: self._restage(tokens))
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `state` left off (the final round of a migration)."""
+    def wait_prefilled(self, timeout: float | None) -> bool:
+        """Wait until the prefill is computed (held, or decoding); False after `timeout` s.
+
+        Raises the error that ended the generation meanwhile, or Conflict when it was
+        cancelled or paused.
+        """
+        seq = self._seq
+        done = seq.wait_for(lambda: seq.phase not in ("waiting", "prefilling"), timeout)
+        if not seq.live and seq.phase != "finished":
+            if seq.error is not None:
+                raise seq.error
+            raise Conflict(f"generation {seq.id} is {self.state}")
+        return done
+
+    def load_state(self, state: Mapping[str, Any]) -> int:
+        """Continue exactly where `state` left off (the final round of a migration).
+
+        Returns how many of the state's tokens the cache already held: the others are
+        recomputed (a batched generation's last token by its first decode pass).
+        """
         engine = self._batcher.engine
         parsed = parse_state(state, engine)
         check_length(engine, len(parsed.tokens), parsed.prompt_len, parsed.params)
         sampler, text = restore(parsed, state, engine)
 
-        def apply() -> None:
+        def apply() -> int:
             seq = self._seq
+            if not seq.live:
+                raise Conflict(f"generation {seq.id} is {self.state}")
             seq.prompt_len, seq.params, seq.sampler, seq.text = (
                 parsed.prompt_len,
                 parsed.params,
@@ -197,15 +228,19 @@ class BatchedGeneration:
             seq.hold = False
             if parsed.finish_reason is not None:
                 seq.tokens = parsed.tokens
+                seq.mark_start()
                 self._batcher.leave(seq, "finished")
                 seq.finish_reason = parsed.finish_reason
                 seq.push(TokenEvent(None, "", len(seq.generated), True, parsed.finish_reason))
-                return
-            self._restage(parsed.tokens)
+                return len(parsed.tokens)
+            reused = self._restage(parsed.tokens)
+            seq.mark_start()  # start_state(): the state it continued from
+            return reused
 
-        self._batcher.call(apply)
+        return self._batcher.call(apply)
 
-    def _restage(self, tokens: list[int]) -> None:
+    def _restage(self, tokens: list[int]) -> int:
+        """Give `seq` these tokens, keeping the cached prefix they share; the tokens kept."""
         seq = self._seq
         if not seq.live:
             raise Conflict(f"generation {seq.id} is {self.state}")
@@ -218,6 +253,7 @@ class BatchedGeneration:
         seq.tokens = list(tokens)
         if seq.phase in ("decoding", "held"):
             self._batcher.restage(seq)
+        return seq.cached
 
     def close(self) -> None:
         """Cancel (if still running) and free the slot; calling it again does nothing."""
@@ -311,16 +347,23 @@ def restore(
     return sampler, stream
 
 
-def check_length(engine: Engine, n: int, prompt_len: int, params: SamplingParams) -> None:
+def check_length(
+    engine: Engine, n: int, prompt_len: int, params: SamplingParams, what: str = "tokens"
+) -> None:
     """InvalidRequest unless `n` tokens hold the prompt, at most max_tokens more, and fit."""
     generated = n - prompt_len
     if generated < 0:
         raise InvalidRequest(
-            f"'tokens' must hold at least the prompt's {prompt_len} tokens, got {n}"
+            f"{what!r} must hold at least the prompt's {prompt_len} tokens, got {n}", param=what
         )
     if generated > params.max_tokens:
         raise InvalidRequest(
-            f"'tokens' holds {generated} generated tokens, more than max_tokens {params.max_tokens}"
+            f"{what!r} holds {generated} generated tokens, more than max_tokens "
+            f"{params.max_tokens}",
+            param=what,
         )
     if n > engine.max_context:
-        raise InvalidRequest(f"{n} tokens exceed the context of {engine.max_context}")
+        raise InvalidRequest(
+            f"{what!r} holds {n} tokens, more than the context of {engine.max_context}",
+            param=what,
+        )

@@ -290,6 +290,10 @@ class Runtime:
         """Generations (and embedding batches) holding a slot right now."""
         return self._slots.active
 
+    def kv_rows(self) -> int:
+        """Generations holding a row of the batched KV cache now (0 without batching)."""
+        return self._batcher.running if self._batcher is not None else 0
+
     def close(self) -> None:
         """Drop the model so its memory can go; running generations then fail with Unavailable."""
         if self._batcher is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +207,16 @@ class Sequence:
                 return None
             return self._events.popleft()
 
+    def notify(self) -> None:
+        """Wake `wait_for` callers: the batcher changed this sequence's phase."""
+        with self._ready:
+            self._ready.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until `predicate()` (checked at each event or `notify`); False on timeout."""
+        with self._ready:
+            return self._ready.wait_for(predicate, timeout)
+
     # -- one token -------------------------------------------------------------------------------
 
     def append(self, pick: Pick, tokenizer: Any, eos: frozenset[int]) -> TokenEvent:
@@ -227,6 +238,10 @@ class Sequence:
         return self.sampler.plain_greedy
 
     # -- state ------------------------------------------------------------------------------------
+
+    def mark_start(self) -> None:
+        """Make the current tokens and text the start state (a migration target continued)."""
+        self._start_len, self._start_text = len(self.tokens), self.text.to_json()
 
     def start_state(self) -> dict[str, Any]:
         """The state this sequence started from, readable from any thread (see start_state)."""

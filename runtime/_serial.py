@@ -8,7 +8,8 @@ interleave token by token.
 States / data / events:
 
     running  --step: eos, max_tokens or stop string-->  finished  --close-->  closed
-    running  --prefill(tokens) / load_state(state)-->  running | finished
+    running  --prefill(tokens)-->  running (a migration round: the cache holds the tokens)
+    running  --load_state(state)-->  running | finished
     running  --pause-->  paused (state exported)
 
 data: tokens (prompt + generated), the KV cache of tokens[:cached], pending logits for the
@@ -76,23 +77,36 @@ class SerialGeneration:
         """The generated tokens (everything after the prompt)."""
         return self.tokens[self.prompt_len :]
 
-    def prefill(self, tokens: list[int]) -> None:
+    @property
+    def cached(self) -> int:
+        """Tokens whose keys and values the cache holds."""
+        return self._cached if self._cache is not None else 0
+
+    def prefill(self, tokens: list[int]) -> int:
         """Make the KV cache hold exactly `tokens` (prompt + generated so far); continue from there.
 
         Tokens past the prompt count as generated and their text as released. When the cache
-        already holds a prefix of `tokens` only the rest is computed (later migration rounds).
+        already holds a prefix of `tokens` only the rest is computed (later migration rounds);
+        returns how many tokens it held. Whether the tokens end the generation is not settled
+        here: a migration target learns that from the final state (`load_state`).
         """
         with self._lock:
             self._check_open(running=True)
             tokens = self._engine.check_tokens(tokens)
             check_length(self._engine, len(tokens), self.prompt_len, self.params)
-            self._fill(tokens)
+            reused = self._fill(tokens, settle=False)
             done = len(tokens) - self.prompt_len
             if not self.params.greedy and self._sampler.draws != done:
                 self._sampler = self._engine.sampler(self.params, seed=self._sampler.seed)
                 self._sampler.advance(done)
             self._text = TextStream.after(self.params.stop, len(tokens), self.prompt_len)
             self._mark_start()
+            return reused
+
+    def wait_prefilled(self, timeout: float | None) -> bool:
+        """Always true: `prefill` computes on the caller's thread before it returns."""
+        self._check_open()
+        return True
 
     def _mark_start(self) -> None:
         if not self._stepped:
@@ -171,8 +185,11 @@ class SerialGeneration:
                 else self.params.max_tokens - len(self.generated),
             }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where `export_state` left off (the final round of a migration)."""
+    def load_state(self, state: Mapping[str, Any]) -> int:
+        """Continue exactly where `export_state` left off (the final round of a migration).
+
+        Returns how many of the state's tokens the cache already held (not recomputed).
+        """
         with self._lock:
             self._check_open(running=True)
             parsed = parse_state(state, self._engine)
@@ -182,12 +199,13 @@ class SerialGeneration:
             sampler, stream = restore(parsed, state, self._engine)
             self.prompt_len, self.params = prompt_len, params
             if parsed.finish_reason is None:
-                self._fill(tokens)
+                reused = self._fill(tokens)
             else:
-                self.tokens = tokens
+                self.tokens, reused = tokens, len(tokens)
                 self._finish(parsed.finish_reason)
             self._sampler, self._text = sampler, stream
             self._mark_start()
+            return reused
 
     def close(self) -> None:
         """Release the slot and the KV cache; calling it again does nothing."""
@@ -215,19 +233,26 @@ class SerialGeneration:
         if running and self.finished:
             raise Conflict(f"the generation already finished ({self.finish_reason})")
 
-    def _fill(self, tokens: list[int]) -> None:
-        """Compute the cache for `tokens`, reusing a cached prefix; set the finish state."""
+    def _fill(self, tokens: list[int], *, settle: bool = True) -> int:
+        """Compute the cache for `tokens`, reusing a cached prefix; the tokens reused.
+
+        With `settle`, whether the tokens end the generation is settled too (its finish
+        state). Tokens the cache holds whole, with the next logits pending (a held target
+        whose final state brought nothing new), are not computed again.
+        """
         cached = self._cached if self._cache is not None else 0
-        reuse = 0 < cached < len(tokens) and tokens[:cached] == self.tokens[:cached]
-        if not reuse:
+        whole = cached == len(tokens) and self._logits is not None and tokens == self.tokens
+        if not whole and not (0 < cached < len(tokens) and tokens[:cached] == self.tokens[:cached]):
             self._cache, cached = None, 0  # let go of the old cache before building a new one
+        pending = self._logits if whole else None
         self.tokens, self._logits = tokens, None
         self.finished, self.finish_reason = False, None
-        reason = self._end_reason()
+        reason = self._end_reason() if settle else None
         if reason is not None:
             self._finish(reason)
-            return
-        self._logits = self._extend()
+            return cached
+        self._logits = pending if pending is not None else self._extend()
+        return cached
 
     def _extend(self) -> torch.Tensor:
         """Run the tokens the cache does not hold yet through the model; the next-token logits.

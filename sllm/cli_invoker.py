@@ -76,6 +76,12 @@ def invoker() -> None:
     type=int,
     help="Prompt tokens per step between decode passes [SLLM_PREFILL_CHUNK, 256].",
 )
+@click.option(
+    "--hold-timeout",
+    type=float,
+    help="Seconds a held generation (a migration target) waits for its next prefill or "
+    "continue before it is cancelled [SLLM_HOLD_TIMEOUT, 120].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError

@@ -70,10 +70,13 @@ def test_config_from_env_and_overrides(tmp_path: Path) -> None:
         "SLLM_DRAM_CAPACITY": "512MiB",
         "SLLM_INVOKER_PORT": "9001",
         "SLLM_MEASURE_BANDWIDTH": "off",
+        "SLLM_HOLD_TIMEOUT": "30",
     }
     c = InvokerConfig.from_env(env, port=9002, device=None)
     c.validate()
     assert (c.nvme_capacity, c.dram_capacity, c.port) == (3 << 30, 512 << 20, 9002)
+    assert c.hold_timeout == 30.0
+    assert InvokerConfig.from_env(env, hold_timeout=5.0).hold_timeout == 5.0  # --hold-timeout
     assert c.cache_dir == tmp_path / "invoker"
     assert c.store_uri == f"file://{tmp_path / 'store'}"
     assert c.measure_bandwidth is False
@@ -85,8 +88,9 @@ def test_config_from_env_and_overrides(tmp_path: Path) -> None:
         ({"SLLM_INVOKER_PORT": "http"}, "SLLM_INVOKER_PORT: expected an integer"),
         ({"SLLM_DRAM_CAPACITY": "lots"}, "SLLM_DRAM_CAPACITY"),
         ({"SLLM_MEASURE_BANDWIDTH": "maybe"}, "expected true or false"),
+        ({"SLLM_HOLD_TIMEOUT": "2m"}, "SLLM_HOLD_TIMEOUT: expected seconds"),
     ],
-    ids=["port", "capacity", "bool"],
+    ids=["port", "capacity", "bool", "hold-timeout"],
 )
 def test_config_rejects_bad_env(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -101,8 +105,9 @@ def test_config_rejects_bad_env(env: dict[str, str], message: str) -> None:
         ({"download_concurrency": 0}, "download_concurrency must be in"),
         ({"part_size": 1000}, "part_size must be in"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"hold_timeout": 0}, r"hold_timeout must be in \[0.1, 86400\], got 0"),
     ],
-    ids=["token", "port", "concurrency", "part-size", "device"],
+    ids=["token", "port", "concurrency", "part-size", "device", "hold-timeout"],
 )
 def test_config_validate_names_the_bad_value(changes: dict[str, object], message: str) -> None:
     config = InvokerConfig.from_env({"SLLM_INTERNAL_TOKEN": "t"}).replace(**changes)

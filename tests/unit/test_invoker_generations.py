@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -115,3 +117,61 @@ def test_a_runtime_pause_is_used_when_the_generation_has_one() -> None:
     reg = Generations(clock=Clock())
     reg.register("n", "i", "a/f", Pausable())
     assert reg.pause("n").final == {"tokens": [9, 0], "prompt_len": 1, "finish_reason": "paused"}
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def test_a_held_generation_is_cancelled_when_its_hold_runs_out() -> None:
+    clock = Clock()
+    reg = Generations(clock=clock)
+    expired: list[int] = []
+    reg.on_expire = lambda: expired.append(1)
+    gen = FakeGeneration()
+    entry = reg.register("h", "i", "a/f", gen, held=([9], 0.05))
+    assert entry.live_state() == "held" and reg.listing()[0]["state"] == "held"
+    with pytest.raises(Conflict, match="held"):
+        reg.pause("h")
+
+    clock.now += 1.0  # past its deadline when the timer looks
+
+    assert wait_for(lambda: entry.state == "cancelled")
+    assert gen.closed and expired == [1]
+    with pytest.raises(Conflict, match="cancelled"):
+        reg.check_held(entry, "continue")
+
+
+def test_a_migration_call_restarts_the_hold_and_a_continue_ends_it() -> None:
+    clock = Clock()
+    reg = Generations(clock=clock)
+    entry = reg.register("h", "i", "a/f", FakeGeneration(), held=([9], 0.05))
+    reg.touch(entry, 10.0)  # a prefill round: ten more (fake) seconds
+
+    time.sleep(0.2)  # the timer looked, found time left, and looks again later
+
+    assert entry.live_state() == "held" and entry.timer is not None
+    reg.check_held(entry, "prefill")
+    assert reg.release(entry) and entry.live_state() == "running" and entry.timer is None
+    with pytest.raises(Conflict, match="continued already"):
+        reg.check_held(entry, "continue")
+    reg.register("r", "i", "a/f", FakeGeneration())
+    with pytest.raises(Conflict, match="not held"):
+        reg.check_held(reg.get("r"), "prefill")
+
+
+def test_a_held_stream_waits_until_released_or_cancelled() -> None:
+    reg = Generations(clock=Clock())
+    entry = reg.register("h", "i", "a/f", FakeGeneration(), held=([9], 60.0))
+    waiter = threading.Thread(target=reg.wait_released, args=(entry,))
+    waiter.start()
+    time.sleep(0.1)
+    assert waiter.is_alive()
+
+    reg.cancel("h")
+
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and entry.cancelled

@@ -282,6 +282,30 @@ def test_a_cancelled_stream_leaves_and_the_others_go_on(folders: dict[str, Path]
     assert cancel.state == "cancelled" and rt.active() == 0
 
 
+def test_a_row_that_leaves_from_the_middle_of_the_batch_keeps_the_others_intact(
+    folders: dict[str, Path],
+) -> None:
+    """Commands (cancel, pause, continue) run between steps and move KV rows: two held
+    migration targets in rows 0 and 1, row 0 cancelled, and row 1's cache moves up whole."""
+    rt = runtime_for(folders["llama"])
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    prompt = rt.encode(prompt=PROMPTS[0])
+    expected = alone(rt, prompt, params)
+    state = {"tokens": prompt, "prompt_len": len(prompt), "params": params.to_json()}
+    first, second = rt.resume(state, hold=True), rt.resume(state, hold=True)
+    assert first.wait_prefilled(30) and second.wait_prefilled(30)
+    assert rt.kv_rows() == 2
+
+    first.close()
+
+    deadline = time.monotonic() + 10
+    while rt.kv_rows() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.kv_rows() == 1
+    assert second.load_state(state) == len(prompt) - 1  # its cached prompt is reused
+    assert drain(second) == expected
+
+
 def test_sliding_window_models_fall_back_to_serial_generation(tmp_path: Path) -> None:
     src = tiny_models.build_tiny_model("qwen2", tmp_path / "src")
     config = json.loads((src / "config.json").read_text())

@@ -153,25 +153,35 @@ def test_resumed_generation_continues_exactly(
     assert destination.active() == 0
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["batching-target", "serial-target"])
 def test_multi_round_migration_prefills_ahead_then_takes_the_final_state(
-    folders: dict[str, Path], llama: Runtime
+    folders: dict[str, Path], llama: Runtime, batching: bool
 ) -> None:
     prompt = llama.encode(prompt=PROMPT)
     unmigrated = [e.token for e in llama.generate(prompt, SAMPLED)]
-    source = llama.start(prompt, SAMPLED)
-    destination = runtime_for(folders["llama"])
+    # A serial source decodes only when stepped: the rounds happen where the test says (a
+    # batched one runs ahead on its own thread and may finish before the pause).
+    source = runtime_for(folders["llama"], batching=False).start(prompt, SAMPLED)
+    destination = runtime_for(folders["llama"], batching=batching)
 
     [source.step() for _ in range(3)]
     # Round 1: the target prefills what the source has, and holds, while the source goes on.
     target = destination.resume(source.export_state(), hold=True)
     [source.step() for _ in range(3)]
-    target.prefill(source.export_state()["tokens"])  # round 2: only the new tokens are computed
+    round_2 = source.export_state()["tokens"]
+    reused = target.prefill(round_2)  # round 2: only the new tokens are computed
+    assert target.wait_prefilled(30)
+    assert reused == len(prompt) + 3 - (1 if batching else 0)
+    assert target.cached == len(round_2) - (1 if batching else 0)
+    source.step()
     final = source.pause()  # final round: the source stops and hands over
-    target.load_state(final)
+    cached = target.cached
+    assert target.load_state(final) == cached  # the cache is reused: 1 or 2 to go
     rest = run(target)
 
     assert final["tokens"][len(prompt) :] + [e.token for e in rest] == unmigrated
-    assert run(source)[-1].finish_reason == "paused"
+    assert source.step().finish_reason == "paused"
+    source.close()
 
 
 def test_resume_from_tokens_alone_continues_a_seeded_run(llama: Runtime) -> None:
