@@ -48,6 +48,10 @@ class InvokerConfig:
         0  # KV cache budget per instance; 0: a quarter of DRAM, or half the free GPU
     )
     prefill_chunk: int = 256  # prompt tokens per step, so a long prompt never stalls other streams
+    # SIGTERM drains first: running generations get this long to finish (see _drain). The
+    # default function timeout (60 s): a generation of a function with default limits that
+    # runs at the SIGTERM finishes within it.
+    drain_grace: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -89,13 +93,15 @@ class InvokerConfig:
         for name, var in sizes.items():
             if var in env:
                 values[name] = parse_size(env[var], name=var)
-        if "SLLM_QUEUE_TIMEOUT" in env:
-            try:
-                values["queue_timeout"] = float(env["SLLM_QUEUE_TIMEOUT"])
-            except ValueError:
-                raise ValueError(
-                    f"SLLM_QUEUE_TIMEOUT: expected seconds, got {env['SLLM_QUEUE_TIMEOUT']!r}"
-                ) from None
+        for name, var in (
+            ("queue_timeout", "SLLM_QUEUE_TIMEOUT"),
+            ("drain_grace", "SLLM_DRAIN_GRACE"),
+        ):
+            if var in env:
+                try:
+                    values[name] = float(env[var])
+                except ValueError:
+                    raise ValueError(f"{var}: expected seconds, got {env[var]!r}") from None
         for name, var in (
             ("measure_bandwidth", "SLLM_MEASURE_BANDWIDTH"),
             ("batching", "SLLM_BATCHING"),
@@ -143,6 +149,7 @@ class InvokerConfig:
             ("heartbeat_interval", self.heartbeat_interval, 0.05, 3600),
             ("kv_cache_bytes", self.kv_cache_bytes, 0, float("inf")),
             ("prefill_chunk", self.prefill_chunk, 1, 1 << 16),
+            ("drain_grace", self.drain_grace, 0, 3600),
         ]
         for name, value, lo, hi in checks:
             if not lo <= value <= hi:

@@ -76,6 +76,12 @@ def invoker() -> None:
     type=int,
     help="Prompt tokens per step between decode passes [SLLM_PREFILL_CHUNK, 256].",
 )
+@click.option(
+    "--drain-grace",
+    type=click.FloatRange(0, 3600),
+    help="On SIGTERM, seconds running generations get to finish before the invoker exits "
+    "(it takes no new work meanwhile) [SLLM_DRAIN_GRACE, 60].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError
