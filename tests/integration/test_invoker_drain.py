@@ -226,3 +226,48 @@ def test_sigterm_with_nothing_running_exits_at_once(cluster: dict[str, Any]) -> 
         assert time.monotonic() - started < 15  # not the 600 s grace
     finally:
         idle.stop()
+
+
+def _direct_stream(inv: InvokerProcess, instance: str) -> tuple[threading.Thread, list[Any]]:
+    """A stream straight to an invoker (no controller): its thread and its events."""
+    events: list[Any] = []
+    body = {"function": "x/direct", "model": "llama", "instance": instance, "stream": True, **BODY}
+
+    def read() -> None:
+        with inv.client().stream("POST", "/v1/invoke", json=body) as r:
+            events.extend(json.loads(line) for line in r.iter_lines() if line)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t, events
+
+
+def test_a_forced_unload_cuts_a_stream_and_sigterm_past_its_grace_cuts_and_exits(
+    cluster: dict[str, Any],
+) -> None:
+    """What a drain does when its grace runs out, on a standalone invoker."""
+    root: Path = cluster["root"]
+    alone = InvokerProcess(root / "inv-alone", cluster["store"], extra=("--drain-grace", "0.5"))
+    try:
+        alone.start()
+        bad = alone.post("/v1/unload", {"instance": "i1", "force": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "force"
+        reader, events = _direct_stream(alone, "i1")
+        wait_until(lambda: len(events) > 2, 60, "the first tokens")
+        busy = alone.post("/v1/unload", {"instance": "i1"})
+        assert busy.status_code == 409, busy.text  # busy: refused without force
+        cut = alone.post("/v1/unload", {"instance": "i1", "force": True})
+        assert cut.status_code == 200 and cut.json()["unloaded"] is True
+        reader.join(30)
+        assert events[-1]["event"] == "error", events[-2:]
+
+        reader, events = _direct_stream(alone, "i2")
+        wait_until(lambda: len(events) > 2, 60, "the first tokens")
+        assert alone.proc is not None
+        os.kill(alone.proc.pid, signal.SIGTERM)
+        reader.join(30)
+        assert events[-1]["event"] == "error", events[-2:]  # cut after the 0.5 s grace
+        assert [e["event"] for e in events].count("token") < TOKENS
+        assert alone.proc.wait(30) == 0
+    finally:
+        alone.stop()
