@@ -13,6 +13,9 @@ Native (OpenWhisk-style), API key (Bearer or Basic):
   GET    /api/v1/namespaces/{ns}/activations                 ?name&since&upto&status&limit&skip
   GET    /api/v1/namespaces/{ns}/activations/{id}[/result|/logs]
   GET    /api/v1/invokers                                    admin
+  GET    /api/v1/invokers/{invoker}                          admin: state, load, drain progress
+  POST   /api/v1/invokers/{invoker}/drain                    admin; {"grace_s"?} -> 202
+  POST   /api/v1/invokers/{invoker}/undrain                  admin
   GET    /api/v1/invokers/{invoker}/metrics|status           admin (the invoker's own pages)
 OpenAI-compatible (the key's namespace): /v1/models, /v1/completions,
   /v1/chat/completions, /v1/embeddings.
@@ -192,6 +195,21 @@ def create_app(controller: Controller) -> Flask:
     def invokers() -> Response:
         _admin()
         return _json(controller.list_invokers())
+
+    @app.get("/api/v1/invokers/<invoker>")
+    def get_invoker(invoker: str) -> Response:
+        _admin()
+        return _json(controller.get_invoker(invoker))
+
+    @app.post("/api/v1/invokers/<invoker>/drain")
+    def drain_invoker(invoker: str) -> Response:
+        _admin()
+        return _json(controller.drain_invoker(invoker, json_body(empty={})), 202)
+
+    @app.post("/api/v1/invokers/<invoker>/undrain")
+    def undrain_invoker(invoker: str) -> Response:
+        _admin()
+        return _json(controller.undrain_invoker(invoker))
 
     @app.get("/api/v1/invokers/<invoker>/<page>")
     def invoker_page(invoker: str, page: str) -> Response:

@@ -7,6 +7,7 @@ is set (the server sets it) `/metrics` aggregates all workers.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -25,7 +26,8 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 
 class ControllerMetrics:
-    """Requests, latencies, activations by status, cold starts by tier, queue lengths."""
+    """Requests, latencies, activations by status, cold starts by tier, queue lengths,
+    invokers by state."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -59,6 +61,15 @@ class ControllerMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # From the database, set by every maintenance pass: the latest pass of any live
+        # worker is the answer (they all read the same table).
+        self.invokers = Gauge(
+            "sllm_invokers",
+            "Invokers by state (active, draining, drained, lost)",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
 
     def observe_start(self, tier: str, cold: bool) -> None:
         """A request reached a model: warm, or cold from a tier."""
@@ -69,6 +80,11 @@ class ControllerMetrics:
         self.activations.labels(run.task, run.status).inc()
         if run.ttft_ms is not None:
             self.ttft.labels(str(bool(run.cold)).lower()).observe(run.ttft_ms / 1000)
+
+    def observe_invokers(self, counts: Mapping[str, int]) -> None:
+        """The invokers by state, as the database has them now."""
+        for state, n in counts.items():
+            self.invokers.labels(state).set(n)
 
     def render(self) -> bytes:
         """The text exposition: every worker's when running multi-process."""

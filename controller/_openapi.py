@@ -239,6 +239,21 @@ def openapi_document() -> dict[str, Any]:
             "get": _op("An activation's logs", params=[NS, ID])
         },
         "/api/v1/invokers": {"get": _op("List invokers (admin)")},
+        "/api/v1/invokers/{invoker}": {
+            "get": _op("One invoker: state, load, drain progress (admin)", params=[INVOKER])
+        },
+        "/api/v1/invokers/{invoker}/drain": {
+            "post": _op(
+                "Drain an invoker: no new work, running generations end or move away within "
+                "grace_s, then its instances are unloaded (admin; 202)",
+                params=[INVOKER],
+                body=any_obj,
+                ok="202",
+            )
+        },
+        "/api/v1/invokers/{invoker}/undrain": {
+            "post": _op("Put a drained invoker back into placement (admin)", params=[INVOKER])
+        },
         "/api/v1/invokers/{invoker}/metrics": {
             "get": _op(
                 "An invoker's Prometheus metrics, read with the internal token (admin)",

@@ -57,6 +57,8 @@ from ._catalog import Catalog
 from ._choices import Choices, blocking_events
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
+from ._drain import GenerationMover, WaitForGenerations, reported_drain
+from ._draining import Drains, on_heartbeat
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
 from ._invokers import INVOKER_NAME_RULE, InvokerClient, InvokerLost, is_invoker_name
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
@@ -96,7 +98,12 @@ class Controller:
     """The controller's operations; the HTTP layer only parses and formats."""
 
     def __init__(
-        self, config: ControllerConfig, db: Database, *, scheduler: Scheduler | None = None
+        self,
+        config: ControllerConfig,
+        db: Database,
+        *,
+        scheduler: Scheduler | None = None,
+        mover: GenerationMover | None = None,
     ) -> None:
         self.config = config
         self.db = db
@@ -125,6 +132,14 @@ class Controller:
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
         self._orphans = OrphanUnloader(db, self._background, self._unload_on)
+        # Draining invokers; `mover` moves their running generations away (live migration),
+        # by default nothing is moved and a drain waits for them (see _drain).
+        self.drains = Drains(
+            db,
+            mover or WaitForGenerations(),
+            self._unload_on,
+            floor_grace_s=config.functions.timeout_s,
+        )
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -832,7 +847,11 @@ class Controller:
 
     # ------------------------------------------------------------ invokers
     def heartbeat(self, body: Any) -> dict[str, Any]:
-        """An invoker's registration or heartbeat, with its status; reconciles its instances."""
+        """An invoker's registration or heartbeat, with its status; reconciles its instances.
+
+        Its state follows its drain (see _drain): "draining" in the body says it
+        drains itself (SIGTERM); an admin's drain stands whatever it says.
+        """
         doc = require_object(body)
         name, url, device = doc.get("name"), doc.get("url"), doc.get("device", "")
         status = doc.get("status") or {}
@@ -843,16 +862,22 @@ class Controller:
             raise InvalidRequest("'url' must be an http(s) URL")
         if not isinstance(status, Mapping) or not isinstance(capacity, Mapping):
             raise InvalidRequest("'status' and 'capacity' must be objects")
+        try:
+            reported = reported_drain(doc.get("draining"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="draining") from None
         now = time.time()
         with self.db.session(write=True) as s:
-            row = s.execute(select(Invoker).where(Invoker.name == name)).scalar_one_or_none()
+            row = s.execute(
+                select(Invoker).where(Invoker.name == name).with_for_update()
+            ).scalar_one_or_none()
             if row is None:
                 row = Invoker(
                     name=name,
                     url=url.rstrip("/"),
                     device=str(device)[:64],
                     capacity=dict(capacity),
-                    status=dict(status),
+                    status={},
                     state="active",
                     registered_at=now,
                     last_heartbeat=now,
@@ -860,17 +885,16 @@ class Controller:
                 s.add(row)
                 s.flush()
                 log.info("invoker %s registered at %s", name, url)
-            else:
-                if row.state != "active":
-                    log.info("invoker %s is back", name)
-                row.url, row.device = url.rstrip("/"), str(device)[:64]
-                row.capacity, row.status = dict(capacity), dict(status)
-                row.state, row.last_heartbeat = "active", now
+            elif row.state == "lost":
+                log.info("invoker %s is back", name)
+            row.url, row.device = url.rstrip("/"), str(device)[:64]
+            row.capacity, row.last_heartbeat = dict(capacity), now
+            state = on_heartbeat(s, row, status, reported, now)
             orphans = self._reconcile(s, row, status)
             invoker_id, invoker_url = row.id, row.url
         for held in orphans:
             self._orphans.submit(invoker_id, invoker_url, held.function, held.instance)
-        return {"name": name, "state": "active", "heartbeat_timeout": self.config.heartbeat_timeout}
+        return {"name": name, "state": state, "heartbeat_timeout": self.config.heartbeat_timeout}
 
     def _reconcile(self, s: Session, invoker: Invoker, status: Mapping[str, Any]) -> list[Held]:
         """Forget the rows of instances `invoker` no longer holds; those it holds without one."""
@@ -885,28 +909,21 @@ class Controller:
         return [held[key] for key in decision.unload]
 
     def list_invokers(self) -> list[dict[str, Any]]:
-        """Every invoker with its state, last heartbeat and instances."""
-        with self.db.session() as s:
-            invokers = s.execute(select(Invoker).order_by(Invoker.name)).scalars().all()
-            counts = dict(
-                s.execute(
-                    select(Instance.invoker_id, func.count()).group_by(Instance.invoker_id)
-                ).all()
-            )
-            return [
-                {
-                    "name": v.name,
-                    "url": v.url,
-                    "device": v.device,
-                    "state": v.state,
-                    "last_heartbeat": v.last_heartbeat,
-                    "registered": v.registered_at,
-                    "capacity": v.capacity,
-                    "instances": counts.get(v.id, 0),
-                    "status": v.status,
-                }
-                for v in invokers
-            ]
+        """Every invoker with its state, last heartbeat, instances and drain progress."""
+        return self.drains.list()
+
+    def get_invoker(self, name: str) -> dict[str, Any]:
+        """One invoker's document (NotFound when unknown)."""
+        return self.drains.get(name)
+
+    def drain_invoker(self, name: str, body: Any) -> dict[str, Any]:
+        """Drain invoker `name` (admin): no new work; running generations move away or end
+        (within `grace_s`), then its instances are unloaded. Its document."""
+        return self.drains.drain(name, body)
+
+    def undrain_invoker(self, name: str) -> dict[str, Any]:
+        """Put invoker `name` back into placement (admin). Its document."""
+        return self.drains.undrain(name)
 
     # ------------------------------------------------------------ background: queue
     def _queue_loop(self) -> None:
@@ -1005,7 +1022,7 @@ class Controller:
             lost = list(
                 s.execute(
                     select(Invoker.id, Invoker.name).where(
-                        Invoker.state == "active",
+                        Invoker.state != "lost",
                         Invoker.last_heartbeat < now - self.config.heartbeat_timeout,
                     )
                 ).all()
@@ -1045,8 +1062,10 @@ class Controller:
             )
         if requeued:
             self._wake.set()
+        self.drains.step_all()
         self._expire_idle(now)
         self._prewarm()
+        self.metrics.observe_invokers(self.drains.counts())
 
     def _expire_idle(self, now: float) -> None:
         with self.db.session(write=True) as s:
@@ -1160,13 +1179,18 @@ class Controller:
         load_ms = float(report.get("load_seconds", 0.0)) * 1000
         self.dispatcher.loaded(slot, tier, load_ms)
 
-    def _unload_on(self, url: str, function: str, instance: str | None = None) -> None:
-        """Unload instance `instance` of `function` (without an id: its only instance there)."""
-        body = (
+    def _unload_on(
+        self, url: str, function: str, instance: str | None = None, force: bool = False
+    ) -> None:
+        """Unload instance `instance` of `function` (without an id: its only instance there);
+        `force`: even while requests run on it (they end with an error)."""
+        body: dict[str, Any] = (
             {"function": function}
             if instance is None
             else {"instance": instance, "function": function}
         )
+        if force:
+            body["force"] = True
         try:
             self.invokers.call(url, "/v1/unload", body, 10.0)
         except SllmError as exc:

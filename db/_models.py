@@ -169,8 +169,10 @@ class Invoker(Base):
     url: Mapped[str] = mapped_column(String(512))
     device: Mapped[str] = mapped_column(String(64))
     capacity: Mapped[dict[str, Any]]  # tier -> bytes
-    status: Mapped[dict[str, Any]]  # the last status report
-    state: Mapped[str] = mapped_column(String(16))  # "active" | "lost" | "draining"
+    # The last status report; its "drain" key is the controller's drain record (see
+    # sllm.controller._drain), kept across heartbeats.
+    status: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))  # "active" | "draining" | "drained" | "lost"
     registered_at: Mapped[float]
     last_heartbeat: Mapped[float]
 

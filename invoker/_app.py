@@ -6,7 +6,8 @@ GET  /metrics            Prometheus text format
 GET  /v1/status          tiers with sizes, instances, device memory, load queue, bandwidths
 POST /v1/load            {function, model, task?, concurrency?, instance?, version?}
                          -> LoadReport plus instance and version
-POST /v1/unload          {instance} (or {function} while it has exactly one instance)
+POST /v1/unload          {instance, force?} (or {function} while it has exactly one instance);
+                         force: even while requests run on it (they end with an error)
 POST /v1/invoke          {function, model, instance?, version?, activation?, n?,
                           prompt|messages|tokens, sampling..., stream?}
                          stream: NDJSON events start / token* / finish per choice / done
@@ -27,6 +28,9 @@ POST   /v1/generations/<id>/continue  {state}: a held one loads its final state 
                                     -> {id, tokens, recomputed}
 Unknown generation: 404; one that already ended (finished, paused, cancelled): 409; so is
 a prefill or continue of one that is not held, and a pause of a held one (see _holds).
+
+Once the invoker drains (SIGTERM, see _drain), load, invoke, resume and embed
+answer 503 `draining` with Retry-After; everything else keeps answering.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import logging
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from sllm.core import strict_json
@@ -48,6 +52,8 @@ from ._service import Invoker
 from ._stream import collect
 
 log = logging.getLogger("sllm.invoker")
+
+WORK = frozenset({"load", "invoke", "resume", "embed"})  # endpoints a drain refuses
 
 
 def create_app(invoker: Invoker) -> Flask:
@@ -61,6 +67,18 @@ def create_app(invoker: Invoker) -> Flask:
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             raise Unauthorized("missing or wrong internal token (Authorization: Bearer ...)")
+
+    @app.before_request
+    def admit() -> None:
+        if request.endpoint in WORK:
+            invoker.drain.admit()  # Draining (503) once the drain began
+            g.admitted = True
+
+    @app.teardown_request
+    def leave(_exc: BaseException | None) -> None:
+        # When the view returned: a generation it started is registered by then.
+        if g.pop("admitted", False):
+            invoker.drain.leave()
 
     @app.after_request
     def count(response: Response) -> Response:
@@ -111,7 +129,12 @@ def create_app(invoker: Invoker) -> Flask:
                 raise InvalidRequest(f"{name!r} must be a non-empty string", param=name)
         if instance is None and function is None:
             raise InvalidRequest("give 'instance' (or 'function' when it has one instance)")
-        return _json(invoker.unload(function, instance=instance))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidRequest(f"'force' must be true or false, got {force!r}", param="force")
+        if force and instance is None:
+            raise InvalidRequest("'force' needs 'instance'", param="force")
+        return _json(invoker.unload(function, instance=instance, force=force))
 
     @app.post("/v1/evict")
     def evict() -> Response:

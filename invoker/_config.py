@@ -52,6 +52,10 @@ class InvokerConfig:
     # cancelled and its KV memory freed: a migration's rounds come seconds apart, and a
     # controller that restarts mid-migration is back well within it (see invoker/_holds.py).
     hold_timeout: float = 120.0
+    # SIGTERM drains first: running generations get this long to finish (see _drain). The
+    # default function timeout (60 s): a generation of a function with default limits that
+    # runs at the SIGTERM finishes within it.
+    drain_grace: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -96,6 +100,7 @@ class InvokerConfig:
         for name, var in (
             ("queue_timeout", "SLLM_QUEUE_TIMEOUT"),
             ("hold_timeout", "SLLM_HOLD_TIMEOUT"),
+            ("drain_grace", "SLLM_DRAIN_GRACE"),
         ):
             if var in env:
                 try:
@@ -150,6 +155,7 @@ class InvokerConfig:
             ("kv_cache_bytes", self.kv_cache_bytes, 0, float("inf")),
             ("prefill_chunk", self.prefill_chunk, 1, 1 << 16),
             ("hold_timeout", self.hold_timeout, 0.1, 86400),
+            ("drain_grace", self.drain_grace, 0, 3600),
         ]
         for name, value, lo, hi in checks:
             if not lo <= value <= hi:

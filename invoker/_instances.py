@@ -344,9 +344,10 @@ class Instances:
                 continue
         return False
 
-    def unload(self, instance: str) -> Instance:
-        """Drop instance `instance` from the device (NotFound / Conflict when busy)."""
-        return self._unload(instance, force=False)
+    def unload(self, instance: str, *, force: bool = False) -> Instance:
+        """Drop instance `instance` from the device (NotFound; Conflict when busy unless
+        `force`: then its running requests fail with Unavailable)."""
+        return self._unload(instance, force=force)
 
     def unload_function(self, function: str) -> Instance:
         """Drop the one instance of `function`; Conflict naming them when it has several."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import signal
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -22,11 +24,19 @@ class InvokerServer(BaseApplication):
     be duplicated per worker; threads, so streams and loads run side by side.
     The invoker is built in the worker, never in the master, so CUDA is
     initialised after the fork.
+
+    SIGTERM drains first (see _drain): the worker keeps serving while its
+    running generations finish, up to `drain_grace`, and only then starts
+    gunicorn's own graceful shutdown; the master's graceful timeout covers
+    both (the grace plus GRACEFUL_MARGIN_S).
     """
+
+    GRACEFUL_MARGIN_S = 10  # gunicorn's own shutdown after the drain (kept-alive connections)
 
     def __init__(self, config: InvokerConfig, cache_lock: CacheLock) -> None:
         self.invoker_config = config
         self.cache_lock = cache_lock  # taken by the master; the forked worker inherits it
+        self._invoker: Any = None  # built in the worker by load()
         super().__init__()
 
     def load_config(self) -> None:
@@ -38,7 +48,7 @@ class InvokerServer(BaseApplication):
             "worker_class": "gthread",
             "threads": c.threads,
             "timeout": 0,  # a cold load of a large model may take minutes
-            "graceful_timeout": 10,
+            "graceful_timeout": math.ceil(c.drain_grace + self.GRACEFUL_MARGIN_S),  # an int
             "keepalive": 30,
             "proc_name": f"sllm-invoker-{c.port}",
             "loglevel": "info",
@@ -46,6 +56,7 @@ class InvokerServer(BaseApplication):
             # socket's default path would collide, and nothing here uses it.
             "control_socket_disable": True,
             "when_ready": self._when_ready,
+            "post_worker_init": self._post_worker_init,
         }
         for key, value in settings.items():
             if key in self.cfg.settings:  # older gunicorn versions lack some settings
@@ -59,12 +70,22 @@ class InvokerServer(BaseApplication):
         if c.port_file:
             publish_port(c.port_file, port)
 
+    def _post_worker_init(self, worker: Any) -> None:
+        # In the worker, its signal handlers installed: SIGTERM drains before gunicorn's exit.
+        invoker, exit_now = self._invoker, worker.handle_exit
+
+        def on_term(signum: int, frame: Any) -> None:
+            invoker.drain_then(lambda: exit_now(signum, frame))
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn has it: no EINTR in requests
+
     def load(self) -> Any:
         """Build the invoker and its Flask app (in the worker)."""
         from ._app import create_app
         from ._service import Invoker
 
-        invoker = Invoker(self.invoker_config, cache_lock=self.cache_lock)
+        invoker = self._invoker = Invoker(self.invoker_config, cache_lock=self.cache_lock)
         invoker.start()
         log.info(
             "invoker ready on %s:%s (device %s, bandwidths %s)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import httpx
@@ -30,6 +30,7 @@ from ._bandwidth import Bandwidths, measure_disk, measure_host_to_device, measur
 from ._cachelock import CacheLock
 from ._config import InvokerConfig
 from ._download import cache_key
+from ._drain import Drain
 from ._generations import Entry, Generations, generation_id
 from ._holds import Holds, held_prompt
 from ._instances import Instance, InstanceName, Instances
@@ -97,6 +98,7 @@ class Invoker:
                 prefill_chunk=config.prefill_chunk,
             )
             self.generations = Generations()
+            self.drain = Drain(config.drain_grace)
             self.metrics = InvokerMetrics(self)
             self.generations.on_expire = self.metrics.hold_expired.inc
             self.holds = Holds(self.generations, self.metrics, config.hold_timeout)
@@ -106,6 +108,7 @@ class Invoker:
         self.started_at = time.time()
         self._ready = threading.Event()
         self._closing = threading.Event()
+        self._beat_now = threading.Event()  # send the next heartbeat at once
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -122,12 +125,14 @@ class Invoker:
             threading.Thread(target=self._heartbeats, name="sllm-heartbeat", daemon=True).start()
 
     def _heartbeats(self) -> None:
-        """Register with the controller and report status every heartbeat interval."""
+        """Register with the controller and report status every heartbeat interval (and at
+        once when the drain begins)."""
         url = self.config.controller_url.rstrip("/") + "/internal/v1/invokers/heartbeat"
         headers = {"Authorization": f"Bearer {self.config.token}"}
         warned = False
         with httpx.Client(headers=headers, timeout=5.0) as client:
             while not self._closing.is_set():
+                self._beat_now.clear()
                 body = {
                     "name": self.config.public_name,
                     "url": self.config.public_url,
@@ -136,6 +141,7 @@ class Invoker:
                         "nvme_bytes": self.config.nvme_capacity,
                         "dram_bytes": self.config.dram_capacity,
                     },
+                    "draining": self.drain.report(),
                     "status": self.status(),
                 }
                 try:
@@ -145,7 +151,7 @@ class Invoker:
                     if not warned:
                         log.warning("heartbeat to %s failed: %s", url, exc)
                         warned = True
-                self._closing.wait(self.config.heartbeat_interval)
+                self._beat_now.wait(self.config.heartbeat_interval)
 
     def ready(self) -> bool:
         """Whether start-up finished."""
@@ -174,8 +180,32 @@ class Invoker:
     def close(self) -> None:
         """Stop heartbeating and unload everything (shutdown)."""
         self._closing.set()
+        self._beat_now.set()
         self.instances.close()
         self._release_lock()
+
+    def drain_then(self, stop: Callable[[], None]) -> None:
+        """SIGTERM: drain (see _drain), then call `stop` (the server's own shutdown).
+
+        Returns at once; a thread waits. What still runs when the grace ran out
+        is cut (its instance unloaded, its stream ends with an error) so the
+        server's own shutdown does not wait for it again.
+        """
+        if not self.drain.begin():
+            return
+        log.info("draining: no new work; waiting up to %.0f s", self.drain.grace_s)
+        self._beat_now.set()  # the controller hears of it now, not a heartbeat later
+
+        def run() -> None:
+            left = self.drain.wait(lambda: len(self.generations.running()))
+            if left:
+                log.warning("drain: the grace ran out with %d requests running; cutting them", left)
+                self.instances.close()
+            else:
+                log.info("drained: nothing runs; stopping")
+            stop()
+
+        threading.Thread(target=run, name="sllm-drain", daemon=True).start()
 
     def _release_lock(self) -> None:
         if self._owned_lock is not None:
@@ -196,17 +226,21 @@ class Invoker:
         name = InstanceName.from_json(doc, str(doc.get("function")))
         return {"instance": name.id, "version": name.version}
 
-    def unload(self, function: str | None = None, *, instance: str | None = None) -> dict[str, Any]:
+    def unload(
+        self, function: str | None = None, *, instance: str | None = None, force: bool = False
+    ) -> dict[str, Any]:
         """Drop one instance from the device; its DRAM copy stays while room allows.
 
         By `instance` id; by `function` only while that function has exactly
-        one instance here (Conflict naming them otherwise).
+        one instance here (Conflict naming them otherwise). A busy instance is
+        a Conflict, unless `force` (a drain whose grace ran out): then what
+        runs on it ends with an error.
         """
         if instance is not None:
             found = self.instances.get(instance)
             if found is not None and function is not None and found.spec.function != function:
                 raise NotFound(f"instance {instance!r} is not an instance of {function!r}")
-            inst = self.instances.unload(instance)
+            inst = self.instances.unload(instance, force=force)
         elif function is not None:
             inst = self.instances.unload_function(function)
         else:
@@ -419,6 +453,8 @@ class Invoker:
                 },
             },
             "instances": self.instances.to_json(),
+            "generations": [e.summary() for e in self.generations.running()],
+            "draining": self.drain.report(),
             "load_queue": self.instances.queue_length(),
             "bandwidths": self.bandwidths.to_json(),
         }

@@ -15,6 +15,7 @@ from sllm.cli_client import fn as fn_group
 from sllm.cli_client import login as login_command
 from sllm.cli_controller import controller as controller_group
 from sllm.cli_invoker import invoker as invoker_group
+from sllm.cli_invoker_admin import COMMANDS as invoker_admin_commands
 from sllm.cli_server import server as server_group
 from sllm.cli_store import echo_pushed, open_store_from_env
 
@@ -280,6 +281,8 @@ def bench_load(
     )
 
 
+for _command in invoker_admin_commands:  # list, drain, undrain: clients of the controller
+    invoker_group.add_command(_command)
 main.add_command(invoker_group)
 main.add_command(fn_group)
 main.add_command(activation_group)

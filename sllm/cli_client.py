@@ -1,9 +1,10 @@
-"""`sllm fn|activation|login` and `sllm invoker list`: the CLI as a client of the controller.
+"""`sllm fn|activation|login`: the CLI as a client of the controller.
 
 Modelled on `wsk`: `-p KEY VALUE` parameters (JSON when they parse, else
 strings), `--blocking`, `--result`, `--stream`; readable tables by default and
 `--json` for the raw answers. Every command finds the controller through
 --apihost/--key, else SLLM_APIHOST/SLLM_API_KEY, else $SLLM_HOME/cli.json.
+`sllm invoker list|drain|undrain` use the same plumbing (cli_invoker_admin).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 
 import click
 
-from sllm.cli_invoker import invoker
 from sllm.cli_store import echo_pushed, open_store_from_env
 
 if TYPE_CHECKING:
@@ -713,37 +713,6 @@ def activation_logs(activation_id: str, as_json: bool) -> None:
         return
     for line in doc["logs"] or []:
         click.echo(line)
-
-
-# --------------------------------------------------------------------------- invoker list
-@invoker.command("list")
-@_json_option
-@_api_command
-def invoker_list(as_json: bool) -> None:
-    """List the invokers registered with the controller (needs an admin key)."""
-    with _client() as api:
-        docs = api.list_invokers()
-    if as_json:
-        _print_json(docs)
-        return
-    if not docs:
-        click.echo("no invokers")
-        return
-    now = time.time()
-    _table(
-        ("NAME", "STATE", "DEVICE", "INSTANCES", "HEARTBEAT", "URL"),
-        (
-            (
-                v["name"],
-                v["state"],
-                v["device"] or "-",
-                str(v["instances"]),
-                "-" if v["last_heartbeat"] is None else f"{now - v['last_heartbeat']:.1f}s ago",
-                v["url"],
-            )
-            for v in docs
-        ),
-    )
 
 
 # --------------------------------------------------------------------------- login

@@ -82,6 +82,12 @@ def invoker() -> None:
     help="Seconds a held generation (a migration target) waits for its next prefill or "
     "continue before it is cancelled [SLLM_HOLD_TIMEOUT, 120].",
 )
+@click.option(
+    "--drain-grace",
+    type=click.FloatRange(0, 3600),
+    help="On SIGTERM, seconds running generations get to finish before the invoker exits "
+    "(it takes no new work meanwhile) [SLLM_DRAIN_GRACE, 60].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError

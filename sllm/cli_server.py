@@ -19,13 +19,26 @@ def _default_data_dir() -> Path:
 
 @click.group()
 def server() -> None:
-    """Run the embedded server: controller (SQLite), one invoker, a local folder store."""
+    """Run the embedded server: controller (SQLite), local invokers, a local folder store."""
 
 
 @server.command("start")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=8700, show_default=True, help="Controller port.")
-@click.option("--invoker-port", type=int, default=0, help="Invoker port [PORT + 1].")
+@click.option(
+    "--invokers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Local invokers to run, each with its own port, cache folder (DATA/invoker, "
+    "DATA/invoker-2, ...), name (local, local-2, ...) and share of the tier budgets.",
+)
+@click.option(
+    "--invoker-port",
+    type=int,
+    default=0,
+    help="The first invoker's port; the others follow [PORT + 1, PORT + 2, ...].",
+)
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -42,8 +55,24 @@ def server() -> None:
     "--new-key", is_flag=True, help="Mint a new admin API key and revoke the previous one."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dram-capacity", default="", help="DRAM tier budget, e.g. 8GiB.")
-@click.option("--nvme-capacity", default="", help="NVMe tier budget, e.g. 100GiB.")
+@click.option(
+    "--dram-capacity",
+    default="",
+    help="DRAM tier budget, e.g. 8GiB: the total, split evenly between the invokers "
+    "[the invoker default, 16GiB].",
+)
+@click.option(
+    "--nvme-capacity",
+    default="",
+    help="NVMe tier budget, e.g. 100GiB: the total, split evenly between the invokers "
+    "[the invoker default, 64GiB].",
+)
+@click.option(
+    "--drain-grace",
+    type=click.FloatRange(0, 3600),
+    help="Seconds an invoker's running generations get to finish when it is stopped with "
+    "SIGTERM (a rolling restart) [60].",
+)
 @click.option(
     "--store",
     "store_uri",
@@ -54,6 +83,7 @@ def server() -> None:
 def start(
     host: str,
     port: int,
+    invokers: int,
     invoker_port: int,
     data_dir: Path | None,
     api_key: str,
@@ -61,6 +91,7 @@ def start(
     device: str,
     dram_capacity: str,
     nvme_capacity: str,
+    drain_grace: float | None,
     store_uri: str | None,
     detach: bool,
     lock_fd: int | None,
@@ -69,7 +100,9 @@ def start(
 
     It writes the CLI config, so `sllm fn ...` works right after. The admin key
     is kept in DATA/admin.key (readable by you only) and reused by every start;
-    it is printed only to a terminal, never to a log.
+    it is printed only to a terminal, never to a log. With --invokers N, N local
+    invokers form a cluster on this machine (`sllm invoker list` shows them); one
+    that exits, or is stopped with SIGTERM (which drains it first), is restarted.
     """
     from sllm import server as embedded
     from sllm.core.names import KEY_ID_RULE, is_api_key
@@ -93,7 +126,13 @@ def start(
         dram_capacity,
         nvme_capacity,
         store_uri or default_store_uri(os.environ),
+        invokers=invokers,
+        drain_grace=drain_grace,
     )
+    try:
+        settings.local_invokers(os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         show_key = sys.stdout.isatty()
         if detach:
@@ -125,3 +164,28 @@ def stop(data_dir: Path | None) -> None:
             raise click.ClickException(f"no server is running with data folder {folder}")
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@server.command("status")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="The data folder it was started with [$SLLM_HOME/server].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print DATA/server.json with liveness.")
+def status(data_dir: Path | None, as_json: bool) -> None:
+    """Show the server running on a data folder: URL, processes, and its local invokers."""
+    import json
+
+    from sllm.server_status import read_status, status_lines
+
+    folder = (data_dir or _default_data_dir()).expanduser().resolve()
+    try:
+        info = read_status(folder)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for line in status_lines(info):
+        click.echo(line)

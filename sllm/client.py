@@ -230,6 +230,19 @@ class Client:
         """The invokers the controller knows (admin keys only)."""
         return self._call("GET", "/api/v1/invokers")
 
+    def get_invoker(self, name: str) -> dict[str, Any]:
+        """One invoker: state, load, drain progress (admin keys only)."""
+        return self._call("GET", f"/api/v1/invokers/{_seg(name)}")
+
+    def drain_invoker(self, name: str, grace_s: float | None = None) -> dict[str, Any]:
+        """Start draining an invoker (admin keys only); `grace_s`: the controller's default."""
+        body = {} if grace_s is None else {"grace_s": grace_s}
+        return self._call("POST", f"/api/v1/invokers/{_seg(name)}/drain", json=body)
+
+    def undrain_invoker(self, name: str) -> dict[str, Any]:
+        """Put a drained invoker back into placement (admin keys only)."""
+        return self._call("POST", f"/api/v1/invokers/{_seg(name)}/undrain")
+
     def create_namespace(self, namespace: str) -> dict[str, Any]:
         """A new namespace (admin keys only)."""
         return self._call("PUT", f"/api/v1/namespaces/{_seg(namespace)}")

@@ -1,19 +1,25 @@
-"""The embedded all-in-one server: a controller on SQLite, one invoker, a local folder store.
+"""The embedded all-in-one server: a controller on SQLite, local invokers, a local folder store.
 
 `sllm server start` prepares the data folder (database migrated, a namespace
-and the admin key, reused from DATA/admin.key), then supervises two child
-processes, `sllm controller start` and `sllm invoker start`, sharing a fresh
-internal token (passed in their environment). It writes the CLI config so the
-next `sllm` command talks to it, prints the URL (and the key, on a terminal),
-and stops both children when it is stopped (SIGTERM, SIGINT, `sllm server
-stop`) or when the controller dies. An invoker that dies is started again,
-with bounded retries and backoff (`sllm.server_restart`); the controller stays
-up meanwhile. The data folder and its files are readable by their owner only.
+and the admin key, reused from DATA/admin.key), then supervises the child
+processes, `sllm controller start` and one `sllm invoker start` per local
+invoker (one unless `--invokers N`; see `sllm.server_invokers`), sharing a
+fresh internal token (passed in their environment). It writes the CLI config
+so the next `sllm` command talks to it, prints the URL (and the key, on a
+terminal), and stops the children when it is stopped (SIGTERM, SIGINT, `sllm
+server stop`) or when the controller dies: the controller first (its streams
+get its graceful timeout), then the invokers (with no controller left, nothing
+runs on them and their drain is short). An invoker that dies or exits (a
+rolling restart: `kill -TERM` drains it first) is started again on its own,
+with bounded retries and backoff (`sllm.server_restart`); the controller and
+the other invokers stay up meanwhile. The data folder and its files are
+readable by their owner only.
 
     DATA/sllm.db     the database          STORE          published models (the CLI's
                                            default store: SLLM_STORE_URI or $SLLM_HOME/store)
-    DATA/invoker/    the invoker's caches  DATA/logs/     the children's output
-    DATA/server.pid  the supervisor's pid  DATA/server.json  URL, ports, pids
+    DATA/invoker/    the first invoker's caches (DATA/invoker-2/ ... for the others)
+    DATA/logs/       the children's output
+    DATA/server.pid  the supervisor's pid  DATA/server.json  URL, ports, pids, invokers
     DATA/admin.key   the admin key (0600)  DATA/server.log   a detached server's output
     DATA/server.lock the supervisor's lock (one server per data folder; `sllm.server_lock`)
 """
@@ -28,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +42,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from sllm import server_lock
+from sllm.server_invokers import LocalInvoker, invoker_command
+from sllm.server_invokers import plan as plan_invokers
 from sllm.server_restart import RestartPolicy
 from sllm.server_secrets import (
     choose_key,
@@ -65,6 +73,8 @@ class ServerSettings:
     dram_capacity: str = ""  # empty: the invoker's default
     nvme_capacity: str = ""
     store_uri: str = ""  # empty: the folder store in the data folder
+    invokers: int = 1  # local invokers (see sllm.server_invokers)
+    drain_grace: float | None = None  # an invoker's SIGTERM drain; None: the invoker's default
 
     @property
     def url(self) -> str:
@@ -81,6 +91,17 @@ class ServerSettings:
     def store(self) -> str:
         """The object store's URI."""
         return self.store_uri or (self.data_dir / "store").as_uri()
+
+    def local_invokers(self, env: Mapping[str, str]) -> list[LocalInvoker]:
+        """The local invokers to run; ValueError naming the flag for bad counts or budgets."""
+        return plan_invokers(
+            self.data_dir,
+            self.invokers,
+            self.invoker_port or self.port + 1,
+            dram=self.dram_capacity,
+            nvme=self.nvme_capacity,
+            env=env,
+        )
 
 
 def prepare(settings: ServerSettings, *, new_key: bool = False) -> str:
@@ -185,11 +206,11 @@ def _run(
 ) -> int:
     from sllm.client import save_cli_config
 
+    local = settings.local_invokers(env)  # before anything starts: a bad flag stops here
     key = prepare(settings, new_key=new_key)
     token = secrets.token_urlsafe(24)
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    invoker_port = settings.invoker_port or settings.port + 1
     base = {
         **_child_env(env),
         "SLLM_INTERNAL_TOKEN": token,
@@ -201,18 +222,16 @@ def _run(
         "--host", settings.host, "--port", str(settings.port),
         "--database", settings.database_url,
     ]  # fmt: skip
-    invoker_cmd = [
-        sys.executable, "-m", "sllm", "invoker", "start",
-        "--host", "127.0.0.1", "--port", str(invoker_port),
-        "--cache-dir", str(settings.data_dir / "invoker"), "--store", settings.store,
-        "--device", settings.device, "--controller", settings.url,
-        "--name", "local", "--no-measure",
-    ]  # fmt: skip
-    if settings.dram_capacity:
-        invoker_cmd += ["--dram-capacity", settings.dram_capacity]
-    if settings.nvme_capacity:
-        invoker_cmd += ["--nvme-capacity", settings.nvme_capacity]
-    commands = {"controller": controller_cmd, "invoker": invoker_cmd}
+    commands = {"controller": controller_cmd}
+    for inv in local:
+        commands[inv.key] = invoker_command(
+            inv,
+            sys.executable,
+            store=settings.store,
+            device=settings.device,
+            controller_url=settings.url,
+            drain_grace=settings.drain_grace,
+        )
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -228,18 +247,7 @@ def _run(
         out.close()
 
     def write_info() -> None:
-        info = {
-            "url": settings.url,
-            "pid": os.getpid(),
-            "controller_pid": children["controller"].pid,
-            "invoker_pid": children["invoker"].pid,
-            "invoker_port": invoker_port,
-            "store": settings.store,
-            "data_dir": str(settings.data_dir),
-        }
-        partial = settings.data_dir / ".server.json.partial"
-        partial.write_text(json.dumps(info))
-        os.replace(partial, settings.data_dir / "server.json")  # readers never see half of it
+        write_server_info(settings, children, local)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -256,32 +264,59 @@ def _run(
             echo(line)
         echo("  the sllm CLI is configured for it; stop with Ctrl-C or `sllm server stop`")
         write_info()
-        watch = _Watch(policy, time.monotonic())
+        now = time.monotonic()
+        watches = {inv.key: _Watch(policy, now, inv.name) for inv in local}
         while not stopping:
             controller = children["controller"]
             if controller.poll() is not None:
                 echo(f"the controller exited with status {controller.returncode}; stopping")
                 return 1
-            verdict = watch.check(children["invoker"], time.monotonic(), echo)
-            if verdict == "give up":
-                return 1
-            if verdict == "restart":
-                start("invoker")
-                write_info()
-                echo(f"restarted the invoker (pid {children['invoker'].pid})")
+            for name, watch in watches.items():
+                verdict = watch.check(children[name], time.monotonic(), echo)
+                if verdict == "give up":
+                    return 1
+                if verdict == "restart":
+                    start(name)
+                    write_info()
+                    echo(f"restarted invoker {watch.label} (pid {children[name].pid})")
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(children)
+        _stop_all(children, settings.drain_grace)
         pidfile.unlink(missing_ok=True)
         info_path.unlink(missing_ok=True)
 
 
-class _Watch:
-    """The invoker's restarts: when it died, when to start it again, how many so far."""
+def write_server_info(
+    settings: ServerSettings,
+    children: Mapping[str, subprocess.Popen[bytes]],
+    local: list[LocalInvoker],
+) -> None:
+    """DATA/server.json: URL, pids, ports, and each local invoker (name, port, pid, folders).
 
-    def __init__(self, policy: RestartPolicy, now: float) -> None:
+    invoker_pid and invoker_port are the first invoker's (as with one invoker).
+    """
+    info = {
+        "url": settings.url,
+        "pid": os.getpid(),
+        "controller_pid": children["controller"].pid,
+        "invoker_pid": children[local[0].key].pid,
+        "invoker_port": local[0].port,
+        "invokers": [{**inv.to_json(), "pid": children[inv.key].pid} for inv in local],
+        "store": settings.store,
+        "data_dir": str(settings.data_dir),
+    }
+    partial = settings.data_dir / ".server.json.partial"
+    partial.write_text(json.dumps(info))
+    os.replace(partial, settings.data_dir / "server.json")  # readers never see half of it
+
+
+class _Watch:
+    """One invoker's restarts: when it died, when to start it again, how many so far."""
+
+    def __init__(self, policy: RestartPolicy, now: float, label: str = "local") -> None:
         self.policy = policy
+        self.label = label
         self.started = now
         self.restarts = 0
         self.due: float | None = None
@@ -297,14 +332,14 @@ class _Watch:
             plan = self.policy.next_restart(self.restarts, now - self.started)
             if plan is None:
                 echo(
-                    f"the invoker exited with status {child.returncode} after "
+                    f"invoker {self.label} exited with status {child.returncode} after "
                     f"{self.restarts} restarts; stopping (see its log)"
                 )
                 return "give up"
             delay, self.restarts = plan
             self.due = now + delay
             echo(
-                f"the invoker exited with status {child.returncode}; restarting it in "
+                f"invoker {self.label} exited with status {child.returncode}; restarting it in "
                 f"{delay:.0f} s (restart {self.restarts} of {self.policy.max_restarts})"
             )
         if now < self.due:
@@ -361,15 +396,34 @@ def _wait_ready(
     raise RuntimeError(f"the controller at {url} did not become ready")
 
 
-def _stop_all(children: Mapping[str, subprocess.Popen[bytes]]) -> None:
-    for child in children.values():
+def _stop_all(children: Mapping[str, subprocess.Popen[bytes]], drain_grace: float | None) -> None:
+    """The controller first (its streams get its graceful timeout), then every invoker at once.
+
+    With the controller gone no stream runs on an invoker any more, so their drains
+    end at once; an invoker still busy (a stream of nobody's) is killed after its grace.
+    """
+    controller = children.get("controller")
+    if controller is not None:
+        _stop((controller,), 20.0)
+    if drain_grace is None:
+        from sllm.invoker import InvokerConfig
+
+        drain_grace = InvokerConfig().drain_grace
+    _stop([c for name, c in children.items() if name != "controller"], drain_grace + 15.0)
+
+
+def _stop(children: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    for child in children:
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-    for child in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
         try:
-            child.wait(20)
+            child.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait(5)
 
 
@@ -387,6 +441,7 @@ def detach(
     data folder's lock is taken before anything else and handed to the
     background server, which holds it from then on.
     """
+    settings.local_invokers(os.environ)  # a bad --invokers or budget fails here, not in the log
     with private_files():
         fd = server_lock.acquire(settings.data_dir)
         try:
@@ -428,8 +483,10 @@ def _start_args(settings: ServerSettings) -> list[str]:
     args = [
         "--host", settings.host, "--port", str(settings.port),
         "--invoker-port", str(settings.invoker_port), "--data-dir", str(settings.data_dir),
-        "--device", settings.device,
+        "--device", settings.device, "--invokers", str(settings.invokers),
     ]  # fmt: skip
+    if settings.drain_grace is not None:
+        args += ["--drain-grace", f"{settings.drain_grace:g}"]
     for flag, value in (
         ("--store", settings.store_uri),
         ("--dram-capacity", settings.dram_capacity),

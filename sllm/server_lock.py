@@ -91,12 +91,15 @@ def clean_stale(data_dir: Path, echo: Callable[[str], None]) -> bool:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError):
         info = {}
-    for name in ("controller_pid", "invoker_pid"):
-        pid = info.get(name)
+    children = [("controller", info.get("controller_pid")), ("invoker", info.get("invoker_pid"))]
+    for inv in info.get("invokers") or []:  # every local invoker (--invokers N)
+        if isinstance(inv, dict) and inv.get("pid") != info.get("invoker_pid"):
+            children.append((f"invoker {inv.get('name')}", inv.get("pid")))
+    for what, pid in children:
         if isinstance(pid, int) and _ours(pid, data_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-                echo(f"ended the {name.partition('_')[0]} (pid {pid}) of a server that died")
+                echo(f"ended the {what} (pid {pid}) of a server that died")
     info_path.unlink(missing_ok=True)
     pidfile.unlink(missing_ok=True)
     return True

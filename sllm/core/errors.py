@@ -10,6 +10,7 @@
     │   ├── Conflict                409 state does not allow it
     │   └── PayloadTooLarge         413 body over the limit
     ├── Overloaded                  429 too many requests; carries Retry-After
+    │   └── Draining                503 an invoker that drains takes no new work: go elsewhere
     ├── FunctionError               502 the model itself failed (bad weights, OOM in forward)
     └── PlatformError               500 our fault or a dependency's
         ├── StoreError              503 the object store is unreachable or refused
@@ -140,6 +141,17 @@ class Overloaded(SllmError):
 
     status = 429
     code = "overloaded"
+
+
+class Draining(Overloaded):
+    """An invoker that is draining (shutting down) refuses new work; retry elsewhere.
+
+    An Overloaded (the controller then takes another instance, as for a full
+    one) answered 503: this invoker is not busy, it is leaving.
+    """
+
+    status = 503
+    code = "draining"
 
 
 class FunctionError(SllmError):

@@ -30,8 +30,10 @@ ANSWER = {
 class StubInvoker:
     """An HTTP server bound to 127.0.0.1 on a port the OS picked at start-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "stub") -> None:
+        self.name = name
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.draining = False  # invocations are refused with 503 "draining", as at a SIGTERM
         self.hold = False  # invocations wait for `release` (or HOLD_LIMIT_S)
         self.release = threading.Event()
         self.load_error: dict[str, Any] | None = None  # answered by /v1/load with a 500
@@ -69,6 +71,8 @@ class StubInvoker:
 
     def _answer(self, path: str) -> tuple[int, dict[str, Any]]:
         if path == "/v1/invoke":
+            if self.draining:
+                return 503, {"error": {"code": "draining", "message": "draining"}}
             if self.hold:
                 self.release.wait(HOLD_LIMIT_S)
             return 200, ANSWER
@@ -99,14 +103,25 @@ class StubInvoker:
                     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
                 self._cond.wait(left)
 
-    def status(self, instances: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-        """A heartbeat body for a controller: this stub holding `instances`."""
+    def status(
+        self,
+        instances: list[Mapping[str, Any]] | None = None,
+        *,
+        generations: list[str] | None = None,
+        draining: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """A heartbeat body for a controller: this stub holding `instances`, running
+        `generations` (ids), draining itself when `draining` ({since, grace_s})."""
+        status: dict[str, Any] = {"instances": list(instances or [])}
+        if generations is not None:
+            status["generations"] = [{"id": g} for g in generations]
         return {
-            "name": "stub",
+            "name": self.name,
             "url": self.url,
             "device": "cpu",
             "capacity": {},
-            "status": {"instances": list(instances or [])},
+            "draining": None if draining is None else dict(draining),
+            "status": status,
         }
 
     @contextmanager
