@@ -70,7 +70,10 @@ class Run:
     tokens_in: int | None = None
     tokens_out: int | None = None
     invoker: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # dispatches to an invoker: the first, retries and resumes
+    # Moves of the generation to another invoker (see _relay.Relay.move); `migrations`
+    # in the row counts them.
+    moves: list[dict[str, Any]] = field(default_factory=list)
     persisted: bool = False  # a row exists (queued, or stored as running)
     claim: str | None = None  # the lease this process holds on the row (see _leases)
     # The caller's parameters as sent; `request` is them validated and merged with the
@@ -155,6 +158,8 @@ class Run:
             "tokens_out": self.tokens_out,
             "invoker": self.invoker,
             "attempts": self.attempts,
+            "migrations": len(self.moves),
+            "moves": [dict(m) for m in self.moves] or None,
         }
 
     @classmethod
@@ -211,6 +216,8 @@ def activation_json(row: Activation, namespace: str, *, full: bool = True) -> di
         "tokens_out": row.tokens_out,
         "invoker": row.invoker,
         "migrations": row.migrations,
+        "attempts": row.attempts,
+        "moves": row.moves or [],
     }
     if full:
         doc.update(request=row.request, result=row.result, error=row.error, logs=row.logs)

@@ -4,7 +4,6 @@
     .result(reason, usage)       the stored result: {"text", "finish_reason", "stop_reason",
                                  "usage", "choices": [{"index", "text", "finish_reason",
                                  "stop_reason", "logprobs"?}]}
-    blocking_events(doc)         a non-streamed /v1/invoke answer as the same events
 
 Token events name their choice (`"choice": i`, 0 when absent, as older invokers send);
 each choice ends with a "finish" event, and "done" repeats every choice's end. A token's
@@ -14,7 +13,7 @@ logprob entry is {"token": id, "logprob": lp, "top_logprobs": [[id, lp], ...],
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -57,8 +56,6 @@ class Choices:
             entry = logprob_entry(event)
             if entry is not None:
                 self._logprobs.setdefault(i, []).append(entry)
-            for item in event.get("logprobs") or []:  # a blocking answer's whole list
-                self._logprobs.setdefault(i, []).append(dict(item))
         elif kind == "finish":
             self._ends[_choice_of(event)] = (event.get("finish_reason"), event.get("stop_reason"))
         elif kind == "done":
@@ -96,39 +93,3 @@ class Choices:
             "usage": dict(usage),
             "choices": choices,
         }
-
-
-def blocking_events(doc: Any) -> Iterator[dict[str, Any]]:
-    """The events of a whole generation answered in one JSON document (no streaming)."""
-    usage = doc.get("usage") or {}
-    choices = doc.get("choices")
-    if not isinstance(choices, list) or not choices:
-        choices = [{"index": 0, "text": doc.get("text", ""), **_end(doc)}]
-    yield {
-        "event": "start",
-        "load": doc.get("load") or {},
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "n": len(choices),
-    }
-    for choice in choices:
-        i = _choice_of({"choice": choice.get("index")})
-        yield {
-            "event": "token",
-            "choice": i,
-            "token": None,
-            "text": choice.get("text", ""),
-            "index": 0,
-            "logprobs": choice.get("logprobs") or [],
-        }
-        yield {"event": "finish", "choice": i, **_end(choice)}
-    yield {
-        "event": "done",
-        **_end(doc),
-        "usage": usage,
-        "timing": doc.get("timing") or {},
-        "choices": [{"index": c.get("index", 0), **_end(c)} for c in choices],
-    }
-
-
-def _end(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {"finish_reason": doc.get("finish_reason"), "stop_reason": doc.get("stop_reason")}

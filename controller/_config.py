@@ -57,6 +57,14 @@ class ControllerConfig:
     maintenance_interval: float = 1.0
     queue_workers: int = 8  # non-blocking activations run at once per controller process
     lease_margin: float = 30.0  # a running activation's lease: its timeout plus this
+    # A generation whose invoker is lost mid-stream resumes elsewhere (see _resume): at most
+    # this many times per choice, within the function's timeout.
+    resume_attempts: int = 3
+    # An invoker stream silent this long after it started is taken for lost (a dead
+    # connection, a reset or a killed process, is seen at once). Twice the heartbeat
+    # timeout: a decode step, or the recompute of a preempted generation, takes far less;
+    # a host that stopped altogether is out of rotation (heartbeats) before this.
+    stall_timeout: float = 20.0
     functions: FunctionDefaults = dataclasses.field(default_factory=FunctionDefaults)
     store_uri: str = ""  # where models are published; empty: models are not checked at create
     store_settings: StoreSettings | None = None  # S3 endpoint and credentials (SLLM_S3_*)
@@ -90,6 +98,7 @@ class ControllerConfig:
             "max_tokens_limit": "SLLM_MAX_TOKENS_LIMIT",
             "queue_workers": "SLLM_QUEUE_WORKERS",
             "max_connections": "SLLM_MAX_CONNECTIONS",
+            "resume_attempts": "SLLM_RESUME_ATTEMPTS",
         }.items():
             if var in env:
                 values[name] = _number(env, var, int)
@@ -100,6 +109,7 @@ class ControllerConfig:
             "lease_margin": "SLLM_LEASE_MARGIN",
             "header_timeout": "SLLM_HEADER_TIMEOUT",
             "body_timeout": "SLLM_BODY_TIMEOUT",
+            "stall_timeout": "SLLM_STALL_TIMEOUT",
         }.items():
             if var in env:
                 values[name] = _number(env, var, float)
@@ -121,6 +131,8 @@ class ControllerConfig:
         for name in ("workers", "threads", "max_queue", "max_tokens_limit", "queue_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.resume_attempts < 0:
+            raise ValueError(f"resume_attempts must be at least 0, got {self.resume_attempts}")
         if self.max_connections <= self.threads:
             raise ValueError(
                 f"max_connections must exceed threads ({self.threads}), got {self.max_connections}"
@@ -134,6 +146,7 @@ class ControllerConfig:
             "lease_margin",
             "header_timeout",
             "body_timeout",
+            "stall_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -322,6 +322,14 @@ class Dispatcher:
         """Give the slot back (inside the caller's write transaction)."""
         conn.execute(RELEASE, {"instance": slot.instance_id, "now": time.time()})
 
+    def heard_from(self, invoker_id: int, since: float) -> bool:
+        """Whether invoker `invoker_id` is active with a heartbeat after `since` (epoch s)."""
+        with self.db.autocommit(durable=False) as conn:
+            row = conn.execute(
+                select(_V.c.state, _V.c.last_heartbeat).where(_V.c.id == invoker_id)
+            ).first()
+        return row is not None and row.state == "active" and row.last_heartbeat > since
+
     def drop(self, slot: Slot) -> None:
         """Forget the slot's instance (it failed to load, or its invoker is gone)."""
         with self.db.connect(write=True) as conn:

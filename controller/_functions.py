@@ -1,9 +1,11 @@
 """Function definitions: validation of what clients send, and the JSON the API returns.
 
 A function is a model deployment: the model it serves, its task, its limits
-(timeout, max tokens, concurrency per instance, payload size) and its scaling
-policy (min/max instances, target concurrency, keep-alive). Names are DNS
-labels, as Knative needs them for `{fn}.{ns}.{domain}` routing.
+(timeout, max tokens, concurrency per instance, payload size), its scaling
+policy (min/max instances, target concurrency, keep-alive) and what a stream
+does when its invoker is lost mid-generation (`on_invoker_loss`: resume it
+elsewhere, the default, or fail). Names are DNS labels, as Knative needs them
+for `{fn}.{ns}.{domain}` routing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ INVOCATION_KEYS = {
     "embed": ("input",),
 }
 
-_TOP = {"model", "task", "limits", "scaling", "params"}
+_TOP = {"model", "task", "limits", "scaling", "params", "on_invoker_loss"}
+# "resume": a generation whose invoker is lost continues on another from the tokens
+# relayed; "fail": it ends with invoker_lost (a caller that retries by itself, say).
+ON_INVOKER_LOSS = ("resume", "fail")
 _LIMITS = {"timeout", "max_tokens", "concurrency", "max_payload"}
 _SCALING = {"min_instances", "max_instances", "target_concurrency", "keep_alive"}
 
@@ -97,6 +102,7 @@ class FunctionDef:
     target_concurrency: int = 4
     keep_alive_s: float = 300.0
     params: dict[str, Any] = field(default_factory=dict)
+    on_invoker_loss: str = "resume"
 
     @classmethod
     def parse(
@@ -169,6 +175,15 @@ class FunctionDef:
             out = replace(out, keep_alive_s=_seconds(scaling, "keep_alive", 0.0, MAX_KEEP_ALIVE))
         if "params" in doc:
             out = replace(out, params=_params(doc["params"]))
+        if "on_invoker_loss" in doc:
+            value = doc["on_invoker_loss"]
+            if value not in ON_INVOKER_LOSS:
+                raise InvalidRequest(
+                    f"'on_invoker_loss' must be one of {list(ON_INVOKER_LOSS)}, "
+                    f"got {show_value(value)}",
+                    param="on_invoker_loss",
+                )
+            out = replace(out, on_invoker_loss=value)
         if out.min_instances > out.max_instances:
             raise InvalidRequest(
                 f"'scaling.min_instances' ({out.min_instances}) exceeds "
@@ -214,6 +229,7 @@ def function_json(row: Function, namespace: str) -> dict[str, Any]:
             "keep_alive": row.keep_alive_s,
         },
         "params": row.params or {},
+        "on_invoker_loss": row.on_invoker_loss,
         "version": row.version,
         "created": row.created_at,
         "updated": row.updated_at,

@@ -35,10 +35,18 @@ def is_invoker_name(value: object) -> bool:
 
 
 class InvokerLost(PlatformError):
-    """The invoker went away (refused, reset, or silent past the deadline)."""
+    """The invoker went away (refused, reset, or silent past the deadline).
+
+    `reason` says how, for the relay's records: "unreachable" (nothing was sent),
+    "broken" (the connection was reset or cut short), "stalled" (silent too long).
+    """
 
     status = 503
     code = "invoker_lost"
+
+    def __init__(self, message: str, *, reason: str = "broken", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reason = reason
 
 
 def error_from(doc: Any, status: int, retry_after: str | None = None) -> SllmError:
@@ -89,7 +97,9 @@ class InvokerClient:
             raw = response.read()
         except TimeoutError as exc:
             conn.close()
-            raise InvokerLost(f"invoker {url} did not answer within {timeout:.0f} s") from exc
+            raise InvokerLost(
+                f"invoker {url} did not answer within {timeout:.0f} s", reason="stalled"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise InvokerLost(f"invoker {url} broke the connection: {exc}") from exc
@@ -117,33 +127,62 @@ class InvokerClient:
         return response.getheader("Content-Type") or "application/octet-stream", raw
 
     def stream(
-        self, url: str, body: Mapping[str, Any], timeout: float
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        timeout: float,
+        *,
+        path: str = "/v1/invoke",
+        stall: float | None = None,
     ) -> Generator[dict[str, Any], None, None]:
         """The invoker's generation events; closing the generator closes the connection.
 
-        An error before the stream starts raises its SllmError; an "error"
-        event ends the stream with the SllmError it carries.
+        `timeout` bounds the wait for the answer (the model's load comes first) and
+        the whole stream's silences; once the answer started, `stall` (when smaller)
+        bounds each silence between events. An error before the stream starts
+        raises its SllmError; an "error" event ends the stream with the SllmError
+        it carries.
         """
-        conn, response = self._send(url, "/v1/invoke", {**body, "stream": True}, timeout)
+        conn, response = self._send(url, path, {**body, "stream": True}, timeout)
+        silence = timeout
         try:
             if response.status != 200:
                 _answer(response, response.read())
+            if stall is not None and stall < timeout and conn.sock is not None:
+                silence = stall
+                conn.sock.settimeout(stall)
             for line in _lines(response):
                 event = json.loads(line)
                 if event.get("event") == "error":
                     raise error_from(event, 502)
                 yield event
         except TimeoutError as exc:
-            raise InvokerLost(f"invoker {url} stopped answering mid-stream") from exc
+            raise InvokerLost(
+                f"invoker {url} stopped answering mid-stream (silent for {silence:g} s)",
+                reason="stalled",
+            ) from exc
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             raise InvokerLost(f"invoker {url} broke the stream: {exc}") from exc
         finally:
             self._put(url, conn, response)  # closed instead if the rest is still on the wire
 
+    def cancel(self, url: str, generation: str, timeout: float) -> None:
+        """Cancel generation `generation` on an invoker (gone or not running: nothing)."""
+        try:
+            conn, response = self._send(url, f"/v1/generations/{generation}", None, timeout)
+            raw = response.read()
+        except (InvokerLost, OSError, http.client.HTTPException):
+            return
+        self._put(url, conn, response)
+        with contextlib.suppress(SllmError):
+            _answer(response, raw)
+
     def _send(
-        self, url: str, path: str, body: Mapping[str, Any], timeout: float
+        self, url: str, path: str, body: Mapping[str, Any] | None, timeout: float
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        payload = json.dumps(body).encode()
+        """POST `body` (DELETE `path` without one); the response, its body unread."""
+        method = "POST" if body is not None else "DELETE"
+        payload = json.dumps(body).encode() if body is not None else None
         while True:
             conn, reused = self._take(url)
             try:
@@ -152,14 +191,18 @@ class InvokerClient:
                 conn.sock.settimeout(timeout)
             except OSError as exc:
                 conn.close()
-                raise InvokerLost(f"invoker {url} is unreachable: {exc}") from exc
+                raise InvokerLost(
+                    f"invoker {url} is unreachable: {exc}", reason="unreachable"
+                ) from exc
             sent = time.monotonic()
             try:
-                conn.request("POST", path, body=payload, headers=self._headers)
+                conn.request(method, path, body=payload, headers=self._headers)
                 return conn, conn.getresponse()
             except TimeoutError as exc:
                 conn.close()
-                raise InvokerLost(f"invoker {url} did not answer within {timeout:.0f} s") from exc
+                raise InvokerLost(
+                    f"invoker {url} did not answer within {timeout:.0f} s", reason="stalled"
+                ) from exc
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
                 conn.close()
                 # A reused connection the invoker closed just as it was taken (the check in

@@ -55,6 +55,14 @@ class ControllerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.resumes = Counter(
+            "sllm_resumes",
+            "Generations continued after their invoker was lost, by outcome: resumed (a "
+            "destination took over), failed (that attempt failed too), exhausted (attempts "
+            "or deadline used up), refused (the function's on_invoker_loss is fail)",
+            ["outcome"],
+            registry=r,
+        )
         self.queue = Gauge(
             "sllm_queue_length",
             "Requests waiting for an instance in this process",

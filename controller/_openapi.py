@@ -81,6 +81,13 @@ _FUNCTION = {
             "description": "default invocation parameters: the task's parameters only, "
             "checked like an invocation's",
         },
+        "on_invoker_loss": {
+            "type": "string",
+            "enum": ["resume", "fail"],
+            "default": "resume",
+            "description": "a generation whose invoker is lost mid-stream: resume it on "
+            "another invoker from the tokens relayed, or end it with invoker_lost",
+        },
     },
 }
 

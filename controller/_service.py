@@ -54,7 +54,7 @@ from sllm.runtime import SamplingParams
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._catalog import Catalog
-from ._choices import Choices, blocking_events
+from ._choices import Choices
 from ._config import ControllerConfig
 from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
 from ._drain import GenerationMover, WaitForGenerations, reported_drain
@@ -67,6 +67,7 @@ from ._orphans import OrphanUnloader, instance_rows
 from ._prewarm import CLEARED as PREWARM_CLEARED
 from ._prewarm import load_error_json, record_failure
 from ._reconcile import Held, held_instances, reconcile
+from ._resume import GenerationStream, TimedOut, instance_body, partial_result
 from ._scheduler import LocalityScheduler, Scheduler
 
 log = logging.getLogger("sllm.controller")
@@ -85,13 +86,6 @@ _FUNCTION_BY_NAME = (
     .join(_NAMESPACES, _NAMESPACES.c.id == _FUNCTIONS.c.namespace_id)
     .where(_NAMESPACES.c.name == bindparam("ns"), _FUNCTIONS.c.name == bindparam("name"))
 )
-
-
-class TimedOut(SllmError):
-    """The function ran past its time limit."""
-
-    status = 504
-    code = "timeout"
 
 
 class Controller:
@@ -554,6 +548,16 @@ class Controller:
         deadline = started + fn.timeout_s
         slot: Slot | None = None
         text = Choices()
+        gen = GenerationStream(
+            config=self.config,
+            invokers=self.invokers,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            run=run,
+            fn=fn,
+            text=text,
+            refresh=lambda: self.function_for(run.namespace, run.function, fresh=True),
+        )
         avoid: list[int] = []
         rebases = 0
         try:
@@ -578,7 +582,7 @@ class Controller:
                 first = run.dispatched(slot.invoker)
                 limit = {"max_tokens_limit": fn.max_tokens}  # the invoker fits max_tokens under it
                 body = {
-                    **_instance_of(run.namespace, fn, slot),
+                    **instance_body(run.namespace, fn, slot),
                     **limit,
                     **run.request,
                     # After the request's fields: a client cannot name an instance or id.
@@ -603,22 +607,27 @@ class Controller:
                         run.finish("success", result=result)
                         yield {"event": "result", "result": result}
                         return
-                    yield from self._relay(run, fn, slot, body, remaining, deadline, text)
+                    gen.fn = fn
+                    try:
+                        yield from gen.events(slot, body, deadline)
+                    finally:
+                        slot = gen.slot  # a resume may have moved it to another instance
                     return
                 except InvokerLost as exc:
+                    if gen.started:
+                        raise  # it reached the client: resumed as far as it could be
                     if time.monotonic() >= deadline:
                         raise TimedOut(
                             f"function {fn.name!r} ran past its {fn.timeout_s:g} s limit"
                         ) from exc
-                    if run.ttft_ms is not None:
-                        raise
                     log.warning("%s; retrying %s elsewhere", exc.message, run.id)
                     run.log(f"{exc.message}; retrying elsewhere")
-                    self.dispatcher.drop(slot)
-                    avoid.append(slot.invoker_id)
+                    if slot is not None:
+                        self.dispatcher.drop(slot)
+                        avoid.append(slot.invoker_id)
                     slot = None  # its instance row is gone
                 except Overloaded:
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() >= deadline or slot is None:
                         raise
                     self._released(slot)  # the invoker is full: try again
                     slot = None
@@ -630,7 +639,7 @@ class Controller:
                     raise
         except GeneratorExit:
             if run.end_at is None:
-                run.result = self._partial(run, text, "cancelled")
+                run.result = partial_result(run, text, "cancelled")
                 run.finish("success")
             raise
         except SllmError as exc:
@@ -646,70 +655,6 @@ class Controller:
             raise PlatformError(f"internal error: {exc}") from exc
         finally:
             self._store(run, slot)
-
-    def _relay(
-        self,
-        run: Run,
-        fn: Function,
-        slot: Slot,
-        body: dict[str, Any],
-        remaining: float,
-        deadline: float,
-        text: Choices,
-    ) -> Generator[dict[str, Any], None, None]:
-        events = (
-            self.invokers.stream(slot.url, body, remaining)
-            if run.stream
-            else blocking_events(self.invokers.call(slot.url, "/v1/invoke", body, remaining))
-        )
-        try:
-            for ev in events:
-                kind = ev.get("event")
-                if kind == "start":
-                    run.started(ev)
-                    if slot.loading:
-                        self.dispatcher.loaded(
-                            slot, run.tier if run.cold else None, run.load_ms if run.cold else None
-                        )
-                    self.metrics.observe_start(run.tier or "gpu", run.cold or False)
-                elif kind == "token":
-                    if run.stream:
-                        run.first_token()
-                    text.feed(ev)
-                elif kind == "finish":
-                    text.feed(ev)
-                elif kind == "done":
-                    usage = ev.get("usage") or {}
-                    timing = ev.get("timing") or {}
-                    run.tokens_out = usage.get("completion_tokens")
-                    run.tpot_ms = float(timing.get("tpot_s", 0.0)) * 1000
-                    if run.ttft_ms is None:  # a blocking call: the invoker timed the first token
-                        run.ttft_ms = (run.wait_ms or 0.0) + float(timing.get("ttft_s", 0.0)) * 1000
-                    text.feed(ev)
-                    run.result = self._partial(run, text, ev.get("finish_reason"), usage)
-                    run.finish("success")
-                yield ev
-                if time.monotonic() > deadline and kind != "done":
-                    raise TimedOut(f"function {fn.name!r} ran past its {fn.timeout_s:g} s limit")
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
-
-    @staticmethod
-    def _partial(
-        run: Run, text: Choices, reason: str | None, usage: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        tokens_out = run.tokens_out if run.tokens_out is not None else text.tokens
-        return text.result(
-            reason,
-            usage
-            or {
-                "prompt_tokens": run.tokens_in or 0,
-                "completion_tokens": tokens_out,
-                "total_tokens": (run.tokens_in or 0) + tokens_out,
-            },
-        )
 
     def _released(self, slot: Slot) -> None:
         def release() -> None:
@@ -1155,7 +1100,7 @@ class Controller:
                 )
 
     def _load_into(self, slot: Slot, fn: Function, namespace: str) -> None:
-        body = _instance_of(namespace, fn, slot)
+        body = instance_body(namespace, fn, slot)
         try:
             report = self.invokers.call(slot.url, "/v1/load", body, max(fn.timeout_s, 60.0))
         except (Overloaded, InvokerLost, Unavailable) as exc:
@@ -1224,19 +1169,6 @@ def _function_doc(row: Function, namespace: str) -> dict[str, Any]:
 def _namespace_gone(run: Run) -> NotFound:
     """A run that cannot be stored: its namespace was deleted (the activation's key fails)."""
     return NotFound(f"no function {run.function!r} in namespace {run.namespace!r}")
-
-
-def _instance_of(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
-    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
-    the function, and the instance by its row id and the function's version."""
-    return {
-        "function": f"{namespace}/{fn.name}",
-        "model": fn.model,
-        "task": fn.task,
-        "concurrency": fn.concurrency,
-        "instance": str(slot.instance_id),
-        "version": fn.version,
-    }
 
 
 def _check_payload(fn: Function, body_bytes: int) -> None:

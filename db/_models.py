@@ -109,6 +109,11 @@ class Function(Base):
     load_error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     load_failures: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     load_retry_at: Mapped[float | None]
+    # What a stream does when its invoker is lost mid-generation: "resume" it on another
+    # invoker from the tokens relayed, or "fail" with invoker_lost.
+    on_invoker_loss: Mapped[str] = mapped_column(
+        String(8), default="resume", server_default=text("'resume'")
+    )
 
 
 class Activation(Base):
@@ -157,6 +162,12 @@ class Activation(Base):
     attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[float | None]
+    # Each move of the generation to another invoker: {"kind": "resume" | "migrate", "from",
+    # "to", "at", "choice", "tokens", "pause_ms", "reason"}; NULL: it never moved.
+    moves: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    # A live migration asked for (the invoker's name, "" for any) and when; NULL: none.
+    migrate_to: Mapped[str | None] = mapped_column(String(128))
+    migrate_requested_at: Mapped[float | None]
 
 
 class Invoker(Base):

@@ -246,6 +246,12 @@ def _function_options(f: Callable[P, None]) -> Callable[P, None]:
             "--keep-alive", type=float, metavar="SECONDS", help="Idle time before scaling down."
         ),
         click.option(
+            "--on-invoker-loss",
+            type=click.Choice(["resume", "fail"]),
+            help="A stream whose invoker is lost mid-generation: resume it on another "
+            "invoker from the tokens sent, or fail with invoker_lost [resume].",
+        ),
+        click.option(
             "--store",
             "store_uri",
             metavar="URI",
@@ -293,6 +299,8 @@ def _definition(
             body[section] = given
     if params_given:
         body["params"] = params
+    if flags.get("on_invoker_loss") is not None:
+        body["on_invoker_loss"] = flags["on_invoker_loss"]
     return body
 
 
@@ -380,7 +388,9 @@ def fn_update(
     params_given = bool(param or param_file)
     body = _definition(name, model, params, params_given, flags)
     if not body:
-        raise click.UsageError("nothing to update: give --model, -p or a limit or scaling option")
+        raise click.UsageError(
+            "nothing to update: give --model, -p, a limit or scaling option or --on-invoker-loss"
+        )
     with _client() as api:
         doc = api.put_function(name, body, overwrite=True)
     if as_json:
@@ -422,6 +432,7 @@ def fn_get(name: str, as_json: bool) -> None:
                 f"keep-alive {_seconds(scaling['keep_alive'])}",
             ),
             ("params", json.dumps(doc["params"])),
+            ("on invoker loss", str(doc.get("on_invoker_loss", "resume"))),
             ("version", str(doc["version"])),
             ("created", _when(doc["created"])),
             ("updated", _when(doc["updated"])),
@@ -673,6 +684,7 @@ def activation_get(activation_id: str, as_json: bool) -> None:
             ("tpot", _ms(doc["tpot_ms"])),
             ("tokens", f"{doc['tokens_in'] or 0} in, {doc['tokens_out'] or 0} out"),
             ("invoker", doc["invoker"] or "-"),
+            *[("moved", _move(m)) for m in doc.get("moves") or []],
         ]
     )
     if doc.get("error"):
@@ -680,6 +692,16 @@ def activation_get(activation_id: str, as_json: bool) -> None:
     if doc.get("result") is not None:
         click.echo("result:")
         _print_json(doc["result"])
+
+
+def _move(move: Mapping[str, Any]) -> str:
+    """One move of a generation, e.g. "resume inv-a -> inv-b at token 12 (broken), pause 840 ms"."""
+    pause = move.get("pause_ms")
+    return (
+        f"{move.get('kind')} of choice {move.get('choice')} {move.get('from')} -> "
+        f"{move.get('to')} at token {move.get('tokens')} ({move.get('reason')}), "
+        f"pause {_ms(pause)}, {_when(move.get('at'))}"
+    )
 
 
 @activation.command("result")

@@ -151,15 +151,21 @@ def test_function_lifecycle(stack: Stack) -> None:
     assert again.returncode == 1 and again.stdout == ""
     assert again.stderr.startswith("error: function 'chat' exists") and "(conflict)" in again.stderr
 
+    assert doc["on_invoker_loss"] == "resume"  # the default
+
     updated = ok(sllm(stack, "fn", "update", "chat", "--max-tokens", "32"))
     assert updated == "ok: updated function chat (version 2)\n"
     got = json.loads(ok(run(stack, "fn", "get", "chat", "--json")))
     assert got["limits"]["max_tokens"] == 32 and got["scaling"]["keep_alive"] == 60
     assert got["model"] == "llama" and got["params"] == {"temperature": 0}  # left as they were
 
+    ok(run(stack, "fn", "update", "chat", "--on-invoker-loss", "fail"))  # alone, it is an update
     shown = ok(run(stack, "fn", "get", "chat"))
     assert re.search(r"^name +cli/chat$", shown, re.M)
     assert "max_tokens 32" in shown and "keep-alive 60s" in shown
+    assert re.search(r"^on invoker loss +fail$", shown, re.M)
+    bad = run(stack, "fn", "update", "chat", "--on-invoker-loss", "retry")
+    assert bad.exit_code == 2 and "--on-invoker-loss" in bad.stderr
 
     table = ok(sllm(stack, "fn", "list")).splitlines()
     assert table[0].split()[:3] == ["NAME", "MODEL", "TASK"]

@@ -180,10 +180,11 @@ def _instances(pair: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_invoker_lost_mid_stream_ends_the_stream_cleanly(pair: dict[str, Any]) -> None:
+    """Without resume (the function opts out; test_controller_resume covers resuming)."""
     c = pair["api"]
     c.put(
         "/api/v1/namespaces/_/functions/long",
-        json={"model": "llama", "limits": {"max_tokens": 4000}},
+        json={"model": "llama", "limits": {"max_tokens": 4000}, "on_invoker_loss": "fail"},
     )
     # Greedy decoding of this prompt on the seed-0 tiny model runs past 300 tokens without
     # an end-of-sequence token ("go on" stops after 4, racing the kill below).

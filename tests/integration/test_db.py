@@ -440,3 +440,61 @@ def test_prepared_statements_run_on_the_driver(db: Database) -> None:
         assert s.scalars(select(Namespace.name)).all() == ["second"]
     with pytest.raises(ValueError, match="expanding"):
         db.prepare(select(Namespace.id).where(Namespace.name.in_(["a", "b"])), write=False)
+
+
+def test_0004_adds_the_resume_columns_keeping_rows_and_goes_back(db_url: str) -> None:
+    """From 0003 with a function and an activation: 0004 gives the function the default
+    on_invoker_loss and the activation no moves; its downgrade drops exactly those columns."""
+    from alembic import command
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(sllm.db.__file__).parent / "migrations"))
+    engine = sqlalchemy.create_engine(db_url)  # SQLite: foreign keys off, as migrations run
+    if engine.dialect.name == "sqlite":
+        Path(str(engine.url.database)).parent.mkdir(parents=True, exist_ok=True)
+    new = {
+        "functions": {"on_invoker_loss"},
+        "activations": {"moves", "migrate_to", "migrate_requested_at"},
+    }
+
+    def columns(conn: Any, table: str) -> set[str]:
+        return {c["name"] for c in sqlalchemy.inspect(conn).get_columns(table)}
+
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0003")
+            conn.execute(text("INSERT INTO namespaces (name, created_at) VALUES ('ns', 1)"))
+            ns = conn.execute(text("SELECT id FROM namespaces")).scalar_one()
+            conn.execute(
+                text(
+                    "INSERT INTO functions (namespace_id, name, model, task, timeout_s, "
+                    "max_tokens, concurrency, max_payload_bytes, min_instances, max_instances, "
+                    "target_concurrency, keep_alive_s, params, created_at, updated_at) VALUES "
+                    "(:ns, 'f', 'm', 'generate', 60, 16, 4, 1024, 0, 1, 4, 300, '{}', 1, 1)"
+                ),
+                {"ns": ns},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO activations (id, namespace_id, function_name, function_version, "
+                    "model, task, status, blocking, request, logs, created_at) VALUES "
+                    "('a1', :ns, 'f', 1, 'm', 'generate', 'success', true, '{}', '[]', 1)"
+                ),
+                {"ns": ns},
+            )
+            command.upgrade(config, "0004")
+            assert conn.execute(text("SELECT on_invoker_loss FROM functions")).all() == [
+                ("resume",)
+            ]
+            row = conn.execute(
+                text("SELECT moves, migrate_to, migrate_requested_at FROM activations")
+            ).one()
+            assert tuple(row) == (None, None, None)
+            command.downgrade(config, "0003")
+            for table, added in new.items():
+                assert not columns(conn, table) & added, table
+            assert conn.execute(text("SELECT name FROM functions")).all() == [("f",)]
+            assert conn.execute(text("SELECT id FROM activations")).all() == [("a1",)]
+    finally:
+        engine.dispose()

@@ -1,7 +1,8 @@
 """A stand-in invoker on loopback that the test steers: held invocations, failing loads.
 
-It speaks the controller-facing part of the invoker's HTTP API (/v1/invoke
-without streaming, /v1/load, /v1/unload), records every call, and registers
+It speaks the controller-facing part of the invoker's HTTP API (/v1/invoke, as
+one JSON answer or, with "stream": true, as the NDJSON events of a one-token
+generation; /v1/load, /v1/unload), records every call, and registers
 with a controller only when the test sends a heartbeat for it (`status`), so
 the test decides what the controller believes the invoker holds.
 """
@@ -60,9 +61,16 @@ class StubInvoker:
                     stub.calls.append((self.path, body))
                     stub._cond.notify_all()
                 status, answer = stub._answer(self.path)
-                raw = json.dumps(answer).encode()
+                streamed = status == 200 and self.path == "/v1/invoke" and body.get("stream")
+                if streamed:
+                    lines = _events(answer, body.get("activation"), bool(body.get("resumable")))
+                    raw = "".join(json.dumps(e) + "\n" for e in lines).encode()
+                else:
+                    raw = json.dumps(answer).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header(
+                    "Content-Type", "application/x-ndjson" if streamed else "application/json"
+                )
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
                 self.wfile.write(raw)
@@ -135,3 +143,33 @@ class StubInvoker:
             self.release_loads.set()
             self._server.shutdown()
             self._server.server_close()
+
+
+def _events(answer: Mapping[str, Any], gen_id: Any, resumable: bool) -> list[dict[str, Any]]:
+    """`answer` as the invoker streams it: start, one token, finish, done (invoker/_stream)."""
+    end = {"finish_reason": answer["finish_reason"], "stop_reason": None}
+    start: dict[str, Any] = {
+        "event": "start",
+        "load": answer["load"],
+        "prompt_tokens": answer["usage"]["prompt_tokens"],
+        "generation": gen_id,
+        "instance": "stub",
+        "n": 1,
+    }
+    if resumable:
+        start["states"] = [{"tokens": [1], "prompt_len": 1, "params": {}, "sampler": {}}]
+    token = {"event": "token", "choice": 0, "index": 1, "token": 7, "text": answer["text"]}
+    if resumable:
+        token["text_state"] = {}
+    return [
+        start,
+        token,
+        {"event": "finish", "choice": 0, **end},
+        {
+            "event": "done",
+            **end,
+            "usage": answer["usage"],
+            "timing": answer["timing"],
+            "choices": [{"index": 0, **end}],
+        },
+    ]

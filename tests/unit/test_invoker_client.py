@@ -336,3 +336,68 @@ def test_a_request_the_invoker_dropped_after_reading_is_not_sent_again() -> None
             client.call(url, "/v1/invoke", {}, 5.0)
         client.close()
     assert len(requests) == 2, "the dropped request must not be sent again"
+
+
+def test_a_started_stream_silent_past_its_stall_bound_is_lost_as_stalled() -> None:
+    """The answer may take the whole timeout (a cold load); once it streams, a silence
+    longer than `stall` is a lost invoker, long before the timeout."""
+    released = threading.Event()
+
+    def script(peer: Peer) -> None:
+        if peer.read():
+            time.sleep(0.4)  # loading: longer than the stall bound, within the timeout
+            peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            peer.send(_chunk(b'{"event": "start"}\n'))
+            released.wait(SILENT_FOR)
+
+    client = InvokerClient("tok")
+    seen: list[str] = []
+    with scripted_server(script) as (url, requests):
+        started = time.monotonic()
+        with pytest.raises(InvokerLost, match="stopped answering") as err:
+            for event in client.stream(url, {}, SILENT_FOR, path="/v1/generations", stall=0.2):
+                seen.append(event["event"])
+        took = time.monotonic() - started
+        released.set()
+        client.close()
+    assert seen == ["start"]
+    assert err.value.reason == "stalled"
+    assert 0.55 <= took < 5, took
+    assert requests[0].startswith(b"POST /v1/generations HTTP/1.1")
+
+
+def test_losses_say_how_the_invoker_was_lost() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    client = InvokerClient("tok", connect_timeout=1.0)
+    with pytest.raises(InvokerLost) as refused:
+        list(client.stream(f"http://127.0.0.1:{port}", {}, 5.0))
+    assert refused.value.reason == "unreachable"
+
+    def cut(peer: Peer) -> None:
+        if peer.read():
+            peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            peer.send(_chunk(b'{"event": "start"}\n'))
+            peer.conn.shutdown(socket.SHUT_WR)
+
+    with scripted_server(cut) as (url, _), pytest.raises(InvokerLost) as broken:
+        list(client.stream(url, {}, 5.0))
+    assert broken.value.reason == "broken"
+    client.close()
+
+
+def test_cancel_deletes_the_generation_and_ignores_an_invoker_that_is_gone() -> None:
+    def script(peer: Peer) -> None:
+        while peer.read():
+            peer.send(_json_answer({"error": {"code": "not_found", "message": "gone"}}, "404 X"))
+
+    client = InvokerClient("tok")
+    with scripted_server(script) as (url, requests):
+        client.cancel(url, "act.1", 1.0)  # not running there: nothing to do, no error
+        client.close()
+    assert requests[0].startswith(b"DELETE /v1/generations/act.1 HTTP/1.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client.cancel(f"http://127.0.0.1:{port}", "act.1", 1.0)  # unreachable: no error either

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sllm.controller._choices import Choices, blocking_events
+from sllm.controller._choices import Choices
 from sllm.controller._openai import (
     CompletionStream,
     completion_response,
@@ -212,27 +212,6 @@ def test_choices_gather_each_choices_text_and_end() -> None:
         (1, "xy", "stop"),
     ]
     assert [e["token"] for e in result["choices"][1]["logprobs"]] == [ord("x"), ord("y")]
-
-
-def test_blocking_answer_gives_the_same_result_as_its_stream() -> None:
-    streamed = _result(_events(logprobs=True))
-    doc = {
-        "text": "ab",
-        "finish_reason": "eos",
-        "stop_reason": 2,
-        "usage": USAGE,
-        "choices": streamed["choices"],
-    }
-
-    assert _result(list(blocking_events(doc))) == streamed
-
-
-def test_blocking_answer_of_an_older_invoker_without_choices() -> None:
-    doc = {"text": "hello", "finish_reason": "length", "usage": USAGE}
-
-    result = _result(list(blocking_events(doc)))
-
-    assert [(c["text"], c["finish_reason"]) for c in result["choices"]] == [("hello", "length")]
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])

@@ -1,0 +1,371 @@
+"""One generation's stream from its invokers to the client, resumed when an invoker is lost.
+
+    GenerationStream(...).events(slot, body, deadline)   the client's events (start,
+                                                         token..., finish per choice, done)
+
+Every generation, blocking ones included, is streamed from its invoker with
+`"resumable": true` (invoker/_stream.py): the start event carries each choice's
+start state and every token event its text state, so what the controller relayed
+is enough to continue elsewhere without asking the lost invoker anything. The
+events go through a `Relay` (_relay), which joins the sources by token index.
+
+States of one generation (data: the relay, the slot held, the choices waiting):
+
+    streaming(source) --done, every choice ended--------------------> finished
+    streaming(source) --lost: refused, reset, cut short, stalled-----> waiting(choices)
+    streaming(source) --done with choices paused (a planned switch)--> waiting(choices)
+    waiting --a slot (Dispatcher.acquire, avoiding the lost invoker)--> streaming(new
+              source: POST /v1/generations {state, choice, resumable}, one choice
+              at a time, lowest first)
+    waiting --on_invoker_loss "fail" / attempts or deadline used up--> invoker_lost
+
+A loss before the start event reached the client is not handled here: execute()
+re-dispatches the request from scratch, as before (nothing was relayed).
+
+Detection: a killed invoker's sockets are closed by its kernel, so the read fails at
+once (milliseconds); a peer that stays connected but silent is lost after
+`stall_timeout` (see ControllerConfig). The lost invoker is avoided while it has not
+heartbeat since the loss, so a restarted one is used again when no other can serve.
+Caveat: with n > 1 choices, the choices of a lost stream resume one after another (a
+resumed stream carries one choice), so later choices pause longer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sllm.core.errors import Conflict, Overloaded, SllmError, Unavailable
+from sllm.db import Function
+
+from ._activations import Run
+from ._choices import Choices
+from ._config import ControllerConfig
+from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction
+from ._invokers import InvokerClient, InvokerLost
+from ._metrics import ControllerMetrics
+from ._relay import Relay
+
+log = logging.getLogger("sllm.controller")
+
+Event = dict[str, Any]
+AVOID_RECHECK_S = 1.0  # how often a wait for a slot looks whether a lost invoker is back
+CANCEL_TIMEOUT_S = 5.0  # a stalled source's generations are cancelled, best effort
+
+
+class TimedOut(SllmError):
+    """The function ran past its time limit."""
+
+    status = 504
+    code = "timeout"
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """Why a choice waits for a source, and where it was."""
+
+    reason: str  # unreachable | broken | stalled | unavailable | overloaded | conflict | paused
+    invoker: str
+    invoker_id: int
+
+
+def instance_body(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
+    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
+    the function, and the instance by its row id and the function's version."""
+    return {
+        "function": f"{namespace}/{fn.name}",
+        "model": fn.model,
+        "task": fn.task,
+        "concurrency": fn.concurrency,
+        "instance": str(slot.instance_id),
+        "version": fn.version,
+    }
+
+
+def partial_result(
+    run: Run, text: Choices, reason: str | None, usage: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The stored result of a generation from what was relayed (`usage` when known)."""
+    tokens_out = run.tokens_out if run.tokens_out is not None else text.tokens
+    return text.result(
+        reason,
+        usage
+        or {
+            "prompt_tokens": run.tokens_in or 0,
+            "completion_tokens": tokens_out,
+            "total_tokens": (run.tokens_in or 0) + tokens_out,
+        },
+    )
+
+
+class GenerationStream:
+    """The relay of one generation run (see the module docstring); `slot` is the slot it
+    holds now (None after it gave one up), for the caller to release at the end."""
+
+    def __init__(
+        self,
+        *,
+        config: ControllerConfig,
+        invokers: InvokerClient,
+        dispatcher: Dispatcher,
+        metrics: ControllerMetrics,
+        run: Run,
+        fn: Function,
+        text: Choices,
+        refresh: Callable[[], Function],
+    ) -> None:
+        self.config = config
+        self.invokers = invokers
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.run = run
+        self.fn = fn
+        self.text = text
+        self._refresh = refresh
+        self.relay = Relay()
+        self.run.moves = self.relay.moves
+        self.slot: Slot | None = None
+        self._sources = 0
+        self._waiting: dict[int, _Waiting] = {}
+        self._tries: dict[int, int] = {}
+        self._avoid: dict[int, float] = {}  # invoker id -> when it was lost (epoch s)
+        self._resuming = False  # the current source is a resume that sent no start yet
+
+    @property
+    def started(self) -> bool:
+        """Whether the client's stream began (a loss from now on is resumed, not retried)."""
+        return self.relay.started
+
+    def events(
+        self, slot: Slot, body: Mapping[str, Any], deadline: float
+    ) -> Generator[Event, None, None]:
+        """The client's events of the generation `body` asks `slot`'s invoker for."""
+        self.slot = slot
+        source = self._source(slot)
+        self.relay.attach(source)
+        stream = self.invokers.stream(
+            slot.url,
+            {**body, "resumable": True},
+            _left(deadline),
+            stall=self.config.stall_timeout,
+        )
+        while True:
+            try:
+                yield from self._pump(source, slot, stream, deadline)
+            except InvokerLost as exc:
+                if not self.relay.started:
+                    raise  # nothing reached the client: execute() dispatches it again
+                if time.monotonic() >= deadline:
+                    raise TimedOut(
+                        f"function {self.fn.name!r} ran past its {self.fn.timeout_s:g} s limit"
+                    ) from exc
+                self._lost(source, slot, exc.reason, exc.message)
+            except (Overloaded, Unavailable, Conflict) as exc:
+                if not self.relay.started:
+                    raise
+                # A destination that cannot take the resume (full, shutting down, or still
+                # running the generation it was lost from): another, or it again later.
+                reason = {Overloaded: "overloaded", Conflict: "conflict"}.get(
+                    type(exc), "unavailable"
+                )
+                self._lost(source, slot, reason, exc.message)
+                time.sleep(0.05)
+            else:
+                if self.relay.finished:
+                    return
+                self._ended(slot)
+            finally:
+                stream.close()
+            if not self.relay.unfinished():  # every choice ended; the last "done" was lost
+                yield self._account(self.relay.done_event())
+                return
+            source, slot, stream = self._resume(deadline)
+
+    # ------------------------------------------------------------ one source
+    def _pump(
+        self,
+        source: str,
+        slot: Slot,
+        stream: Generator[Event, None, None],
+        deadline: float,
+    ) -> Generator[Event, None, None]:
+        """Relay `stream` to its end; InvokerLost if it ends without its "done"."""
+        ended = False
+        for ev in stream:
+            kind = ev.get("event")
+            if kind == "start":
+                self._on_start(slot, ev)
+            ended = ended or kind == "done"
+            for out in self.relay.feed(source, ev):
+                yield self._account(out)
+            if time.monotonic() > deadline and not self.relay.finished:
+                raise TimedOut(
+                    f"function {self.fn.name!r} ran past its {self.fn.timeout_s:g} s limit"
+                )
+        if not ended:
+            raise InvokerLost(f"invoker {slot.invoker} ended the stream before its end")
+
+    def _on_start(self, slot: Slot, ev: Mapping[str, Any]) -> None:
+        load = ev.get("load") or {}
+        cold = bool(load.get("cold"))
+        tier = load.get("tier") if cold else "gpu"
+        load_ms = float(load.get("load_seconds", 0.0)) * 1000 if cold else 0.0
+        if not self.relay.started:
+            self.run.started(dict(ev))
+        elif self._resuming:
+            self._resuming = False
+            how = f"cold from {tier}, load {load_ms / 1000:.3f} s" if cold else "warm"
+            self.run.log(f"resumed on {slot.invoker} ({how})")
+            self.metrics.resumes.labels("resumed").inc()
+        if slot.loading:
+            self.dispatcher.loaded(slot, tier if cold else None, load_ms if cold else None)
+        self.metrics.observe_start(tier or "gpu", cold)
+
+    def _account(self, ev: Event) -> Event:
+        """Record a relayed event in the run (first token, text, outcome); return it."""
+        run, kind = self.run, ev.get("event")
+        if kind == "token":
+            run.first_token()
+            self.text.feed(ev)
+        elif kind == "finish":
+            self.text.feed(ev)
+        elif kind == "done":
+            usage = ev.get("usage") or {}
+            timing = ev.get("timing") or {}
+            run.tokens_out = usage.get("completion_tokens")
+            run.tpot_ms = float(timing.get("tpot_s") or 0.0) * 1000
+            self.text.feed(ev)
+            run.result = partial_result(run, self.text, ev.get("finish_reason"), usage)
+            run.finish("success")
+        return ev
+
+    # ------------------------------------------------------------ losses
+    def _lost(self, source: str, slot: Slot, reason: str, message: str) -> None:
+        """`source` is gone: its unfinished choices wait; its slot is given up."""
+        choices = self.relay.lost(source)
+        if self._resuming:  # a resume that failed before its destination started
+            self._resuming = False
+            self.metrics.resumes.labels("failed").inc()
+        tokens = ", ".join(f"choice {c} at token {self.relay.relayed(c)}" for c in choices)
+        self.run.log(f"{message} ({reason}; {tokens or 'every choice had ended'})")
+        log.warning("activation %s: %s (%s)", self.run.id, message, reason)
+        for c in choices:
+            self._waiting[c] = _Waiting(reason, slot.invoker, slot.invoker_id)
+            if reason == "overloaded":  # not the generation's fault: no attempt spent
+                self._tries[c] = max(0, self._tries.get(c, 0) - 1)
+        self._avoid[slot.invoker_id] = time.time()
+        if reason in ("overloaded", "unavailable", "conflict"):
+            self._release(slot)  # it answered: its instance is there, only busy or going
+        else:
+            # Gone, or wedged: forget its instance (a new one may be placed elsewhere at
+            # once); one that comes back unloads it as an orphan. A stalled one may still
+            # run the generation: cancel it, in the background (it may not answer at all).
+            self.dispatcher.drop(slot)
+            if reason == "stalled":
+                ids = [self._generation(c) for c in choices]
+                threading.Thread(
+                    target=self._cancel, args=(slot.url, ids), daemon=True, name="sllm-cancel"
+                ).start()
+        self.slot = None
+
+    def _ended(self, slot: Slot) -> None:
+        """The source ended cleanly with choices left (paused: a planned switch)."""
+        for c in self.relay.waiting():
+            self._waiting.setdefault(c, _Waiting("paused", slot.invoker, slot.invoker_id))
+        self._release(slot)
+        self.slot = None
+
+    def _resume(self, deadline: float) -> tuple[str, Slot, Generator[Event, None, None]]:
+        """A new source for the lowest waiting choice; InvokerLost when there can be none."""
+        choice = min(self._waiting)
+        why = self._waiting[choice]
+        lost = f"invoker {why.invoker} was lost at token {self.relay.relayed(choice)}"
+        if why.reason != "paused" and self.fn.on_invoker_loss == "fail":
+            self.metrics.resumes.labels("refused").inc()
+            raise InvokerLost(f"{lost} ({why.reason}); function {self.fn.name!r} does not resume")
+        if not self.relay.resumable:
+            raise InvokerLost(f"{lost} ({why.reason}); its stream carried no state to resume")
+        tries = self._tries.get(choice, 0)
+        if tries >= self.config.resume_attempts:
+            self.metrics.resumes.labels("exhausted").inc()
+            raise InvokerLost(f"{lost} ({why.reason}); resumed {tries} time(s), the limit")
+        slot = self._acquire(deadline, lost)
+        self.slot = slot
+        self._tries[choice] = tries + 1
+        self.run.dispatched(slot.invoker)
+        self.relay.move("resume", choice, why.invoker, slot.invoker, why.reason, time.time())
+        del self._waiting[choice]
+        source = self._source(slot)
+        self.relay.attach(source, [choice])
+        self._resuming = True
+        body = {
+            **instance_body(self.run.namespace, self.fn, slot),
+            "activation": self._generation(choice),
+            "state": self.relay.state(choice),
+            "choice": choice,
+            "resumable": True,
+        }
+        self.run.log(
+            f"resuming choice {choice} on {slot.invoker} from token {self.relay.relayed(choice)}"
+        )
+        stream = self.invokers.stream(
+            slot.url,
+            body,
+            _left(deadline),
+            path="/v1/generations",
+            stall=self.config.stall_timeout,
+        )
+        return source, slot, stream
+
+    def _acquire(self, deadline: float, lost: str) -> Slot:
+        """A slot through the normal dispatch path, avoiding each lost invoker until it
+        heartbeats again (a restarted one is back; a dead one stays avoided)."""
+        while True:
+            avoid = [i for i, at in self._avoid.items() if not self.dispatcher.heard_from(i, at)]
+            until = min(deadline, time.monotonic() + AVOID_RECHECK_S) if avoid else deadline
+            try:
+                return self.dispatcher.acquire(self.fn, until, avoid, bounded=False)
+            except DeadlineExceeded:
+                if time.monotonic() >= deadline:
+                    self.metrics.resumes.labels("exhausted").inc()
+                    raise InvokerLost(
+                        f"{lost}; no invoker could resume it within the function's "
+                        f"{self.fn.timeout_s:g} s limit"
+                    ) from None
+            except StaleFunction:
+                fn = self._refresh()
+                if (fn.model, fn.task, fn.namespace_id) != (
+                    self.fn.model,
+                    self.fn.task,
+                    self.fn.namespace_id,
+                ):
+                    raise InvokerLost(
+                        f"{lost}; function {self.fn.name!r} changed its model meanwhile, so "
+                        "the generation cannot resume"
+                    ) from None
+                self.fn = fn
+
+    # ------------------------------------------------------------ helpers
+    def _source(self, slot: Slot) -> str:
+        self._sources += 1
+        return f"{slot.invoker}#{self._sources}"
+
+    def _generation(self, choice: int) -> str:
+        """The invoker's id of one choice's generation (as the invoker names the first's)."""
+        return self.run.id if self.relay.n == 1 else f"{self.run.id}.{choice}"
+
+    def _cancel(self, url: str, generations: list[str]) -> None:
+        for generation in generations:
+            self.invokers.cancel(url, generation, CANCEL_TIMEOUT_S)
+
+    def _release(self, slot: Slot) -> None:
+        with self.dispatcher.db.connect(write=True) as conn:
+            self.dispatcher.release(conn, slot)
+
+
+def _left(deadline: float) -> float:
+    return max(0.1, deadline - time.monotonic())
