@@ -322,6 +322,11 @@ class Dispatcher:
         """Give the slot back (inside the caller's write transaction)."""
         conn.execute(RELEASE, {"instance": slot.instance_id, "now": time.time()})
 
+    def free(self, slot: Slot) -> None:
+        """Give the slot back, in a transaction of its own."""
+        with self.db.connect(write=True) as conn:
+            self.release(conn, slot)
+
     def heard_from(self, invoker_id: int, since: float) -> bool:
         """Whether invoker `invoker_id` is active with a heartbeat after `since` (epoch s)."""
         with self.db.autocommit(durable=False) as conn:

@@ -174,8 +174,9 @@ class Relay:
         return self._choice(choice).paused
 
     # ------------------------------------------------------------ events
-    def feed(self, source: str, event: Mapping[str, Any]) -> list[Event]:
-        """Take one event of `source`; the events to relay to the client (often one)."""
+    def feed(self, source: str, event: Event) -> list[Event]:
+        """Take one event of `source`; the events to relay to the client (often one: the
+        event itself, not a copy)."""
         kind = event.get("event")
         if kind == "start":
             return self._on_start(source, event)
@@ -273,7 +274,7 @@ class Relay:
         self._choices[c].last_at = now
         return now
 
-    def _on_start(self, source: str, event: Mapping[str, Any]) -> list[Event]:
+    def _on_start(self, source: str, event: Event) -> list[Event]:
         states = event.get("states")
         if not self.started:
             if source != self._first:
@@ -295,8 +296,8 @@ class Relay:
                         first_index=done,
                     )
                 )
-            self._start, self._started_at = dict(event), now
-            return [dict(event)]
+            self._start, self._started_at = event, now
+            return [event]
         continued = self._starts.get(source)
         if continued is None:
             return []  # not a source of this generation (any more)
@@ -313,7 +314,7 @@ class Relay:
                     )
         return []
 
-    def _on_token(self, source: str, event: Mapping[str, Any]) -> list[Event]:
+    def _on_token(self, source: str, event: Event) -> list[Event]:
         c = self._owned(source, event)
         if c is None:
             return []
@@ -327,7 +328,7 @@ class Relay:
             if index > choice.last:
                 raise StreamGap(f"choice {c}: text at index {index} after token {choice.last}")
             self._relayed(c)
-            return [dict(event)]
+            return [event]
         if index <= choice.last:
             return []
         if index > choice.last + 1:
@@ -347,9 +348,9 @@ class Relay:
         if self._first_token_at is None:
             self._first_token_at = now
         self._last_token_at = now
-        return [dict(event)]
+        return [event]
 
-    def _on_finish(self, source: str, event: Mapping[str, Any]) -> list[Event]:
+    def _on_finish(self, source: str, event: Event) -> list[Event]:
         c = self._owned(source, event)
         if c is None:
             return []
@@ -359,9 +360,9 @@ class Relay:
             return []  # continued by the next source (a planned switch)
         choice.end = (event.get("finish_reason"), event.get("stop_reason"))
         self._relayed(c)
-        return [dict(event)]
+        return [event]
 
-    def _on_done(self, source: str, event: Mapping[str, Any]) -> list[Event]:
+    def _on_done(self, source: str, event: Event) -> list[Event]:
         # Whatever this source still owned without a finish now waits for another source.
         self.lost(source)
         if source == self._first:
@@ -370,7 +371,7 @@ class Relay:
             return []
         if self.sources == 1:
             self.finished = True
-            return [dict(event)]  # one source: its own summary, as the invoker wrote it
+            return [event]  # one source: its own summary, as the invoker wrote it
         return [self.done_event()]
 
 

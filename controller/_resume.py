@@ -39,7 +39,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sllm.core.errors import Conflict, Overloaded, SllmError, Unavailable
+from sllm.core.errors import Conflict, NotFound, Overloaded, SllmError, Unavailable
 from sllm.db import Function
 
 from ._activations import Run
@@ -259,7 +259,7 @@ class GenerationStream:
                 self._tries[c] = max(0, self._tries.get(c, 0) - 1)
         self._avoid[slot.invoker_id] = time.time()
         if reason in ("overloaded", "unavailable", "conflict"):
-            self._release(slot)  # it answered: its instance is there, only busy or going
+            self.dispatcher.free(slot)  # it answered: its instance is there, only busy or going
         else:
             # Gone, or wedged: forget its instance (a new one may be placed elsewhere at
             # once); one that comes back unloads it as an orphan. A stalled one may still
@@ -276,23 +276,28 @@ class GenerationStream:
         """The source ended cleanly with choices left (paused: a planned switch)."""
         for c in self.relay.waiting():
             self._waiting.setdefault(c, _Waiting("paused", slot.invoker, slot.invoker_id))
-        self._release(slot)
+        self.dispatcher.free(slot)
         self.slot = None
 
     def _resume(self, deadline: float) -> tuple[str, Slot, Generator[Event, None, None]]:
         """A new source for the lowest waiting choice; InvokerLost when there can be none."""
         choice = min(self._waiting)
         why = self._waiting[choice]
-        lost = f"invoker {why.invoker} was lost at token {self.relay.relayed(choice)}"
+        at = self.relay.relayed(choice)
+        lost = (
+            f"choice {choice} was paused on {why.invoker} at token {at}"
+            if why.reason == "paused"
+            else f"invoker {why.invoker} was lost at token {at} ({why.reason})"
+        )
         if why.reason != "paused" and self.fn.on_invoker_loss == "fail":
             self.metrics.resumes.labels("refused").inc()
-            raise InvokerLost(f"{lost} ({why.reason}); function {self.fn.name!r} does not resume")
+            raise InvokerLost(f"{lost}; function {self.fn.name!r} does not resume")
         if not self.relay.resumable:
-            raise InvokerLost(f"{lost} ({why.reason}); its stream carried no state to resume")
+            raise InvokerLost(f"{lost}; its stream carried no state to resume")
         tries = self._tries.get(choice, 0)
         if tries >= self.config.resume_attempts:
             self.metrics.resumes.labels("exhausted").inc()
-            raise InvokerLost(f"{lost} ({why.reason}); resumed {tries} time(s), the limit")
+            raise InvokerLost(f"{lost}; resumed {tries} time(s), the limit")
         slot = self._acquire(deadline, lost)
         self.slot = slot
         self._tries[choice] = tries + 1
@@ -337,7 +342,10 @@ class GenerationStream:
                         f"{self.fn.timeout_s:g} s limit"
                     ) from None
             except StaleFunction:
-                fn = self._refresh()
+                try:
+                    fn = self._refresh()
+                except NotFound:
+                    raise InvokerLost(f"{lost}; function {self.fn.name!r} was deleted") from None
                 if (fn.model, fn.task, fn.namespace_id) != (
                     self.fn.model,
                     self.fn.task,
@@ -362,9 +370,6 @@ class GenerationStream:
         for generation in generations:
             self.invokers.cancel(url, generation, CANCEL_TIMEOUT_S)
 
-    def _release(self, slot: Slot) -> None:
-        with self.dispatcher.db.connect(write=True) as conn:
-            self.dispatcher.release(conn, slot)
 
 
 def _left(deadline: float) -> float:

@@ -184,7 +184,9 @@ def _reference(c: Cluster, fn: str, sampling: dict[str, Any]) -> dict[str, Any]:
     )
     assert r.status_code == 200, r.text
     doc: dict[str, Any] = r.json()
-    assert doc["status"] == "success" and doc["result"]["usage"]["completion_tokens"] == TOKENS
+    n = sampling.get("n", 1)
+    assert doc["status"] == "success"
+    assert doc["result"]["usage"]["completion_tokens"] == n * TOKENS
     return doc
 
 
@@ -246,6 +248,40 @@ def test_native_stream_survives_kill_9_of_its_invoker(c: Cluster, sampling: dict
     _check_resumed(c, act, killed, killed_at, KILL_AT)
     assert act["result"]["text"] == reference["result"]["text"]
     assert c.metric("sllm_resumes_total", outcome="resumed") == resumed_before + 1
+
+
+def test_every_choice_of_n_resumes_and_the_stream_ends_once(c: Cluster) -> None:
+    """n = 2, seeded: both choices continue (one resumed stream each, one after the
+    other), each identical to its uninterrupted self; one done with the whole usage."""
+    _fn(c, "two")
+    sampling = {**SEEDED, "n": 2}
+    reference = _reference(c, "two", sampling)["result"]
+    events: list[dict[str, Any]] = []
+    killed = ""
+    url = "/api/v1/namespaces/_/functions/two/invocations?stream=true"
+    with c.api.stream("POST", url, json={"prompt": PROMPT, "max_tokens": TOKENS, **sampling}) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            events.append(json.loads(line))
+            if len(events) == 1 + 2 * KILL_AT and not killed:
+                killed = events[0]["invoker"]
+                c.kill(killed)
+    assert killed and events[-1]["event"] == "done", events[-3:]
+    assert [e["event"] for e in events].count("done") == 1
+    for i in (0, 1):
+        mine = [e for e in events if e["event"] == "token" and e["choice"] == i]
+        assert [e["index"] for e in mine] == list(range(1, TOKENS + 1)), i
+        assert "".join(e["text"] for e in mine) == reference["choices"][i]["text"], i
+    assert reference["choices"][0]["text"] != reference["choices"][1]["text"]
+    assert events[-1]["usage"]["completion_tokens"] == 2 * TOKENS
+    act = c.activation(events[0]["activationId"])
+    assert [m["choice"] for m in act["moves"]] == [0, 1]
+    assert all(m["from"] == killed and m["to"] != killed for m in act["moves"])
+    assert act["attempts"] == 3 and act["migrations"] == 2
+    assert [ch["text"] for ch in act["result"]["choices"]] == [
+        ch["text"] for ch in reference["choices"]
+    ]
 
 
 def test_openai_streaming_chat_survives_kill_9_of_its_invoker(c: Cluster) -> None:
