@@ -28,6 +28,11 @@ once (milliseconds); a peer that stays connected but silent is lost after
 heartbeat since the loss, so a restarted one is used again when no other can serve.
 Caveat: with n > 1 choices, the choices of a lost stream resume one after another (a
 resumed stream carries one choice), so later choices pause longer.
+
+A live migration is the same join (not wired here yet, see _migration): the source
+pauses the choice ("paused", finish "paused", done), so the choice waits, and its next
+source is the destination's stream, attached with `relay.attach(source, [choice])` and
+recorded with `relay.move("migrate", ...)`, in place of a new dispatch.
 """
 
 from __future__ import annotations
@@ -369,7 +374,6 @@ class GenerationStream:
     def _cancel(self, url: str, generations: list[str]) -> None:
         for generation in generations:
             self.invokers.cancel(url, generation, CANCEL_TIMEOUT_S)
-
 
 
 def _left(deadline: float) -> float:
