@@ -56,3 +56,16 @@ def test_connection_limits_from_env() -> None:
     )
     assert (config.header_timeout, config.body_timeout) == (5.0, 30.0)
     assert (config.max_connections, config.max_header_bytes) == (200, 32 * 1024)
+
+
+def test_resume_settings_from_env_and_checked() -> None:
+    default = ControllerConfig.from_env(BASE)
+    assert (default.resume_attempts, default.stall_timeout) == (3, 20.0)
+    config = ControllerConfig.from_env(
+        {**BASE, "SLLM_RESUME_ATTEMPTS": "0", "SLLM_STALL_TIMEOUT": "2.5"}
+    )
+    assert (config.resume_attempts, config.stall_timeout) == (0, 2.5)  # 0: never resume
+    with pytest.raises(ValueError, match="resume_attempts must be at least 0"):
+        ControllerConfig.from_env({**BASE, "SLLM_RESUME_ATTEMPTS": "-1"})
+    with pytest.raises(ValueError, match="stall_timeout must be positive"):
+        ControllerConfig.from_env({**BASE, "SLLM_STALL_TIMEOUT": "0"})
