@@ -158,7 +158,8 @@ class Run:
             "tokens_out": self.tokens_out,
             "invoker": self.invoker,
             "attempts": self.attempts,
-            "migrations": len(self.moves),
+            # Moves that happened (a migration aborted or refused stays in `moves` only).
+            "migrations": sum(1 for m in self.moves if m.get("outcome", "moved") == "moved"),
             "moves": [dict(m) for m in self.moves] or None,
         }
 

@@ -12,6 +12,7 @@ Native (OpenWhisk-style), API key (Bearer or Basic):
   POST   /api/v1/namespaces/{ns}/functions/{fn}/invocations  ?blocking&result&stream
   GET    /api/v1/namespaces/{ns}/activations                 ?name&since&upto&status&limit&skip
   GET    /api/v1/namespaces/{ns}/activations/{id}[/result|/logs]
+  POST   /api/v1/namespaces/{ns}/activations/{id}/migrate    admin; {"to"?} -> 202 (_moving)
   GET    /api/v1/invokers                                    admin
   GET    /api/v1/invokers/{invoker}                          admin: state, load, drain progress
   POST   /api/v1/invokers/{invoker}/drain                    admin; {"grace_s"?} -> 202
@@ -305,6 +306,11 @@ def create_app(controller: Controller) -> Flask:
                 "error": doc["error"],
             }
         )
+
+    @app.post("/api/v1/namespaces/<ns>/activations/<activation_id>/migrate")
+    def migrate_activation(ns: str, activation_id: str) -> Response:
+        _admin()
+        return _json(controller.migrate(_ns(ns), activation_id, json_body(empty={})), 202)
 
     @app.get("/api/v1/namespaces/<ns>/activations/<activation_id>/logs")
     def activation_logs(ns: str, activation_id: str) -> Response:

@@ -249,8 +249,28 @@ class Dispatcher:
             self.release(conn, slot)
         raise StaleFunction(fn.name)
 
-    def scale_out(self, fn: Function, avoid: Sequence[int] = (), *, reserve: bool) -> Slot | None:
-        """Place a new instance of `fn` when below max_instances (a slot in it if `reserve`).
+    def migration_slot(self, fn: Function, source: int, to: int | None) -> Slot | None:
+        """A slot for a live migration's destination, on invoker `to` (else on any active
+        invoker but `source`): a warm instance with room first, else a new instance placed
+        there even when `fn` is at max_instances (one over: the source's instance frees
+        its slot once the generation has moved). None when no invoker can take it.
+        """
+        if to == source:
+            return None
+        with self.db.session(write=False) as s:
+            ids = s.execute(select(Invoker.id).where(Invoker.state == "active")).scalars().all()
+        avoid = [i for i in ids if i == source or (to is not None and i != to)]
+        if to is not None and to not in ids:
+            return None
+        return self._warm(fn, fn.concurrency, avoid) or self.scale_out(
+            fn, avoid, reserve=True, extra=1
+        )
+
+    def scale_out(
+        self, fn: Function, avoid: Sequence[int] = (), *, reserve: bool, extra: int = 0
+    ) -> Slot | None:
+        """Place a new instance of `fn` when below max_instances + `extra` (a slot in it if
+        `reserve`).
 
         StaleFunction when `fn` is not the function's current definition.
         """
@@ -268,7 +288,7 @@ class Dispatcher:
                 .select_from(Instance)
                 .where(Instance.function_id == fn.id, Instance.state.in_(LIVE_STATES))
             ).scalar_one()
-            if count >= locked.max_instances:
+            if count >= locked.max_instances + extra:
                 return None
             candidates = self.candidates(s, fn, avoid)
             choice = self.scheduler.place(fn.model, candidates)

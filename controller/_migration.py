@@ -121,7 +121,7 @@ class Migration:
         """Rounds, then the final switch; never raises (the outcome says what happened)."""
         began, at = self.clock(), self.wall()
         record: dict[str, Any] = {
-            "kind": "migration",
+            "kind": "migrate",
             "from": self.source,
             "to": self.dest,
             "at": at,

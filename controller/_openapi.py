@@ -245,6 +245,15 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/namespaces/{ns}/activations/{id}/logs": {
             "get": _op("An activation's logs", params=[NS, ID])
         },
+        "/api/v1/namespaces/{ns}/activations/{id}/migrate": {
+            "post": _op(
+                "Live-migrate a running generation to invoker `to` (default: the best other "
+                "one); the activation's `moves` records it (admin; 202)",
+                params=[NS, ID],
+                body=any_obj,
+                ok="202",
+            )
+        },
         "/api/v1/invokers": {"get": _op("List invokers (admin)")},
         "/api/v1/invokers/{invoker}": {
             "get": _op("One invoker: state, load, drain progress (admin)", params=[INVOKER])

@@ -41,11 +41,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from sllm.core.errors import Conflict, NotFound, Overloaded, SllmError, Unavailable
-from sllm.db import Function
+from sllm.db import Function, Invoker
 
 from ._activations import Run
 from ._choices import Choices
@@ -53,6 +54,8 @@ from ._config import ControllerConfig
 from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction
 from ._invokers import InvokerClient, InvokerLost
 from ._metrics import ControllerMetrics
+from ._migration import Migration, Outcome
+from ._migration_wire import InvokerWire
 from ._relay import Relay
 
 log = logging.getLogger("sllm.controller")
@@ -139,6 +142,8 @@ class GenerationStream:
         self._tries: dict[int, int] = {}
         self._avoid: dict[int, float] = {}  # invoker id -> when it was lost (epoch s)
         self._resuming = False  # the current source is a resume that sent no start yet
+        # A live migration under way: its outcome, and the destination's slot.
+        self._moving: tuple[Future[Outcome], Slot] | None = None
 
     @property
     def started(self) -> bool:
@@ -288,6 +293,9 @@ class GenerationStream:
         """A new source for the lowest waiting choice; InvokerLost when there can be none."""
         choice = min(self._waiting)
         why = self._waiting[choice]
+        moved = self._migrated(choice, why, deadline) if why.reason == "paused" else None
+        if moved is not None:
+            return moved
         at = self.relay.relayed(choice)
         lost = (
             f"choice {choice} was paused on {why.invoker} at token {at}"
@@ -361,6 +369,112 @@ class GenerationStream:
                         "the generation cannot resume"
                     ) from None
                 self.fn = fn
+
+    # ------------------------------------------------------------ live migration
+    def migrate(self, to: str | None, reason: str, timeout: float) -> None:
+        """Move the generation to invoker `to` (None: the best other one), in rounds while
+        it keeps streaming (controller/_migration.py); run on a thread of its own. The
+        switch happens in this stream's thread: the source's stream ends "paused", and
+        `_resume` takes the destination's stream instead of a new dispatch."""
+        source, fn = self.slot, self.fn
+        if source is None or self._moving is not None or self.relay.n != 1:
+            self.run.log(f"migration ({reason}) not started: the generation is not streaming")
+            return
+        to_id = None
+        if to is not None:
+            with self.dispatcher.db.session(write=False) as s:
+                to_id = s.query(Invoker.id).filter(Invoker.name == to).scalar()
+        dest = self.dispatcher.migration_slot(fn, source.invoker_id, to_id)
+        if dest is None:
+            record = {
+                "kind": "migrate",
+                "from": source.invoker,
+                "to": to,
+                "at": time.time(),
+                "choice": 0,
+                "reason": reason,
+                "outcome": "refused",
+                "error": "no invoker can take the generation",
+            }
+            self.relay.moves.append(record)
+            self.run.log(f"migration ({reason}) refused: no invoker can take the generation")
+            return
+        future: Future[Outcome] = Future()
+        self._moving = (future, dest)
+        wire = InvokerWire(
+            self.invokers,
+            {**instance_body(self.run.namespace, fn, dest), "activation": self._generation(0)},
+            timeout,
+        )
+        self.run.log(f"migrating to {dest.invoker} ({reason})")
+        migration = Migration(
+            wire,
+            self._generation(0),
+            0,
+            source=source.invoker,
+            dest=dest.invoker,
+            source_url=source.url,
+            dest_url=dest.url,
+            reason=reason,
+        )
+        outcome = migration.run()
+        if not outcome.moved and outcome.final is None:  # aborted: r goes on on its source
+            self._moving = None
+            self._give_back(dest)
+            self.relay.moves.append(outcome.record)
+            self.run.log(f"migration to {dest.invoker} aborted: {outcome.record.get('error')}")
+        future.set_result(outcome)
+
+    def _migrated(
+        self, choice: int, why: _Waiting, deadline: float
+    ) -> tuple[str, Slot, Generator[Event, None, None]] | None:
+        """The destination's stream when the pause was a migration's switch, else None
+        (the choice then resumes like after a loss: a migration whose destination failed
+        after the pause goes on elsewhere, its source included)."""
+        moving = self._moving
+        if moving is None:
+            return None
+        future, dest = moving
+        try:
+            outcome = future.result(timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            return None
+        self._moving = None
+        if not outcome.moved or outcome.events is None:
+            if outcome.final is not None:
+                self.relay.moves.append(outcome.record)
+                self._give_back(dest)
+            return None
+        del self._waiting[choice]
+        self.slot = dest
+        self.run.dispatched(dest.invoker)
+        if dest.loading:  # the hold loaded it (how is in the destination's own records)
+            self.dispatcher.loaded(dest, None, None)
+        record = self.relay.move(
+            "migrate",
+            choice,
+            why.invoker,
+            dest.invoker,
+            outcome.record["reason"],
+            outcome.record["at"],
+        )
+        for key in ("rounds", "tokens_recomputed", "switch_ms", "total_ms", "outcome"):
+            record[key] = outcome.record.get(key)
+        source = self._source(dest)
+        self.relay.attach(source, [choice])
+        self.run.log(
+            f"migrated to {dest.invoker}: {record['rounds']} round(s), "
+            f"{record['tokens_recomputed']} tokens recomputed"
+        )
+        return source, dest, outcome.events  # type: ignore[return-value]
+
+    def _give_back(self, dest: Slot) -> None:
+        """The slot of a migration that did not move: a new instance goes (unloaded as an
+        orphan), a warm one keeps serving."""
+        if dest.cold:
+            self.dispatcher.drop(dest)
+        else:
+            self.dispatcher.free(dest)
 
     # ------------------------------------------------------------ helpers
     def _source(self, slot: Slot) -> str:

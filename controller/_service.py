@@ -22,7 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from sqlalchemy import JSON, Insert, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -63,6 +63,8 @@ from ._functions import FunctionDef, check_invocation_keys, check_name, function
 from ._invokers import INVOKER_NAME_RULE, InvokerClient, InvokerLost, is_invoker_name
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
+from ._moving import WATCH_S as MIGRATION_WATCH_S
+from ._moving import MigrationRequests, parse_target
 from ._orphans import OrphanUnloader, instance_rows
 from ._prewarm import CLEARED as PREWARM_CLEARED
 from ._prewarm import load_error_json, record_failure
@@ -126,6 +128,9 @@ class Controller:
         self._functions: dict[tuple[str, str], tuple[Function, float]] = {}
         self._prepared: dict[tuple[str, ...], Prepared] = {}
         self._orphans = OrphanUnloader(db, self._background, self._unload_on)
+        # Live migrations: asked through the database, run by the process relaying the run.
+        self.moving = MigrationRequests(db, self.invokers)
+        self._live: dict[str, GenerationStream] = {}  # run id -> its relay, while streaming
         # Draining invokers; `mover` moves their running generations away (live migration),
         # by default nothing is moved and a drain waits for them (see _drain).
         self.drains = Drains(
@@ -138,7 +143,11 @@ class Controller:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the background threads (queued activations, maintenance)."""
-        for target, name in ((self._queue_loop, "queue"), (self._maintenance_loop, "maint")):
+        for target, name in (
+            (self._queue_loop, "queue"),
+            (self._maintenance_loop, "maint"),
+            (self._migration_loop, "moves"),
+        ):
             t = threading.Thread(target=target, name=f"sllm-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -608,9 +617,11 @@ class Controller:
                         yield {"event": "result", "result": result}
                         return
                     gen.fn = fn
+                    self._live[run.id] = gen
                     try:
                         yield from gen.events(slot, body, deadline)
                     finally:
+                        self._live.pop(run.id, None)
                         slot = gen.slot  # a resume may have moved it to another instance
                     return
                 except InvokerLost as exc:
@@ -953,6 +964,28 @@ class Controller:
             self._wake.set()
 
     # ------------------------------------------------------------ background: maintenance
+    def migrate(self, namespace: str, activation_id: str, body: Any) -> dict[str, Any]:
+        """Ask for a live migration of a running generation (see _moving); 202's body."""
+        return self.moving.request(namespace, activation_id, parse_target(body), "api")
+
+    def _migration_loop(self) -> None:
+        """Take the migration requests naming the runs this process relays; start each."""
+        while not self._stop.wait(MIGRATION_WATCH_S):
+            live = dict(self._live)
+            if not live:
+                continue
+            try:
+                taken = self.moving.take(list(live))
+            except SQLAlchemyError as exc:
+                log.warning("migration requests not read: %s", exc)
+                continue
+            for activation_id, to, reason in taken:
+                gen = live[activation_id]
+                timeout = max(1.0, gen.fn.timeout_s)
+                threading.Thread(
+                    target=gen.migrate, args=(to, reason, timeout), daemon=True, name="sllm-move"
+                ).start()
+
     def _maintenance_loop(self) -> None:
         while not self._stop.wait(self.config.maintenance_interval):
             try:

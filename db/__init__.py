@@ -25,6 +25,7 @@ from sllm.db._models import (
     Function,
     Instance,
     Invoker,
+    MigrationRequest,
     Namespace,
     table,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Function",
     "Instance",
     "Invoker",
+    "MigrationRequest",
     "Namespace",
     "Prepared",
     "database_url",

@@ -165,9 +165,19 @@ class Activation(Base):
     # Each move of the generation to another invoker: {"kind": "resume" | "migrate", "from",
     # "to", "at", "choice", "tokens", "pause_ms", "reason"}; NULL: it never moved.
     moves: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
-    # A live migration asked for (the invoker's name, "" for any) and when; NULL: none.
-    migrate_to: Mapped[str | None] = mapped_column(String(128))
-    migrate_requested_at: Mapped[float | None]
+
+
+class MigrationRequest(Base):
+    """A live migration asked for (admin API or a drain), until the controller process that
+    relays the activation takes it: a running stream's activation has no row of its own."""
+
+    __tablename__ = "migration_requests"
+
+    activation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))
+    to_invoker: Mapped[str | None] = mapped_column(String(128))  # NULL: any other invoker
+    reason: Mapped[str] = mapped_column(String(16))  # "api" | "drain"
+    requested_at: Mapped[float]
 
 
 class Invoker(Base):

@@ -697,11 +697,60 @@ def activation_get(activation_id: str, as_json: bool) -> None:
 def _move(move: Mapping[str, Any]) -> str:
     """One move of a generation, e.g. "resume inv-a -> inv-b at token 12 (broken), pause 840 ms"."""
     pause = move.get("pause_ms")
-    return (
+    line = (
         f"{move.get('kind')} of choice {move.get('choice')} {move.get('from')} -> "
         f"{move.get('to')} at token {move.get('tokens')} ({move.get('reason')}), "
         f"pause {_ms(pause)}, {_when(move.get('at'))}"
     )
+    if move.get("rounds") is not None:
+        line += f", {move['rounds']} round(s), {move.get('tokens_recomputed')} tokens recomputed"
+    if move.get("outcome") not in (None, "moved"):
+        line += f", {move['outcome']}: {move.get('error')}"
+    return line
+
+
+@activation.command("migrate")
+@click.argument("activation_id", metavar="ID")
+@click.option("--to", "to", metavar="INVOKER", help="The destination (default: the best other).")
+@click.option("--wait", is_flag=True, help="Wait until the activation ends, then show its moves.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="--wait's limit (s).")
+@_json_option
+@_api_command
+def activation_migrate(
+    activation_id: str, to: str | None, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Move running activation ID's generation to another invoker, live (admin key)."""
+    from sllm.client import ApiError
+
+    with _client() as api:
+        doc = api.migrate_activation(activation_id, to)
+        if not wait:
+            if as_json:
+                _print_json(doc)
+            else:
+                click.echo(f"migration of {activation_id} from {doc.get('from')} requested")
+            return
+        deadline = time.monotonic() + timeout
+        while True:  # the moves are stored with the activation, when it ends
+            try:
+                done = api.get_activation(activation_id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                done = None
+            if done is not None and done["status"] not in ("queued", "running"):
+                break
+            if time.monotonic() > deadline:
+                _fail(f"activation {activation_id} still runs after {timeout:g} s", "timeout")
+            time.sleep(0.5)
+    if as_json:
+        _print_json(done.get("moves") or [])
+        return
+    moves = [m for m in done.get("moves") or [] if m.get("kind") == "migrate"]
+    if not moves:
+        _fail(f"activation {activation_id} ended without moving", "not_moved", activation_id)
+    for m in moves:
+        click.echo(_move(m))
 
 
 @activation.command("result")

@@ -225,6 +225,12 @@ class Client:
         """`{"activationId", "logs": [...]}` of one activation."""
         return self._call("GET", f"{self._activation_path(activation_id)}/logs")
 
+    def migrate_activation(self, activation_id: str, to: str | None = None) -> dict[str, Any]:
+        """Ask for a live migration of a running generation (admin keys only); `to`: an
+        invoker's name, else the controller picks one."""
+        body = {} if to is None else {"to": to}
+        return self._call("POST", f"{self._activation_path(activation_id)}/migrate", json=body)
+
     # ------------------------------------------------------------ admin
     def list_invokers(self) -> list[dict[str, Any]]:
         """The invokers the controller knows (admin keys only)."""

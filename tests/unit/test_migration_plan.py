@@ -127,7 +127,7 @@ def test_rounds_shrink_what_the_final_round_recomputes() -> None:
     assert record["tokens_recomputed"] == len(PROMPT) + 3 + 20 + 1
     assert wire.held == wire.tokens and wire.paused
     assert record["tokens"] == 3 + 20 + 1
-    assert {"from": "s", "to": "d", "kind": "migration", "reason": "api"}.items() <= record.items()
+    assert {"from": "s", "to": "d", "kind": "migrate", "reason": "api"}.items() <= record.items()
     assert record["switch_ms"] >= 0 and record["total_ms"] >= record["switch_ms"]
     assert wire.calls.count("pause") == 1 and "cancel" not in wire.calls
 

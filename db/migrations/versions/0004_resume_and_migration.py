@@ -3,8 +3,9 @@ is lost, the moves an activation made, and a migration asked for.
 
     functions.on_invoker_loss        "resume" (default) | "fail"
     activations.moves                JSON list of moves (NULL: none)
-    activations.migrate_to           an invoker's name, "" for any (NULL: none asked)
-    activations.migrate_requested_at epoch seconds
+    migration_requests               a live migration asked for, until the controller
+                                     process relaying the activation takes it (a running
+                                     stream's activation has no row of its own yet)
 
 Revision ID: 0004
 Revises: 0003
@@ -25,11 +26,10 @@ depends_on: str | Sequence[str] | None = None
 
 # SQLite rebuilds a table for some changes: keep 0002's AUTOINCREMENT (ids never reused).
 _KEEP_IDS = {"sqlite_autoincrement": True}
-_ACTIVATION_COLUMNS = ("migrate_requested_at", "migrate_to", "moves")
 
 
 def upgrade() -> None:
-    """Add functions.on_invoker_loss and the activations' moves and migration request."""
+    """Add functions.on_invoker_loss, activations.moves and migration_requests."""
     with op.batch_alter_table("functions", table_kwargs=_KEEP_IDS) as batch:
         batch.add_column(
             sa.Column(
@@ -41,14 +41,25 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("activations") as batch:
         batch.add_column(sa.Column("moves", sa.JSON(none_as_null=True), nullable=True))
-        batch.add_column(sa.Column("migrate_to", sa.String(length=128), nullable=True))
-        batch.add_column(sa.Column("migrate_requested_at", sa.Double(), nullable=True))
+    op.create_table(
+        "migration_requests",
+        sa.Column("activation_id", sa.String(length=32), primary_key=True),
+        sa.Column(
+            "namespace_id",
+            sa.Integer(),
+            sa.ForeignKey("namespaces.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        sa.Column("to_invoker", sa.String(length=128), nullable=True),
+        sa.Column("reason", sa.String(length=16), nullable=False),
+        sa.Column("requested_at", sa.Double(), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    """Drop the four columns."""
+    """Drop the table and the two columns."""
+    op.drop_table("migration_requests")
     with op.batch_alter_table("activations") as batch:
-        for name in _ACTIVATION_COLUMNS:
-            batch.drop_column(name)
+        batch.drop_column("moves")
     with op.batch_alter_table("functions", table_kwargs=_KEEP_IDS) as batch:
         batch.drop_column("on_invoker_loss")
