@@ -24,10 +24,12 @@ same step, and prefill and decode share one code path for the state they leave b
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -158,6 +160,7 @@ class Batcher:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        _LOOPS.add(self)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="sllm-batcher", daemon=True)
             self._thread.start()
@@ -516,6 +519,19 @@ def pad_groups(counts: list[int]) -> list[list[int]]:
         groups.append([i])
         longest = real = c
     return groups
+
+
+_LOOPS: weakref.WeakSet[Batcher] = weakref.WeakSet()  # batchers whose loop may run
+
+
+@atexit.register
+def _stop_loops() -> None:
+    """Stop every batcher's loop before the interpreter finalizes. A daemon thread that
+    wakes during finalization (an idle loop's timed wait for IDLE_RELEASE ends, or a step
+    returns from torch) is torn down inside C++ frames, and the process aborts
+    ("terminate called without an active exception", exit status 134)."""
+    for batcher in list(_LOOPS):
+        batcher.close(Unavailable("the process is exiting"))
 
 
 def unavailable() -> Unavailable:

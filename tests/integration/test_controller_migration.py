@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
 from sllm.cli import main
-from tests.integration.test_controller_resume import GREEDY, INVOKERS, PROMPT, SEEDED, Cluster
+from tests.integration.test_controller_resume import (
+    GREEDY,
+    INVOKERS,
+    PROMPT,
+    SEEDED,
+    Cluster,
+    clusters,
+)
 from tests.integration.test_controller_resume import _fn as define
 from tests.integration.test_controller_resume import _reference as reference_of
-from tests.integration.test_controller_resume import _store as store_with_llama
-from tests.support.controller import ControllerProcess, client
-from tests.support.databases import fresh_postgres_database, sqlite_database_url
-from tests.support.process import stop_all
 from tests.support.waiting import wait_until
 
 openai = pytest.importorskip("openai")
@@ -37,24 +39,7 @@ MOVE_AT = 8  # tokens relayed before the migration is asked for
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp(f"migrate-{request.param}")
-    store_uri = store_with_llama(root)
-    with ExitStack() as cleanup:
-        if request.param == "postgres":
-            admin_url = request.getfixturevalue("postgres_admin_url")
-            url = cleanup.enter_context(fresh_postgres_database(admin_url))
-        else:
-            url = sqlite_database_url(root / "db")
-        ctl = ControllerProcess(url, root)
-        cleanup.callback(stop_all, [ctl])
-        ctl.start()
-        c = Cluster(ctl, store_uri, root)
-        cleanup.callback(stop_all, c.invs.values())
-        c.ensure_running()
-        assert c.admin.put("/api/v1/namespaces/r").status_code == 201
-        c.key = c.admin.post("/api/v1/namespaces/r/keys").json()["key"]
-        c.api = client(ctl.url, c.key, 120)
-        yield c
+    yield from clusters(request, tmp_path_factory, "migrate")
 
 
 @pytest.fixture

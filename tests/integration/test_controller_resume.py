@@ -138,11 +138,15 @@ class Cluster:
         return metric_value(text, name, **labels)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+def clusters(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp(f"resume-{request.param}")
+    """A Cluster on the database `request.param` names ("sqlite" or "postgres"), with
+    namespace "r" and a key for it; stopped at the end."""
+    root = tmp_path_factory.mktemp(f"{name}-{request.param}")
     store_uri = _store(root)
     with ExitStack() as cleanup:
         if request.param == "postgres":
@@ -150,8 +154,7 @@ def cluster(
             url = cleanup.enter_context(fresh_postgres_database(admin_url))
         else:
             url = sqlite_database_url(root / "db")
-        # A short stall bound: the stall test below waits for it.
-        ctl = ControllerProcess(url, root, env={"SLLM_STALL_TIMEOUT": "2"})
+        ctl = ControllerProcess(url, root, env=env)
         cleanup.callback(stop_all, [ctl])
         ctl.start()
         c = Cluster(ctl, store_uri, root)
@@ -161,6 +164,14 @@ def cluster(
         c.key = c.admin.post("/api/v1/namespaces/r/keys").json()["key"]
         c.api = client(ctl.url, c.key, 120)
         yield c
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    # A short stall bound: the stall test below waits for it.
+    yield from clusters(request, tmp_path_factory, "resume", {"SLLM_STALL_TIMEOUT": "2"})
 
 
 @pytest.fixture

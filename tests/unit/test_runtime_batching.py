@@ -83,6 +83,32 @@ class PassLog:
         return [width for rows, width in self.passes if width > 1]
 
 
+def arriving_together(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Any]:
+    """Start `prompts` while the batcher is held at a step boundary, so they all wait
+    together and the next step sees them at once (a burst); their generations."""
+    batcher = rt._batcher
+    assert batcher is not None
+    hold, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=lambda: batcher.call(lambda: (holding.set(), hold.wait(30))))
+    blocker.start()
+    assert holding.wait(10)
+    started: list[Any] = [None] * len(prompts)
+    threads = [
+        threading.Thread(target=lambda i=i: started.__setitem__(i, rt.start(prompts[i], params)))
+        for i in range(len(prompts))
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._waiting) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.set()
+    for t in threads:
+        t.join(30)
+    blocker.join(30)
+    return started
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_greedy_output_equals_each_request_alone(
     folders: dict[str, Path], arch: str
@@ -375,25 +401,7 @@ def test_a_burst_of_arrivals_is_prefilled_in_one_pass_beyond_the_chunk(
     running.step(timeout=5)  # it decodes
     log = PassLog(rt)
 
-    # Hold the loop at a step boundary while the burst arrives, so all four wait together.
-    hold, holding = threading.Event(), threading.Event()
-    blocker = threading.Thread(target=lambda: batcher.call(lambda: (holding.set(), hold.wait(30))))
-    blocker.start()
-    assert holding.wait(10)
-    started: list[Any] = [None] * 4
-    threads = [
-        threading.Thread(target=lambda i=i: started.__setitem__(i, rt.start(prompts[i], params)))
-        for i in range(4)
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(batcher._waiting) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    hold.set()
-    for t in threads:
-        t.join(30)
-    blocker.join(30)
+    started = arriving_together(rt, prompts, params)
     got = [drain(g) for g in started]
     drain(running)
 
@@ -432,26 +440,46 @@ def test_a_long_and_short_prompts_arriving_together_are_not_padded_to_one_length
     expected = [alone(rt, p, params) for p in prompts]
     log = PassLog(rt)
 
-    hold, holding = threading.Event(), threading.Event()
-    blocker = threading.Thread(target=lambda: batcher.call(lambda: (holding.set(), hold.wait(30))))
-    blocker.start()
-    assert holding.wait(10)
-    started: list[Any] = [None] * len(prompts)
-    threads = [
-        threading.Thread(target=lambda i=i: started.__setitem__(i, rt.start(prompts[i], params)))
-        for i in range(len(prompts))
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while len(batcher._waiting) < len(prompts) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    hold.set()
-    for t in threads:
-        t.join(30)
-    blocker.join(30)
+    started = arriving_together(rt, prompts, params)
 
     assert [drain(g) for g in started] == expected
     # Two passes: the long prompt alone (100 tokens), the three short ones together (3 x 2),
     # not one pass of 4 x 100 tokens.
     assert sorted(p for p in log.passes if p[1] > 1) == [(1, 100), (3, 2)]
+
+
+def test_a_process_with_an_idle_batcher_exits_cleanly(folders: dict[str, Path]) -> None:
+    """Idle loops wait with a timeout (IDLE_RELEASE); without stopping them at exit, this
+    process aborted while the interpreter finalized (status 134, "terminate called without
+    an active exception"), as a pytest run of this file did."""
+    import subprocess
+    import sys
+
+    script = f"""
+import time
+from sllm.native_loader import load_model
+from sllm.runtime import Runtime, SamplingParams, load_tokenizer, model_class_for
+from sllm.runtime import _batch
+folder = {str(folders["llama"])!r}
+def drain(g):
+    with g:
+        while not g.finished:
+            g.step(timeout=30)
+runtimes = []
+for _ in range(3):  # loops left idle with their caches, waiting with a timeout
+    rt = Runtime(load_model(folder, cls=model_class_for(folder, "generate")),
+                 load_tokenizer(folder), folder, concurrency=8)
+    runtimes.append(rt)
+    prompt = rt.encode(prompt="hello there")
+    for g in [rt.start(prompt, SamplingParams(max_tokens=40, temperature=0.0)) for _ in range(5)]:
+        drain(g)
+_batch.IDLE_RELEASE = 0.2
+runtimes[0]._batcher.post(lambda: None)
+time.sleep(0.5)
+_batch.IDLE_RELEASE = 10.0
+drain(runtimes[0].start(prompt, SamplingParams(max_tokens=4, temperature=0.0)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
