@@ -468,6 +468,26 @@ class GenerationStream:
         )
         return source, dest, outcome.events  # type: ignore[return-value]
 
+    def close(self) -> None:
+        """The client's stream ended (finished, failed or the client went away): a migration
+        still under way is not switched to; its destination copy is cancelled when it ends."""
+        moving, self._moving = self._moving, None
+        if moving is None:
+            return
+        future, dest = moving
+
+        def drop(done: Future[Outcome]) -> None:
+            outcome = done.result()
+            if outcome.events is not None:
+                self.invokers.cancel(dest.url, self._generation(0), CANCEL_TIMEOUT_S)
+                close = getattr(outcome.events, "close", None)
+                if close is not None:
+                    close()
+            if outcome.moved or outcome.final is not None:
+                self._give_back(dest)
+
+        future.add_done_callback(drop)
+
     def _give_back(self, dest: Slot) -> None:
         """The slot of a migration that did not move: a new instance goes (unloaded as an
         orphan), a warm one keeps serving."""

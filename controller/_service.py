@@ -622,6 +622,7 @@ class Controller:
                         yield from gen.events(slot, body, deadline)
                     finally:
                         self._live.pop(run.id, None)
+                        gen.close()
                         slot = gen.slot  # a resume may have moved it to another instance
                     return
                 except InvokerLost as exc:
