@@ -203,3 +203,35 @@ def test_the_cli_migrates_and_waits(c: Cluster, tmp_path: Any, monkeypatch: Any)
     assert f"migrate of choice 0 {source} -> " in result.output
     assert "round(s)" in result.output
     assert time.monotonic() - started < 60
+
+
+def test_a_client_that_leaves_mid_migration_leaves_nothing_running(c: Cluster) -> None:
+    """The client goes away right after asking: whether the migration aborts (its source
+    was cancelled) or completes, no copy of the generation stays held or running."""
+    define(c, "leave-move")
+    url = "/api/v1/namespaces/_/functions/leave-move/invocations?stream=true"
+    activation_id = ""
+    with c.api.stream("POST", url, json={"prompt": PROMPT, "max_tokens": TOKENS}) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            ev = json.loads(line)
+            activation_id = activation_id or ev.get("activationId", "")
+            if ev["event"] == "token" and ev["index"] == MOVE_AT:
+                assert _migrate(c, activation_id).status_code == 202
+                break  # the client goes away
+    assert activation_id
+
+    def nothing_left() -> bool:
+        for proc in c.invs.values():
+            listed = proc.client(5).get("/v1/generations").json()["generations"]
+            if any(
+                g["id"] == activation_id and g["state"] in ("running", "held", "queued")
+                for g in listed
+            ):
+                return False
+        return True
+
+    assert wait_until(nothing_left, 30, f"no copy of {activation_id} left running")
+    act = _stored(c, activation_id)
+    assert act["status"] == "success" and act["result"]["finish_reason"] == "cancelled"
