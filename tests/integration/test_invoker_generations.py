@@ -8,7 +8,6 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from sllm.store import open_store, push_model
 from sllm.tiny_models import build_tiny_model
 from tests.support.invoker import InvokerProcess
+from tests.support.migration import streaming, tokens_of
 
 pytestmark = [pytest.mark.invoker]
 
@@ -57,25 +57,6 @@ def body(**extra: Any) -> dict[str, Any]:
         "temperature": 0,
         **extra,
     }
-
-
-@contextmanager
-def streaming(proc: InvokerProcess, path: str, doc: Any) -> Iterator[Iterator[dict[str, Any]]]:
-    """The NDJSON events of a streaming POST, read as they come."""
-    with (
-        proc.client() as client,
-        client.stream("POST", path, json={**doc, "stream": True}) as r,
-    ):
-        assert r.status_code == 200, r.read()
-        yield (json.loads(line) for line in r.iter_lines() if line)
-
-
-def tokens_of(events: list[dict[str, Any]], choice: int = 0) -> list[int]:
-    return [
-        e["token"]
-        for e in events
-        if e["event"] == "token" and e["choice"] == choice and e["token"] is not None
-    ]
 
 
 def read_until_tokens(events: Iterator[dict[str, Any]], k: int) -> list[dict[str, Any]]:
