@@ -45,7 +45,10 @@ def _read_request(conn: socket.socket) -> bytes:
     """One whole request (headers + Content-Length body), or b"" when the peer closed."""
     data = b""
     while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:  # the client closed with unread data: closed all the same
+            return b""
         if not chunk:
             return b""
         data += chunk
