@@ -22,6 +22,8 @@ from tests.support.controller import (
     wait_for_invokers,
 )
 from tests.support.databases import fresh_postgres_database, sqlite_database_url
+from tests.support.invoker import InvokerProcess
+from tests.support.migration import start_migration_invokers
 from tests.support.process import ServiceProcess, stop_all
 from tests.support.s3 import S3Server
 
@@ -119,3 +121,14 @@ def stack(
             "workers": workers,
             "db": db,
         }
+
+
+@pytest.fixture(scope="module")
+def migration_invokers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, InvokerProcess]]:
+    """For the migration-target tests (test_invoker_hold, test_invoker_migration_target),
+    one set per module: slow and fast batching invokers, a serial one, and one with a
+    short hold timeout."""
+    with start_migration_invokers(tmp_path_factory.mktemp("migration")) as invokers:
+        yield invokers

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ from tests.support.migration import (
     instance_of,
     listed,
     read_more,
-    start_migration_invokers,
     state_at,
     streaming,
     tokens_of,
@@ -31,15 +29,6 @@ from tests.support.migration import (
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.invoker]
-
-
-@pytest.fixture(scope="module")
-def migration_invokers(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[str, InvokerProcess]]:
-    """Slow and fast batching invokers, a serial one and one with a short hold timeout."""
-    with start_migration_invokers(tmp_path_factory.mktemp("migration")) as invokers:
-        yield invokers
 
 
 def test_a_held_generation_decodes_nothing_until_continued(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -22,22 +21,12 @@ from tests.support.migration import (
     hold_body,
     migrate,
     read_more,
-    start_migration_invokers,
     streaming,
     text_of,
     tokens_of,
 )
 
 pytestmark = [pytest.mark.invoker]
-
-
-@pytest.fixture(scope="module")
-def migration_invokers(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[str, InvokerProcess]]:
-    """Slow and fast batching invokers, a serial one and one with a short hold timeout."""
-    with start_migration_invokers(tmp_path_factory.mktemp("migration")) as invokers:
-        yield invokers
 
 
 SAMPLINGS = {"greedy": {"temperature": 0}, "seeded": {"temperature": 1.0, "seed": 4321}}
