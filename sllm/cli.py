@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from sllm.cli_activation import activation as activation_group
 from sllm.cli_client import API_OPTIONS
-from sllm.cli_client import activation as activation_group
 from sllm.cli_client import fn as fn_group
 from sllm.cli_client import login as login_command
 from sllm.cli_controller import controller as controller_group
