@@ -18,6 +18,9 @@ GET    /v1/generations             running (and recently ended) generations
 GET    /v1/generations/<id>        one generation with its exportable state
 POST   /v1/generations/<id>/pause  stop it; its final state (its stream ends "paused")
 DELETE /v1/generations/<id>        cancel it (its stream ends "cancelled")
+GET    /v1/generations/<id>/events every event of a resumable generation's stream from its
+                                    start, then live (a reader attaching, see _feed);
+                                    409 when it was not started resumable
 POST   /v1/generations             {function, model, instance?, version?, activation?,
                                     choice?, state, stream?, hold?}: resume, streaming like
                                     /v1/invoke (token indexes continue the state's count);
@@ -45,7 +48,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from sllm.core import strict_json
-from sllm.core.errors import InvalidRequest, SllmError, Unauthorized
+from sllm.core.errors import Conflict, InvalidRequest, SllmError, Unauthorized
 from sllm.core.messages import require_object
 
 from ._service import Invoker
@@ -154,6 +157,16 @@ def create_app(invoker: Invoker) -> Flask:
     @app.get("/v1/generations/<gen_id>")
     def generation(gen_id: str) -> Response:
         return _json(invoker.generations.get(gen_id).export())
+
+    @app.get("/v1/generations/<gen_id>/events")
+    def generation_events(gen_id: str) -> Response:
+        entry = invoker.generations.get(gen_id)
+        if entry.feed is None:
+            raise Conflict(
+                f"generation {gen_id!r} was not started resumable (or the invoker runs with "
+                "--detach-grace 0): its events are not kept"
+            )
+        return Response(_ndjson(entry.feed.follow()), mimetype="application/x-ndjson")
 
     @app.post("/v1/generations/<gen_id>/pause")
     def pause(gen_id: str) -> Response:

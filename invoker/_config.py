@@ -56,6 +56,10 @@ class InvokerConfig:
     # default function timeout (60 s): a generation of a function with default limits that
     # runs at the SIGTERM finishes within it.
     drain_grace: float = 60.0
+    # A resumable generation (the controller's relay asks for every one) whose reader went
+    # away runs on this long for a reader to attach (its controller's client reconnecting,
+    # or another controller replica taking over; see _feed); 0: cancelled at once.
+    detach_grace: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> InvokerConfig:
@@ -101,6 +105,7 @@ class InvokerConfig:
             ("queue_timeout", "SLLM_QUEUE_TIMEOUT"),
             ("hold_timeout", "SLLM_HOLD_TIMEOUT"),
             ("drain_grace", "SLLM_DRAIN_GRACE"),
+            ("detach_grace", "SLLM_DETACH_GRACE"),
         ):
             if var in env:
                 try:
@@ -156,6 +161,7 @@ class InvokerConfig:
             ("prefill_chunk", self.prefill_chunk, 1, 1 << 16),
             ("hold_timeout", self.hold_timeout, 0.1, 86400),
             ("drain_grace", self.drain_grace, 0, 3600),
+            ("detach_grace", self.detach_grace, 0, 3600),
         ]
         for name, value, lo, hi in checks:
             if not lo <= value <= hi:

@@ -94,6 +94,7 @@ class Entry:
     prompt: list[int] = field(default_factory=list)  # a held one's prompt tokens
     hold_deadline: float = 0.0  # when a held one is cancelled (registry clock)
     timer: threading.Timer | None = None  # its hold timer (cancelled once it is not held)
+    feed: Any = None  # a resumable stream's recorded events (_feed.Feed), for attaching
     step_lock: threading.Lock = field(default_factory=threading.Lock)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Serializes the migration calls on a held entry (prefill, continue) and its expiry.

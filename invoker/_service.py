@@ -31,6 +31,7 @@ from ._cachelock import CacheLock
 from ._config import InvokerConfig
 from ._download import cache_key
 from ._drain import Drain
+from ._feed import Feed
 from ._generations import Entry, Generations, generation_id
 from ._holds import Holds, held_prompt
 from ._instances import Instance, InstanceName, Instances
@@ -317,7 +318,7 @@ class Invoker:
             gen_id=gen_id,
             resumable=resumable,
         )
-        return report, _touching(inst, stream)
+        return report, self._feed(entries, _touching(inst, stream), resumable)
 
     def resume(self, body: Any) -> tuple[LoadReport, Generator[dict[str, Any], None, None]]:
         """Continue a generation from its exported state, streaming like `invoke`.
@@ -373,7 +374,22 @@ class Invoker:
             resumable=resumable,
             held=hold,
         )
-        return report, _touching(inst, stream)
+        return report, self._feed(entries, _touching(inst, stream), resumable)
+
+    def _feed(
+        self,
+        entries: list[Entry],
+        stream: Generator[dict[str, Any], None, None],
+        resumable: bool,
+    ) -> Generator[dict[str, Any], None, None]:
+        """A resumable stream outlives its reader for `detach_grace` seconds (see _feed):
+        its entries carry the feed a later reader attaches to."""
+        if not resumable or self.config.detach_grace <= 0:
+            return stream
+        feed = Feed(stream, self.config.detach_grace)
+        for entry in entries:
+            entry.feed = feed
+        return feed.primary()
 
     def _register(
         self,

@@ -88,6 +88,12 @@ def invoker() -> None:
     help="On SIGTERM, seconds running generations get to finish before the invoker exits "
     "(it takes no new work meanwhile) [SLLM_DRAIN_GRACE, 60].",
 )
+@click.option(
+    "--detach-grace",
+    type=click.FloatRange(0, 3600),
+    help="Seconds a generation whose controller stopped reading runs on, for a reconnecting "
+    "client to attach to it; 0 cancels it at once [SLLM_DETACH_GRACE, 30].",
+)
 def start(**flags: object) -> None:
     """Start an invoker in the foreground (gunicorn, one worker process, request threads)."""
     from sllm.core.errors import SllmError

@@ -24,6 +24,7 @@ MAX_TOKENS = 36
 MODELS = ("llama", "qwen2")
 SHORT_HOLD_S = 2.0  # the "short" invoker's --hold-timeout
 SHORT_PREFILL_S = 0.5  # and each of its prefill passes sleeps this long first
+SHORT_DETACH_S = 2.0  # and its --detach-grace
 
 
 @contextmanager
@@ -33,7 +34,7 @@ def start_migration_invokers(root: Path) -> Iterator[dict[str, InvokerProcess]]:
     slow    batching, decode steps slowed (a source)
     fast    batching (a destination)
     serial  --no-batching, decode steps slowed (a source or a destination)
-    short   batching, --hold-timeout 2 s, prefill passes slowed
+    short   batching, --hold-timeout 2 s, --detach-grace 2 s, decode and prefill slowed
     """
     uri = (root / "store").as_uri()
     store = open_store(uri)
@@ -44,13 +45,16 @@ def start_migration_invokers(root: Path) -> Iterator[dict[str, InvokerProcess]]:
         push_model(str(folder), model, store, progress=False)
     path = os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)
     slowed = {"PYTHONPATH": path, "SLLM_TEST_STEP_DELAY": str(SLOW_STEP_S)}
-    short = {"PYTHONPATH": path, "SLLM_TEST_PREFILL_DELAY": str(SHORT_PREFILL_S)}
+    short = {**slowed, "SLLM_TEST_PREFILL_DELAY": str(SHORT_PREFILL_S)}
     out = {
         "slow": InvokerProcess(root / "slow", uri, env=slowed),
         "fast": InvokerProcess(root / "fast", uri),
         "serial": InvokerProcess(root / "serial", uri, env=slowed, extra=("--no-batching",)),
         "short": InvokerProcess(
-            root / "short", uri, env=short, extra=("--hold-timeout", str(SHORT_HOLD_S))
+            root / "short",
+            uri,
+            env=short,
+            extra=("--hold-timeout", str(SHORT_HOLD_S), "--detach-grace", str(SHORT_DETACH_S)),
         ),
     }
     try:
