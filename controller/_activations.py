@@ -75,6 +75,10 @@ class Run:
     # in the row counts them.
     moves: list[dict[str, Any]] = field(default_factory=list)
     persisted: bool = False  # a row exists (queued, or stored as running)
+    # Its client went away while the generation runs on for a reconnect (see _attach): a
+    # process that attaches stores the rest, so this one's record never overwrites it.
+    detached: bool = False
+    attached: bool = False  # a reconnect continues it: its stored record is replaced
     claim: str | None = None  # the lease this process holds on the row (see _leases)
     # The caller's parameters as sent; `request` is them validated and merged with the
     # function's defaults. A queued activation stores `body` as its request until it runs.

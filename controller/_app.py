@@ -38,6 +38,7 @@ from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
 from sllm.core.errors import (
+    Conflict,
     Forbidden,
     InvalidRequest,
     NotFound,
@@ -56,6 +57,7 @@ from ._auth import Principal, credentials
 from ._functions import check_name
 from ._invoker_pages import invoker_page as read_invoker_page
 from ._openapi import openapi_document
+from ._reconnect import ACTIVATION_ID, Progress, parse_event_id, parse_from
 from ._request import (
     body_bytes,
     body_length,
@@ -244,6 +246,8 @@ def create_app(controller: Controller) -> Flask:
         blocking, result_only = flag("blocking", False), flag("result", False)
         stream = flag("stream", False)
         namespace, fn = _function(ns, name)
+        if stream and request.headers.get("Last-Event-ID"):  # a reconnect: the body is moot
+            return _reconnected_native(namespace, request.headers["Last-Event-ID"], fn.name)
         body = json_body(empty={})
         run = controller.new_run(
             namespace, fn, body, blocking=blocking or stream, body_bytes=body_length()
@@ -307,6 +311,40 @@ def create_app(controller: Controller) -> Flask:
             }
         )
 
+    @app.get("/api/v1/namespaces/<ns>/activations/<activation_id>/stream")
+    def activation_stream(ns: str, activation_id: str) -> Response:
+        namespace = _ns(ns)
+        if not ACTIVATION_ID.fullmatch(activation_id):
+            raise InvalidRequest(f"{activation_id!r} is not an activation id (32 hex digits)")
+        given = request.headers.get("Last-Event-ID")
+        if request.args.get("from") is not None:
+            have = parse_from(request.args["from"])
+        elif given:
+            named, have = parse_event_id(given)
+            if named != activation_id:
+                raise InvalidRequest(
+                    f"Last-Event-ID names activation {named}, not {activation_id}",
+                    param="Last-Event-ID",
+                )
+        else:
+            have = {0: 0}
+        return _reconnected_native(namespace, f"{activation_id}:{_marks(have)}", None)
+
+    def _reconnected_native(namespace: str, event_id: str, function: str | None) -> Response:
+        activation_id, have = parse_event_id(event_id)
+        run, events = controller.reattach(namespace, activation_id, have)
+        if function is not None and run.function != function:
+            events.close()
+            raise Conflict(
+                f"activation {activation_id} is one of function {run.function!r}, not {function!r}",
+                param="Last-Event-ID",
+            )
+        started = StartedEvents(events)
+        progress = Progress(run.id, have)
+        return stream_response(
+            started, native_events(started, run, progress), "application/x-ndjson", run
+        )
+
     @app.post("/api/v1/namespaces/<ns>/activations/<activation_id>/migrate")
     def migrate_activation(ns: str, activation_id: str) -> Response:
         _admin()
@@ -367,6 +405,16 @@ def create_app(controller: Controller) -> Flask:
             raise InvalidRequest(f"function {fn.name!r} computes embeddings; it does not generate")
         run = controller.new_run(ns, fn, req.params, blocking=True, body_bytes=body_length())
         created = int(time.time())
+        given = request.headers.get("Last-Event-ID")
+        if req.stream and given:
+            activation_id, have = parse_event_id(given)
+            run, events = controller.reattach(ns, activation_id, have)
+            if run.function != fn.name:
+                events.close()
+                raise Conflict(
+                    f"activation {activation_id} is one of model {run.function!r}, not {fn.name!r}",
+                    param="Last-Event-ID",
+                )
         if req.stream:
             run.stream = True
             chunks = oai.CompletionStream(
@@ -378,8 +426,14 @@ def create_app(controller: Controller) -> Flask:
                 echo=req.echo,
                 logprobs=req.logprobs,
             )
-            events = StartedEvents(controller.execute(run, fn))
-            return stream_response(events, sse_events(events, chunks), "text/event-stream", run)
+            if given:
+                started = StartedEvents(events)
+                progress = Progress(run.id, have)
+                body = sse_events(started, chunks, progress, reconnected=True)
+                return stream_response(started, body, "text/event-stream", run)
+            started = StartedEvents(controller.execute(run, fn))
+            body = sse_events(started, chunks, Progress(run.id))
+            return stream_response(started, body, "text/event-stream", run)
         run, _ = controller.invoke(run, fn)
         _raise_if_failed(run)
         result = run.result or {}
@@ -539,3 +593,7 @@ def _retry_after(response: Response, seconds: float | None) -> Response:
     if seconds is not None:
         response.headers["Retry-After"] = str(max(1, round(seconds)))
     return response
+
+
+def _marks(have: dict[int, int]) -> str:
+    return ".".join(str(have[c]) for c in sorted(have))

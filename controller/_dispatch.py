@@ -347,6 +347,17 @@ class Dispatcher:
         with self.db.connect(write=True) as conn:
             self.release(conn, slot)
 
+    def adopt(self, instance_id: int, invoker_id: int, invoker: str, url: str) -> Slot:
+        """A slot for a generation already running on instance `instance_id` (a reconnect
+        attaching to it, see _attach): counted in flight there, whatever its limit."""
+        with self.db.connect(write=True) as conn:
+            conn.execute(
+                update(_I)
+                .where(_I.c.id == instance_id)
+                .values(in_flight=_I.c.in_flight + 1, last_used_at=time.time())
+            )
+        return Slot(instance_id, invoker_id, invoker, url, cold=False, loading=False)
+
     def heard_from(self, invoker_id: int, since: float) -> bool:
         """Whether invoker `invoker_id` is active with a heartbeat after `since` (epoch s)."""
         with self.db.autocommit(durable=False) as conn:

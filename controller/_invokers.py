@@ -129,13 +129,14 @@ class InvokerClient:
     def stream(
         self,
         url: str,
-        body: Mapping[str, Any],
+        body: Mapping[str, Any] | None,
         timeout: float,
         *,
         path: str = "/v1/invoke",
         stall: float | None = None,
     ) -> Generator[dict[str, Any], None, None]:
         """The invoker's generation events; closing the generator closes the connection.
+        With `body` None, a GET of `path` (a running generation's events, see _attach).
 
         `timeout` bounds the wait for the answer (the model's load comes first) and
         the whole stream's silences; once the answer started, `stall` (when smaller)
@@ -143,7 +144,10 @@ class InvokerClient:
         raises its SllmError; an "error" event ends the stream with the SllmError
         it carries.
         """
-        conn, response = self._send(url, path, {**body, "stream": True}, timeout)
+        if body is None:
+            conn, response = self._send(url, path, None, timeout, method="GET")
+        else:
+            conn, response = self._send(url, path, {**body, "stream": True}, timeout)
         silence = timeout
         try:
             if response.status != 200:
@@ -178,10 +182,15 @@ class InvokerClient:
             _answer(response, raw)
 
     def _send(
-        self, url: str, path: str, body: Mapping[str, Any] | None, timeout: float
+        self,
+        url: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        timeout: float,
+        method: str | None = None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """POST `body` (DELETE `path` without one); the response, its body unread."""
-        method = "POST" if body is not None else "DELETE"
+        """POST `body` (DELETE `path` without one, or `method`); the response, body unread."""
+        method = method or ("POST" if body is not None else "DELETE")
         payload = json.dumps(body).encode() if body is not None else None
         while True:
             conn, reused = self._take(url)

@@ -542,9 +542,10 @@ def error_body(exc: SllmError) -> dict[str, Any]:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def sse(obj: Mapping[str, Any]) -> bytes:
-    """One server-sent event carrying `obj` as JSON."""
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+def sse(obj: Mapping[str, Any], event_id: str | None = None) -> bytes:
+    """One server-sent event carrying `obj` as JSON (with `event_id` as its id: line)."""
+    data = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return data if event_id is None else b"id: " + event_id.encode() + b"\n" + data
 
 
 def sse_error(exc: SllmError) -> bytes:

@@ -245,6 +245,21 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/namespaces/{ns}/activations/{id}/logs": {
             "get": _op("An activation's logs", params=[NS, ID])
         },
+        "/api/v1/namespaces/{ns}/activations/{id}/stream": {
+            "get": _op(
+                "Reconnect to a streaming generation: NDJSON events from token `from` on (or "
+                "after the Last-Event-ID header's event), from any controller replica",
+                params=[
+                    NS,
+                    ID,
+                    _query(
+                        "from",
+                        "string",
+                        "the last token index the client has (12; 12.9 per choice)",
+                    ),
+                ],
+            )
+        },
         "/api/v1/namespaces/{ns}/activations/{id}/migrate": {
             "post": _op(
                 "Live-migrate a running generation to invoker `to` (default: the best other "

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +163,61 @@ class GenerationStream:
             _left(deadline),
             stall=self.config.stall_timeout,
         )
+        yield from self._follow(source, slot, stream, deadline)
+
+    def reattach(
+        self,
+        replays: list[tuple[str, Iterator[Event]]],
+        live: tuple[Slot, Generator[Event, None, None]] | None,
+        deadline: float,
+    ) -> Generator[Event, None, None]:
+        """The events of a generation another controller process relayed (a client
+        reconnecting, see _attach): `replays` are the whole streams of its ended invoker
+        streams (invoker name, events), oldest first, then `live` is the stream it runs on
+        now, read from its start; with no live stream, a choice a replay left paused
+        resumes elsewhere (a migration whose controller died after the pause)."""
+        for name, stream in replays:
+            source = f"{name}#{self._sources + 1}"
+            self._sources += 1
+            self._attach_replayed(source)
+            for ev in stream:
+                if ev.get("event") == "start" and self.relay.started and ev.get("held"):
+                    continue  # a migration target's start: its state is what was relayed
+                for out in self.relay.feed(source, ev):
+                    yield self._account(out)
+            self.relay.lost(source)  # a replay that stopped short: its choices wait
+        if live is not None:
+            slot, stream = live
+            self.slot = slot
+            source = self._source(slot)
+            self._attach_replayed(source)
+            yield from self._follow(source, slot, stream, deadline, held_start=True)
+            return
+        if self.relay.finished or not self.relay.started:
+            return
+        for c in self.relay.unfinished():
+            name = replays[-1][0] if replays else "?"
+            self._waiting.setdefault(c, _Waiting("paused", name, 0))
+        yield from self._follow(*self._resume(deadline), deadline)
+
+    def _attach_replayed(self, source: str) -> None:
+        if not self.relay.started:
+            self.relay.attach(source)
+        else:
+            self.relay.attach(source, self.relay.waiting() or self.relay.unfinished())
+
+    def _follow(
+        self,
+        source: str,
+        slot: Slot,
+        stream: Generator[Event, None, None],
+        deadline: float,
+        *,
+        held_start: bool = False,
+    ) -> Generator[Event, None, None]:
+        """Relay `stream`, then each next source, until every choice ended."""
+        if held_start:
+            stream = _skip_held_start(stream, self.relay.started)
         while True:
             try:
                 yield from self._pump(source, slot, stream, deadline)
@@ -508,6 +563,20 @@ class GenerationStream:
     def _cancel(self, url: str, generations: list[str]) -> None:
         for generation in generations:
             self.invokers.cancel(url, generation, CANCEL_TIMEOUT_S)
+
+
+def _skip_held_start(
+    stream: Generator[Event, None, None], started: bool
+) -> Generator[Event, None, None]:
+    """`stream` less its start event when it is a held migration target's continuing a
+    generation the relay started (that state is the one relayed, not the hold's)."""
+    try:
+        for ev in stream:
+            if started and ev.get("event") == "start" and ev.get("held"):
+                continue
+            yield ev
+    finally:
+        stream.close()
 
 
 def _left(deadline: float) -> float:

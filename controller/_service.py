@@ -51,6 +51,7 @@ from sllm.db import (
 )
 from sllm.runtime import SamplingParams
 
+from . import _attach as attach
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._catalog import Catalog
@@ -653,6 +654,12 @@ class Controller:
             if run.end_at is None:
                 run.result = partial_result(run, text, "cancelled")
                 run.finish("success")
+                if gen.started and run.stream:  # the invoker keeps it for a reconnect
+                    run.detached = True
+                    run.log(
+                        "the client went away; the generation runs on for a while for it to "
+                        "reconnect (Last-Event-ID)"
+                    )
             raise
         except SllmError as exc:
             if run.end_at is None:
@@ -667,6 +674,23 @@ class Controller:
             raise PlatformError(f"internal error: {exc}") from exc
         finally:
             self._store(run, slot)
+
+    # ------------------------------------------------------------ reconnects (see _attach)
+    def reattach(
+        self, namespace: str, activation_id: str, have: Mapping[int, int]
+    ) -> tuple[Run, Generator[dict[str, Any], None, None]]:
+        """A reconnecting client's activation and the events it lacks."""
+        return attach.reattach(self, namespace, activation_id, have)
+
+    def relaying(self, run: Run, gen: GenerationStream | None) -> None:
+        """This process relays `run` now (migration requests reach it), or no longer."""
+        if gen is None:
+            self._live.pop(run.id, None)
+        else:
+            self._live[run.id] = gen
+
+    def store(self, run: Run, slot: Slot | None) -> None:
+        self._store(run, slot)
 
     def _released(self, slot: Slot) -> None:
         def release() -> None:
@@ -690,11 +714,29 @@ class Controller:
             run.finish("platform_error", error=PlatformError("the invocation ended unexpectedly"))
         cols = run.columns()
 
+        def replace() -> None:  # a reconnect's: the record the first process stored goes
+            with self.db.connect(write=True) as conn:
+                if slot is not None:
+                    self.dispatcher.release(conn, slot)
+                conn.execute(
+                    update(_ACTIVATIONS)
+                    .where(_ACTIVATIONS.c.id == run.id)
+                    .values(**{k: v for k, v in cols.items() if k != "id"})
+                )
+
         def write() -> None:
+            if run.attached and run.persisted:
+                replace()
+                return
             try:
                 self._write_outcome(cols, slot, run.claim, insert=not run.persisted)
             except IntegrityError:  # stored as running meanwhile (it outlived the blocking wait)
-                self._write_outcome(cols, slot, run.claim, insert=False)
+                if run.attached:  # its first process stored it meanwhile
+                    replace()
+                elif run.detached and slot is not None:  # a reconnect stored the rest first
+                    self._released(slot)
+                elif not run.detached:
+                    self._write_outcome(cols, slot, run.claim, insert=False)
 
         _again_if_disconnected(write)
         self.metrics.observe_activation(run)

@@ -22,6 +22,7 @@ from sllm.core.errors import SllmError
 
 from . import _openai as oai
 from ._activations import Run
+from ._reconnect import Progress
 
 Event = dict[str, Any]
 _LOGPROB_KEYS = ("token", "logprob", "top_logprobs", "token_text")
@@ -62,18 +63,26 @@ def stream_response(
     return response
 
 
-def native_events(events: StartedEvents, run: Run) -> Iterator[bytes]:
-    """The native stream: NDJSON start / token* / done, or a final error line."""
+def native_events(
+    events: StartedEvents, run: Run, progress: Progress | None = None
+) -> Iterator[bytes]:
+    """The native stream: NDJSON start / token* / done, or a final error line; every line
+    has an "id" a client reconnects from (see _reconnect)."""
+    progress = progress or Progress(run.id)
     try:
         for ev in events:
             kind = ev.get("event")
+            progress.see(ev)
             if kind == "start":
+                progress.start(ev.get("n") or 1)
                 out = {
                     "event": "start",
                     "activationId": run.id,
                     "invoker": run.invoker,
                     "load": ev.get("load"),
                 }
+                if ev.get("reattached"):
+                    out["reattached"] = True
             elif kind == "token":
                 out = {
                     "event": "token",
@@ -96,6 +105,7 @@ def native_events(events: StartedEvents, run: Run) -> Iterator[bytes]:
                     out["choices"] = ev["choices"]
             else:
                 continue
+            out["id"] = progress.event_id()
             yield (json.dumps(out) + "\n").encode()
     except SllmError as exc:
         yield (
@@ -105,12 +115,26 @@ def native_events(events: StartedEvents, run: Run) -> Iterator[bytes]:
         events.close()
 
 
-def sse_events(events: StartedEvents, chunks: oai.CompletionStream) -> Iterator[bytes]:
-    """The OpenAI stream: SSE chunks, then [DONE]; an error mid-stream is an error event."""
+def sse_events(
+    events: StartedEvents,
+    chunks: oai.CompletionStream,
+    progress: Progress,
+    *,
+    reconnected: bool = False,
+) -> Iterator[bytes]:
+    """The OpenAI stream: SSE chunks, then [DONE]; an error mid-stream is an error event.
+    Every chunk has an id: a client reconnects from it with Last-Event-ID (_reconnect);
+    a reconnected stream does not repeat the first chunks (the role) it already had."""
     try:
         for ev in events:
-            for chunk in chunks.feed(ev):
-                yield oai.sse(chunk)
+            progress.see(ev)
+            out = chunks.feed(ev)
+            if ev.get("event") == "start":
+                progress.start(ev.get("n") or 1)
+                if reconnected:
+                    continue
+            for chunk in out:
+                yield oai.sse(chunk, progress.event_id())
         yield oai.SSE_DONE
     except SllmError as exc:
         yield oai.sse_error(exc)
