@@ -14,7 +14,8 @@
                          "resumed on" log line: warm, or the tier and seconds), and the
                          prefill of the whole sequence on the destination, timed apart (a
                          request of the same length, max_tokens 1, straight to its instance:
-                         the invoker's own TTFT)
+                         the invoker's own TTFT); beside them, the resumed stream's own TTFT
+                         on the destination (its invoker's TTFT histogram, before and after)
 
 Every output is checked against the others of its prompt (greedy: the same text, token by
 token); a mismatch, a migration that did not move, or a stream that ended early raises.
@@ -23,6 +24,7 @@ token); a mismatch, a migration that did not move, or a stream that ended early 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from typing import Any
 import httpx
 
 from ._migration_stack import FUNCTION, NAMESPACE, Cluster
-from ._migration_stats import pause_after, resume_parts, tpot
+from ._migration_stats import histogram_totals, pause_after, resume_parts, tpot
 
 STREAM_PATH = f"/api/v1/namespaces/{NAMESPACE}/functions/{FUNCTION}/invocations?stream=true"
 VARIANTS = ("baseline", "live", "stop_and_recompute", "preempt_and_restart", "resume_after_kill")
@@ -174,6 +176,7 @@ class Runner:
             killed["at"] = self.cluster.kill(trace.invoker)
             return False
 
+        before = {name: self._ttft_totals(name) for name in self.cluster.invokers}
         try:
             with self.cluster.api() as api:
                 trace = stream(api, self.prompt, self.output_len, self.at, kill)
@@ -188,6 +191,9 @@ class Runner:
             lost_at = parts["lost_at"] if parts["lost_at"] is not None else move["at"]
             resumed_on = parts["resumed_on"] or move["to"]
             prefill_s = self._prefill(resumed_on, len(self.prompt) + int(move["tokens"]))
+            after = self._ttft_totals(resumed_on)
+            served = after[1] - before[resumed_on][1]
+            own_ttft = (after[0] - before[resumed_on][0]) / served if served == 1 else math.nan
         finally:
             if "name" in killed:
                 self.cluster.restart(killed["name"])
@@ -199,6 +205,7 @@ class Runner:
             "load_s": load,
             "prefill_s": prefill_s,
             "parts_s": detection + load + prefill_s,
+            "resume_ttft_s": own_ttft,
             "relay_pause_s": (move.get("pause_ms") or 0.0) / 1000,
             "tier": parts["tier"] or "unknown",
             "resumed_at_token": int(move["tokens"]),
@@ -249,6 +256,12 @@ class Runner:
             "moved_at_token": move.get("tokens"),
             "total_s": trace.times[-1] - trace.sent,
         }
+
+    def _ttft_totals(self, invoker: str) -> tuple[float, float]:
+        """(sum, count) of the invoker's warm-start TTFT histogram."""
+        with self.cluster.invoker(invoker) as client:
+            text = client.get("/metrics", timeout=5).text
+        return histogram_totals(text, "sllm_invoker_ttft_seconds", 'tier="warm"')
 
     def _prefill(self, invoker: str, length: int) -> float:
         """The invoker's TTFT of a `length`-token request on its warm instance (max_tokens 1)."""

@@ -72,6 +72,20 @@ def over_rounds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def histogram_totals(text: str, metric: str, labels: str) -> tuple[float, float]:
+    """(sum, count) of one series of a Prometheus histogram, e.g. labels 'tier="warm"'."""
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or "{" + labels + "}" not in line:
+            continue
+        name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+        if name == f"{metric}_sum":
+            total = value
+        elif name == f"{metric}_count":
+            count = value
+    return total, count
+
+
 def log_time(line: str) -> float | None:
     """The epoch seconds of an activation log line ("2026-01-01T10:00:00.123Z message")."""
     stamp = line.split(" ", 1)[0]

@@ -59,7 +59,7 @@ MODEL = "bench-migration"
 class Settings:
     """What one run measures; `QUICK` is the smoke run's."""
 
-    size_mb: int = 48
+    size_mb: int = 66  # 18 layers: a decode step of >= 10 ms on a 2-core host
     rounds: int = 3
     prompt_lens: tuple[int, ...] = (128, 1024, 4096)
     output_len: int = 512
@@ -157,6 +157,9 @@ def run(settings: Settings, *, workdir: Path, out: Path, keep: bool, echo: Echo)
             "load_s": "the destination's load before it resumed (0: warm instance)",
             "prefill_s": "the destination invoker's TTFT of a request as long as the resumed "
             "sequence (prompt + tokens relayed), max_tokens 1, on its warm instance",
+            "resume_ttft_s": "the resumed stream's own TTFT on the destination (request "
+            "received to first token), from its invoker's TTFT histogram",
+            "parts_s": "detection_s + load_s + prefill_s",
             "finish_s": "preempt: the first send to the rerun's last token",
         },
         "rounds": settings.rounds,
@@ -234,32 +237,28 @@ def _finite(doc: Any) -> Any:
 
 
 def print_table(res: dict[str, Any], echo: Echo) -> None:
-    """Medians per prompt length, then the targets."""
-
-    def ms(length: str, variant: str, metric: str) -> str:
-        value = res["summary"][length].get(variant, {}).get(metric, {}).get("median")
-        return (
-            f"{value * 1000:8.1f}"
-            if isinstance(value, float) and math.isfinite(value)
-            else "       -"
-        )
-
-    echo(f"\n{res['rounds']} round(s), medians, ms")
-    echo(
-        f"{'prompt':>6} {'TPOT':>8} {'live':>8} {'stop+rc':>8} {'preempt':>8} "
-        f"{'resume':>8} {'detect':>8} {'load':>8} {'prefill':>8} {'rounds':>6}"
-    )
-    for length in res["summary"]:
-        rounds = res["summary"][length].get("live", {}).get("rounds", {}).get("median")
-        echo(
-            f"{length:>6} {ms(length, 'baseline', 'tpot_s')} {ms(length, 'live', 'pause_s')} "
-            f"{ms(length, 'stop_and_recompute', 'pause_s')} "
-            f"{ms(length, 'preempt_and_restart', 'pause_s')} "
-            f"{ms(length, 'resume_after_kill', 'gap_s')} "
-            f"{ms(length, 'resume_after_kill', 'detection_s')} "
-            f"{ms(length, 'resume_after_kill', 'load_s')} "
-            f"{ms(length, 'resume_after_kill', 'prefill_s')} {rounds if rounds is not None else '-':>6}"
-        )
+    """Medians per prompt length, then the condition on the model and the targets."""
+    columns = [
+        ("TPOT", "baseline", "tpot_s"),
+        ("live", "live", "pause_s"),
+        ("stop+rc", "stop_and_recompute", "pause_s"),
+        ("preempt", "preempt_and_restart", "pause_s"),
+        ("resume", "resume_after_kill", "gap_s"),
+        ("detect", "resume_after_kill", "detection_s"),
+        ("load", "resume_after_kill", "load_s"),
+        ("prefill", "resume_after_kill", "prefill_s"),
+        ("res.TTFT", "resume_after_kill", "resume_ttft_s"),
+    ]
+    echo(f"\n{res['rounds']} round(s), medians in ms (pauses, gaps and their parts)")
+    echo(f"{'prompt':>6} " + " ".join(f"{c[0]:>8}" for c in columns) + f" {'rounds':>6}")
+    for length, by_variant in res["summary"].items():
+        cells = []
+        for _, variant, metric in columns:
+            value = by_variant.get(variant, {}).get(metric, {}).get("median")
+            ok = isinstance(value, float) and math.isfinite(value)
+            cells.append(f"{value * 1000:8.1f}" if ok else f"{'-':>8}")
+        rounds = by_variant.get("live", {}).get("rounds", {}).get("median", "-")
+        echo(f"{length:>6} " + " ".join(cells) + f" {rounds:>6}")
     cond = res["condition_decode_step"]
     echo(f"\ndecode step >= {cond['bound_ms']:g} ms at every length: {cond['held']}")
     for name, t in res["targets"].items():
@@ -286,7 +285,7 @@ def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
 @click.command("migration")
 @click.option("--quick", is_flag=True, help="Smoke run: ~10 MB model, prompts 16,64, 1 round.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Rotated rounds [3].")
-@click.option("--size-mb", type=click.IntRange(min=1), help="Model size, float32 [48].")
+@click.option("--size-mb", type=click.IntRange(min=1), help="Model size, float32 [66].")
 @click.option("--prompt-lens", callback=_ints, help="Prompt lengths in tokens [128,1024,4096].")
 @click.option("--output-len", type=click.IntRange(min=2), help="Output tokens per request [512].")
 @click.option("--at", type=click.IntRange(min=1), help="Token at which to move/abort/kill [16].")
