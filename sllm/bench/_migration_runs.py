@@ -135,6 +135,7 @@ class Runner:
 
     # ------------------------------------------------------------ the variants
     def baseline(self) -> dict[str, Any]:
+        """The request streamed to its end, unmoved."""
         with self.cluster.api() as api:
             trace = stream(api, self.prompt, self.output_len)
         complete(trace, self.output_len, "baseline")
@@ -146,12 +147,15 @@ class Runner:
         }
 
     def live(self) -> dict[str, Any]:
+        """Migrated in rounds while it streams (the controller's default policy)."""
         return self._migrated("live", "live")
 
     def stop_and_recompute(self) -> dict[str, Any]:
+        """Migrated through the controller with no live rounds."""
         return self._migrated("stop", "stop_and_recompute")
 
     def preempt_and_restart(self) -> dict[str, Any]:
+        """Aborted by the client and sent again from the prompt."""
         with self.cluster.api() as api:
             first = stream(api, self.prompt, self.output_len, self.at, lambda t: True)
             rerun = stream(api, self.prompt, self.output_len)
@@ -169,6 +173,7 @@ class Runner:
         }
 
     def resume_after_kill(self) -> dict[str, Any]:
+        """Its invoker killed mid-stream; the controller resumes it on the other one."""
         killed: dict[str, Any] = {}
 
         def kill(trace: Trace) -> bool:

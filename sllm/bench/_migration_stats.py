@@ -63,11 +63,13 @@ def over_rounds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key in rows[0] if rows else ():
         values = [row.get(key) for row in rows]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            finite = [float(v) for v in values if not math.isnan(v)]
-            out[key] = {"median": statistics.median(finite) if finite else math.nan}
-        else:
-            out[key] = {}
+        numbers = [
+            float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        out[key] = {}
+        if len(numbers) == len(values):
+            finite = [v for v in numbers if not math.isnan(v)]
+            out[key]["median"] = statistics.median(finite) if finite else math.nan
         out[key]["rounds"] = values
     return out
 

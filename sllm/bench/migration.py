@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -50,6 +50,9 @@ from ._decode_workload import prompt_tokens, rotation
 from ._migration_runs import VARIANTS, Runner
 from ._migration_stats import over_rounds, ratios, step_condition, targets
 from ._results import write_results
+
+if TYPE_CHECKING:
+    from ._migration_stack import Cluster
 
 Echo = Callable[[str], None]
 MODEL = "bench-migration"
@@ -178,7 +181,7 @@ def run(settings: Settings, *, workdir: Path, out: Path, keep: bool, echo: Echo)
 
 
 def _measure(
-    settings: Settings, cluster: Any, vocab: int, echo: Echo
+    settings: Settings, cluster: Cluster, vocab: int, echo: Echo
 ) -> tuple[dict[int, dict[str, list[dict[str, Any]]]], list[list[str]]]:
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {} for n in settings.prompt_lens}
     orders: list[list[str]] = []
