@@ -195,10 +195,10 @@ class Runner:
             parts = resume_parts(record.get("log_lines") or [])
             lost_at = parts["lost_at"] if parts["lost_at"] is not None else move["at"]
             resumed_on = parts["resumed_on"] or move["to"]
-            prefill_s = self._prefill(resumed_on, len(self.prompt) + int(move["tokens"]))
-            after = self._ttft_totals(resumed_on)
+            after = self._ttft_totals(resumed_on)  # before the probe adds its own
             served = after[1] - before[resumed_on][1]
             own_ttft = (after[0] - before[resumed_on][0]) / served if served == 1 else math.nan
+            prefill_s = self._prefill(resumed_on, len(self.prompt) + int(move["tokens"]))
         finally:
             if "name" in killed:
                 self.cluster.restart(killed["name"])
