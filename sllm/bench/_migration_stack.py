@@ -21,7 +21,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +261,3 @@ def ok(response: httpx.Response) -> Any:
             f"{response.status_code}: {response.text[:500]}"
         )
     return response.json()
-
-
-def env_of(server: Server) -> Mapping[str, str]:
-    """A server's environment (for the results: which settings it ran with)."""
-    return {k: v for k, v in server.env.items() if k.startswith(("SLLM_MIGRATION", "OMP_"))}
