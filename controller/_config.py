@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from sllm.store import StoreSettings
 
 MiB = 1024**2
+MAX_MIGRATION_THRESHOLD = 4096  # tokens
+MAX_MIGRATION_ROUNDS = 64
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class ControllerConfig:
     # timeout: a decode step, or the recompute of a preempted generation, takes far less;
     # a host that stopped altogether is out of rotation (heartbeats) before this.
     stall_timeout: float = 20.0
+    # A live migration's rounds (see _migration): another round while the last one ended
+    # with at least `migration_threshold` new tokens on the source, up to
+    # `migration_max_rounds`; 0 rounds is stop-and-recompute (the benchmark's baseline).
+    migration_threshold: int = 4
+    migration_max_rounds: int = 4
     functions: FunctionDefaults = dataclasses.field(default_factory=FunctionDefaults)
     store_uri: str = ""  # where models are published; empty: models are not checked at create
     store_settings: StoreSettings | None = None  # S3 endpoint and credentials (SLLM_S3_*)
@@ -99,6 +106,8 @@ class ControllerConfig:
             "queue_workers": "SLLM_QUEUE_WORKERS",
             "max_connections": "SLLM_MAX_CONNECTIONS",
             "resume_attempts": "SLLM_RESUME_ATTEMPTS",
+            "migration_threshold": "SLLM_MIGRATION_THRESHOLD",
+            "migration_max_rounds": "SLLM_MIGRATION_MAX_ROUNDS",
         }.items():
             if var in env:
                 values[name] = _number(env, var, int)
@@ -133,6 +142,16 @@ class ControllerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.resume_attempts < 0:
             raise ValueError(f"resume_attempts must be at least 0, got {self.resume_attempts}")
+        if not 1 <= self.migration_threshold <= MAX_MIGRATION_THRESHOLD:
+            raise ValueError(
+                f"migration_threshold must be in [1, {MAX_MIGRATION_THRESHOLD}] tokens, "
+                f"got {self.migration_threshold}"
+            )
+        if not 0 <= self.migration_max_rounds <= MAX_MIGRATION_ROUNDS:
+            raise ValueError(
+                f"migration_max_rounds must be in [0, {MAX_MIGRATION_ROUNDS}] "
+                f"(0: stop-and-recompute), got {self.migration_max_rounds}"
+            )
         if self.max_connections <= self.threads:
             raise ValueError(
                 f"max_connections must exceed threads ({self.threads}), got {self.max_connections}"

@@ -10,6 +10,10 @@ start through its tiers like any other). Then:
                 text, remaining budget); D recomputes the few tokens since the last round
                 and continues decoding; the relay switches the client's stream from S to D
 
+With `max_rounds` 0 there are no live rounds (stop-and-recompute, the naive baseline):
+S pauses first, then D is given the final state and prefills all of it before it goes on,
+so the client's pause is a prefill of the whole sequence.
+
 Rounds go on while a round ends with at least `threshold` new tokens on S, up to
 `max_rounds`: each round shrinks what the final round must recompute while the client
 sees no pause, and the final round is the only pause the client sees. Example with
@@ -56,13 +60,20 @@ def next_move(
     """What follows a round that ended with `new_tokens` generated on S since it began.
 
     `rounds` counts the rounds done (the first included), `elapsed_s` the time since the
-    migration began. Past the deadline the migration is aborted, unless only the final
-    round is left, which is bounded by the pause itself.
+    migration began; with `rounds` 0 (before any round) the first round always runs,
+    unless `max_rounds` is 0 (stop-and-recompute: straight to the final round). Past the
+    deadline the migration is aborted, unless only the final round is left, which is
+    bounded by the pause itself.
 
     Examples (threshold 4, 4 rounds): (20, 1, 0.7) -> "round"; (1, 2, 0.8) -> "final";
-    (30, 4, 5.0) -> "final" (rounds used up); (30, 2, 200.0) -> "abort".
+    (30, 4, 5.0) -> "final" (rounds used up); (30, 2, 200.0) -> "abort";
+    (0, 0, 0.0) -> "round". With 0 rounds: (0, 0, 0.0) -> "final".
     """
-    if new_tokens < policy.threshold or rounds >= policy.max_rounds:
+    if rounds >= policy.max_rounds:
+        return "final"
+    if rounds == 0:
+        return "round"
+    if new_tokens < policy.threshold:
         return "final"
     if elapsed_s > policy.deadline_s:
         return "abort"
@@ -133,11 +144,12 @@ class Migration:
         }
         events: Iterator[dict[str, Any]] | None = None
         try:
-            state = self.wire.state(self.source_url, self.gen_id)
-            events = self.wire.hold(self.dest_url, state, self.choice)
-            sent: list[int] = list(state["tokens"])
+            live = next_move(0, 0, 0.0, self.policy) == "round"
+            state = self.wire.state(self.source_url, self.gen_id) if live else {}
+            events = self.wire.hold(self.dest_url, state, self.choice) if live else None
+            sent: list[int] = list(state.get("tokens", ()))
             held = 0  # tokens D's copy holds
-            while True:
+            while live:
                 began_round = len(sent)
                 cached = self.wire.prefill(self.dest_url, self.gen_id, sent)
                 record["rounds"] += 1
@@ -164,6 +176,10 @@ class Migration:
         except SllmError as exc:  # S ended it meanwhile (finished), or S is gone: no switch
             return self._abort(record, events, f"the source did not pause: {exc.message}")
         try:
+            if events is None:  # stop-and-recompute: D gets the whole sequence only now
+                events = self.wire.hold(self.dest_url, final, self.choice)
+                tokens = list(final["tokens"])
+                record["tokens_recomputed"] += self.wire.prefill(self.dest_url, self.gen_id, tokens)
             recomputed = self.wire.resume(self.dest_url, self.gen_id, final)
         except SllmError as exc:
             record.update(outcome="failed", error=f"the destination did not continue: {exc}")

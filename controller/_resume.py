@@ -54,7 +54,7 @@ from ._config import ControllerConfig
 from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction
 from ._invokers import InvokerClient, InvokerLost
 from ._metrics import ControllerMetrics
-from ._migration import Migration, Outcome
+from ._migration import Migration, Outcome, RoundPolicy
 from ._migration_wire import InvokerWire
 from ._relay import Relay
 
@@ -471,6 +471,10 @@ class GenerationStream:
             source_url=source.url,
             dest_url=dest.url,
             reason=reason,
+            policy=RoundPolicy(
+                threshold=self.config.migration_threshold,
+                max_rounds=self.config.migration_max_rounds,
+            ),
         )
         outcome = migration.run()
         if not outcome.moved and outcome.final is None:  # aborted: r goes on on its source

@@ -294,10 +294,12 @@ main.add_command(server_group)
 def _add_bench_commands() -> None:
     from sllm.bench.coldstart import command as coldstart
     from sllm.bench.decode import command as decode
+    from sllm.bench.migration import command as migration
     from sllm.bench.overhead import command as overhead
 
     bench.add_command(coldstart)
     bench.add_command(decode)
+    bench.add_command(migration)
     bench.add_command(overhead)
 
 

@@ -21,6 +21,7 @@ import torch
 
 MB = 1024 * 1024
 FILL_CHUNK = 16 * MB  # elements per randn call: bounded scratch memory
+DEFAULT_CONTEXT = 2048  # tokens (max_position_embeddings)
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,18 @@ def stamp_path(folder: Path) -> Path:
 
 
 def build_model(
-    folder: Path, size_bytes: int, echo: Callable[[str], None], *, eos: bool = True
+    folder: Path,
+    size_bytes: int,
+    echo: Callable[[str], None],
+    *,
+    eos: bool = True,
+    context: int = DEFAULT_CONTEXT,
 ) -> Path:
     """The model folder (safetensors, config, tokenizer) in `folder`, built unless already there.
 
     `eos=False` leaves the end-of-sequence token out of the tokenizer and the model's
     config (so of its generation config too): every generation then runs to its length.
+    `context` is its max_position_embeddings (prompt + output tokens it can take).
     """
     stamp = stamp_path(folder)
     if stamp.exists():
@@ -97,7 +104,7 @@ def build_model(
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=context,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id if eos else None,

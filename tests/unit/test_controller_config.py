@@ -69,3 +69,27 @@ def test_resume_settings_from_env_and_checked() -> None:
         ControllerConfig.from_env({**BASE, "SLLM_RESUME_ATTEMPTS": "-1"})
     with pytest.raises(ValueError, match="stall_timeout must be positive"):
         ControllerConfig.from_env({**BASE, "SLLM_STALL_TIMEOUT": "0"})
+
+
+def test_migration_rounds_from_env_and_checked() -> None:
+    default = ControllerConfig.from_env(BASE)
+    assert (default.migration_threshold, default.migration_max_rounds) == (4, 4)
+    config = ControllerConfig.from_env(
+        {**BASE, "SLLM_MIGRATION_THRESHOLD": "8", "SLLM_MIGRATION_MAX_ROUNDS": "0"}
+    )
+    assert (config.migration_threshold, config.migration_max_rounds) == (8, 0)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SLLM_MIGRATION_THRESHOLD": "0"}, r"migration_threshold must be in \[1, 4096\].*got 0"),
+        ({"SLLM_MIGRATION_MAX_ROUNDS": "-1"}, r"migration_max_rounds must be in \[0, 64\]"),
+        ({"SLLM_MIGRATION_MAX_ROUNDS": "65"}, r"migration_max_rounds .*got 65"),
+        ({"SLLM_MIGRATION_THRESHOLD": "four"}, "SLLM_MIGRATION_THRESHOLD: expected a number"),
+    ],
+    ids=["threshold-0", "rounds-negative", "rounds-too-many", "threshold-not-a-number"],
+)
+def test_bad_migration_rounds_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ControllerConfig.from_env({**BASE, **env})

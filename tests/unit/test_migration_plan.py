@@ -30,6 +30,17 @@ def test_next_move(new: int, rounds: int, elapsed: float, expected: str) -> None
     assert next_move(new, rounds, elapsed, RoundPolicy(threshold=4, max_rounds=4)) == expected
 
 
+@pytest.mark.parametrize(
+    ("max_rounds", "expected"),
+    [(4, "round"), (1, "round"), (0, "final")],
+    ids=["live", "one-round", "stop-and-recompute"],
+)
+def test_before_any_round_only_zero_rounds_go_straight_to_the_switch(
+    max_rounds: int, expected: str
+) -> None:
+    assert next_move(0, 0, 0.0, RoundPolicy(threshold=4, max_rounds=max_rounds)) == expected
+
+
 class FakeWire:
     """S generates `per_round[i]` tokens while round i runs on D; calls are logged."""
 
@@ -179,3 +190,22 @@ def test_when_the_destination_fails_after_the_pause_the_final_state_is_handed_ba
     assert not out.moved and out.record["outcome"] == "failed"
     assert out.final is not None and out.final["tokens"] == wire.tokens  # the relay resumes it
     assert wire.paused
+
+
+def test_stop_and_recompute_pauses_first_and_the_destination_prefills_everything() -> None:
+    wire = FakeWire([])
+    out = migration(wire, max_rounds=0).run()
+
+    assert out.moved and out.events is not None and out.record["rounds"] == 0
+    # No round while S decodes: S pauses before D is even asked to hold the generation.
+    assert wire.calls == ["pause", "hold", "prefill", "resume"]
+    assert out.record["tokens_recomputed"] == len(PROMPT) + 3  # the whole sequence
+    assert wire.held == wire.tokens and out.record["tokens"] == 3
+
+
+def test_stop_and_recompute_hands_the_final_state_back_when_the_destination_fails() -> None:
+    wire = FakeWire([], fail="prefill")
+    out = migration(wire, max_rounds=0).run()
+
+    assert not out.moved and out.record["outcome"] == "failed"
+    assert out.final is not None and out.final["tokens"] == wire.tokens and wire.paused
