@@ -341,7 +341,8 @@ class GenerationStream:
         """The source ended cleanly with choices left (paused: a planned switch)."""
         for c in self.relay.waiting():
             self._waiting.setdefault(c, _Waiting("paused", slot.invoker, slot.invoker_id))
-        self.dispatcher.free(slot)
+        # Off the switch's path: the client waits for the destination's first token now.
+        threading.Thread(target=self.dispatcher.free, args=(slot,), daemon=True).start()
         self.slot = None
 
     def _resume(self, deadline: float) -> tuple[str, Slot, Generator[Event, None, None]]:

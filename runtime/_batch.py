@@ -348,6 +348,9 @@ class Batcher:
 
     def _prefill(self) -> None:
         """One padded pass over the prefilling rows' next chunks, within the token budget."""
+        for seq in [s for s in self._rows if s.phase == "prefilling" and s.first_from_prefill]:
+            seq.first_from_prefill = False
+            self._first_from_prefill(seq)
         prefilling = [s for s in self._rows if s.phase == "prefilling"]
         batch: list[tuple[Sequence, int]] = []
         budget = self._prefill_budget(len(prefilling))
@@ -387,6 +390,34 @@ class Batcher:
                 else:
                     self._start_decoding(seq)
 
+    def _first_from_prefill(self, seq: Sequence) -> None:
+        """A migration's final round: the pass that recomputes the few tokens the source
+        made since the last round also yields the next token (its last position's logits),
+        so the client's pause at the switch is one pass, not a prefill pass and then a
+        decode pass. Longer recomputes (stop-and-recompute) take the usual path."""
+        count = len(seq.tokens) - seq.cached
+        if not 2 <= count <= self.prefill_chunk:
+            return
+        logits = self._prefill_pass([(seq, count)])
+        if seq.row is None or seq.phase != "prefilling":
+            return
+        try:
+            if seq.plain_greedy:
+                pick = Pick(int(torch.argmax(logits[0])))
+            else:
+                pick = seq.pick(logits[0].to(device="cpu", dtype=torch.float32))
+            event = seq.append(pick, self.engine.tokenizer, self.engine.eos)
+        except SllmError as error:
+            seq.error = error
+            self.leave(seq, "failed")
+            seq.push(error)
+            return
+        seq.push(event)
+        if seq.finish_reason is not None:
+            self.leave(seq, "finished")
+        else:
+            self._start_decoding(seq)
+
     def _prefill_budget(self, prefilling: int) -> int:
         """Prompt tokens this step may prefill.
 
@@ -402,7 +433,7 @@ class Batcher:
             return self.prefill_chunk
         return self.prefill_chunk * min(BURST_CHUNKS, -(-prefilling // max(1, self._decoding)))
 
-    def _prefill_pass(self, batch: list[tuple[Sequence, int]]) -> None:
+    def _prefill_pass(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         assert self._kv is not None
         need = max(s.cached + count for s, count in batch) + 1
         while not self._kv.ensure(len(self._rows), self._need(need), self.engine.max_context):
@@ -419,10 +450,11 @@ class Batcher:
         chunks = [s.tokens[s.cached : s.cached + count] for s, count in batch]
         ids, positions, mask = prefill_inputs(chunks, starts, self.engine.device, self.engine.dtype)
         view = PrefillView(self._kv, rows, starts, [len(c) for c in chunks])  # type: ignore[arg-type]
-        self.engine.run(ids, positions, mask, view)
+        logits = self.engine.run(ids, positions, mask, view)
         self.passes += 1
         for seq, count in batch:
             seq.cached += count
+        return logits
 
     # -- decode --------------------------------------------------------------------------------
 

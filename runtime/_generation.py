@@ -234,6 +234,7 @@ class BatchedGeneration:
                 seq.push(TokenEvent(None, "", len(seq.generated), True, parsed.finish_reason))
                 return len(parsed.tokens)
             reused = self._restage(parsed.tokens)
+            seq.first_from_prefill = True  # the switch's pause: one pass (see the batcher)
             seq.mark_start()  # start_state(): the state it continued from
             return reused
 

@@ -171,6 +171,9 @@ class Sequence:
         self.row: int | None = None
         self.order = 0  # admission order: the youngest is preempted first
         self.share_from: Sequence | None = None  # n > 1: copy this sibling's prefilled row
+        # A migration's continue: its first token comes from the pass that recomputes its
+        # last few tokens (see Batcher._first_from_prefill).
+        self.first_from_prefill = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.preemptions = 0

@@ -483,3 +483,30 @@ drain(runtimes[0].start(prompt, SamplingParams(max_tokens=4, temperature=0.0)))
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_a_continued_migration_target_yields_its_first_token_from_the_recompute_pass(
+    folders: dict[str, Path], temperature: float
+) -> None:
+    """The final round's few tokens and the next token come from one pass (the client's
+    pause at the switch), and the output is the unmigrated one."""
+    rt = runtime_for(folders["llama"])
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=7, ignore_eos=True)
+    prompt = rt.encode(prompt=PROMPTS[0])
+    expected = alone(rt, prompt, params)
+    held_state = {"tokens": prompt + expected[:3], "prompt_len": len(prompt)}
+    held = rt.resume({**held_state, "params": params.to_json(), "sampler": {"seed": 7}}, hold=True)
+    assert held.wait_prefilled(30)
+    log = PassLog(rt)
+    final = {
+        "tokens": prompt + expected[:6],  # the source made 3 more since the round
+        "prompt_len": len(prompt),
+        "params": params.to_json(),
+        "sampler": {"seed": 7},
+    }
+    assert held.load_state(final) == len(prompt) + 2  # all but the round's last token
+    first = held.step(timeout=30)
+    assert first.token == expected[6] and first.index == 7
+    assert log.passes == [(1, 4)]  # 3 new tokens + the round's last: one pass, no decode
+    assert [first.token, *drain(held)] == expected[6:]
