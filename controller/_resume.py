@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +167,7 @@ class GenerationStream:
 
     def reattach(
         self,
-        replays: list[tuple[str, Iterator[Event]]],
+        replays: Sequence[tuple[str, Iterator[Event]]],
         live: tuple[Slot, Generator[Event, None, None]] | None,
         deadline: float,
     ) -> Generator[Event, None, None]:
