@@ -19,6 +19,7 @@ from sllm.cli_client import (
     _json_option,
     _ms,
     _print_json,
+    _show_stream,
     _table,
     _when,
 )
@@ -183,6 +184,24 @@ def activation_migrate(
         _fail(f"activation {activation_id} ended without moving", "not_moved", activation_id)
     for m in moves:
         click.echo(_move(m))
+
+
+@activation.command("stream")
+@click.argument("activation_id", metavar="ID")
+@click.option(
+    "--from",
+    "after",
+    default="0",
+    show_default=True,
+    help="The last token index you have (one per choice for n > 1: 12.9).",
+)
+@_json_option
+@_api_command
+def activation_stream(activation_id: str, after: str, as_json: bool) -> None:
+    """Reconnect to streaming activation ID: the tokens after --from, as they come (the
+    generation keeps running a while after its client's connection dropped)."""
+    with _client() as api:
+        _show_stream(api.activation_stream(activation_id, after), as_json)
 
 
 @activation.command("result")

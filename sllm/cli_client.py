@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 
@@ -546,11 +546,16 @@ def fn_invoke(
 
 def _stream(api: Client, name: str, params: dict[str, Any], as_json: bool) -> None:
     """Tokens to stdout as they come; a summary (or the error) to stderr."""
+    _show_stream(api.invoke_stream(name, params), as_json)
+
+
+def _show_stream(events: Iterator[dict[str, Any]], as_json: bool) -> None:
+    """A stream's tokens to stdout as they come; a summary (or the error) to stderr."""
     sent = time.monotonic()
     ttft: float | None = None
     tokens = 0
     load: Mapping[str, Any] = {}
-    for event in api.invoke_stream(name, params):
+    for event in events:
         kind = event.get("event")
         if as_json:
             click.echo(json.dumps(event, ensure_ascii=False))

@@ -198,6 +198,21 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 
+    def activation_stream(self, activation_id: str, after: str = "0") -> Iterator[dict[str, Any]]:
+        """Reconnect to a streaming generation: its events after token `after` (an index,
+        or one per choice "12.9"), then its end."""
+        path = f"{self._activation_path(activation_id)}/stream"
+        try:
+            with self._http.stream("GET", path, params={"from": after}) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_of(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield _parse_event(line)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
     # ------------------------------------------------------------ activations
     def list_activations(
         self,

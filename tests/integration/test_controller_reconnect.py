@@ -11,11 +11,14 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from sllm.cli import main
 from tests.integration.test_controller_resume import (
     GREEDY,
     PROMPT,
@@ -244,3 +247,24 @@ def test_reconnects_with_bad_ids_are_4xx(c: Cluster) -> None:
     assert r.status_code == 400, r.text
     r = c.api.get(f"{path}/{missing}/stream", headers={"Last-Event-ID": f"{'1' * 32}:3"})
     assert r.status_code == 400 and "names activation" in r.json()["error"]["message"], r.text
+
+
+def test_the_cli_reconnects_to_a_stream(
+    c: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fn = "drop-cli"
+    _fn(c, fn)
+    reference = _reference(c, fn, GREEDY)
+    first = _first_part(c, fn)
+    had = "".join(e["text"] for e in first if e["event"] == "token")
+    monkeypatch.setenv("SLLM_HOME", str(tmp_path))
+    env = {"SLLM_APIHOST": c.ctl.url, "SLLM_API_KEY": c.key}
+    args = ["activation", "stream", first[0]["activationId"], "--from", str(LEAVE_AT)]
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert had + result.stdout.rstrip("\n") == reference["result"]["text"]
+    assert "ok: activation" in result.stderr, result.stderr
+    bad = CliRunner().invoke(
+        main, ["activation", "stream", first[0]["activationId"], "--from", "x"], env=env
+    )
+    assert bad.exit_code != 0 and "'from'" in bad.stderr, bad.stderr
