@@ -131,6 +131,19 @@ class Slot:
     loading: bool = True  # the instance was not ready yet when the slot was taken
 
 
+def instance_body(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
+    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
+    the function, and the instance by its row id and the function's version."""
+    return {
+        "function": f"{namespace}/{fn.name}",
+        "model": fn.model,
+        "task": fn.task,
+        "concurrency": fn.concurrency,
+        "instance": str(slot.instance_id),
+        "version": fn.version,
+    }
+
+
 class DeadlineExceeded(Exception):
     """No slot came free before the request's deadline."""
 

@@ -167,7 +167,7 @@ class Migration:
             recomputed = self.wire.resume(self.dest_url, self.gen_id, final)
         except SllmError as exc:
             record.update(outcome="failed", error=f"the destination did not continue: {exc}")
-            _close(events)
+            close_events(events)
             return Outcome(record, final=final)
         record["tokens_recomputed"] += recomputed
         record.update(
@@ -185,11 +185,11 @@ class Migration:
         if events is not None:
             with contextlib.suppress(SllmError):  # D is gone: nothing of r is left there
                 self.wire.cancel(self.dest_url, self.gen_id)
-            _close(events)
+            close_events(events)
         return Outcome(record)
 
 
-def _close(events: Iterator[dict[str, Any]] | None) -> None:
+def close_events(events: Iterator[dict[str, Any]] | None) -> None:
     close = getattr(events, "close", None)
     if close is not None:
         with contextlib.suppress(SllmError, OSError):  # closing a broken stream
