@@ -239,6 +239,8 @@ class GenerationStream:
             self._waiting[c] = _Waiting(reason, slot.invoker, slot.invoker_id)
             if reason == "overloaded":  # not the generation's fault: no attempt spent
                 self._tries[c] = max(0, self._tries.get(c, 0) - 1)
+        for c in self.relay.waiting():  # paused by it (a migration's switch) before the loss
+            self._waiting.setdefault(c, _Waiting("paused", slot.invoker, slot.invoker_id))
         self._avoid[slot.invoker_id] = time.time()
         if reason in ("overloaded", "unavailable", "conflict"):
             self.dispatcher.free(slot)  # it answered: its instance is there, only busy or going

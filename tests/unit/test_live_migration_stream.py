@@ -1,8 +1,8 @@
 """GenerationStream.migrate with n = 2 against a scripted pair of invokers: S decodes both
 choices a token per step and pauses a choice when asked; D holds each choice and continues
 it from S's final state. Every choice still running moves to D together, the client's
-stream stays whole (no duplicate, no gap, one done), and a choice that finished on S, before
-or during the migration, stays finished."""
+stream stays whole (no duplicate, no gap, one done), a choice that finished on S, before
+or during the migration, stays finished, and S dying during the switch loses nothing."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from sllm.controller._activations import Run
 from sllm.controller._choices import Choices
 from sllm.controller._config import ControllerConfig
 from sllm.controller._dispatch import Slot
+from sllm.controller._invokers import InvokerLost
 from sllm.controller._metrics import ControllerMetrics
 from sllm.controller._resume import GenerationStream
 from sllm.core.errors import Conflict
@@ -41,8 +44,14 @@ class Pair:
     """S and D as the controller's InvokerClient sees them. Choice c ends at index
     `ends[c]`; the migration is asked once choice 0 reached `move_at` on S."""
 
-    def __init__(self, ends: list[int], move_at: int, prefill_s: float = 0.0) -> None:
+    def __init__(
+        self, ends: list[int], move_at: int, prefill_s: float = 0.0, dies: str | None = None
+    ) -> None:
         self.ends, self.move_at, self.prefill_s = ends, move_at, prefill_s
+        # S dies (kill -9) "after-pause": once every choice paused, before its "done";
+        # "in-pause": while pausing, with its last token made but never sent
+        self.dies = dies
+        self.resumed: list[dict[str, Any]] = []  # resume bodies (a third invoker, c)
         self.cond = threading.Condition()
         self.made: list[list[int]] = [[] for _ in ends]  # tokens generated on S
         self.ended: dict[int, str] = {}  # choice -> "length" | "paused" on S
@@ -59,7 +68,12 @@ class Pair:
                stall: float | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
         if url == S.url:
             return self._source()
-        assert body["hold"] is True and body["activation"] == f"act1.{body['choice']}", body
+        if url == "http://c":
+            self.resumed.append(body)
+            return self._resumed(body)
+        n = len(self.ends)
+        assert body["activation"] == ("act1" if n == 1 else f"act1.{body['choice']}"), body
+        assert body["hold"] is True, body
         self.holds.append(body["choice"])
         return self._held(body["choice"])
 
@@ -104,6 +118,11 @@ class Pair:
                     if c in self.ended:
                         continue
                     if c in self.pausing:
+                        if self.dies == "in-pause":
+                            self.made[c].append(100 * c + len(self.made[c]) + 1)
+                            self.ended[c] = "paused"
+                            self.cond.notify_all()
+                            raise InvokerLost("invoker a broke the stream", reason="broken")
                         self.ended[c] = "paused"
                         out.append({"event": "paused", "choice": c})
                         out.append({"event": "finish", "choice": c, "finish_reason": "paused"})
@@ -121,6 +140,8 @@ class Pair:
                 assert self.gen is not None
                 self.mover = threading.Thread(target=self.gen.migrate, args=(None, "api", 10))
                 self.mover.start()
+            if not left and self.dies == "after-pause":
+                raise InvokerLost("invoker a broke the stream", reason="broken")
             if not left:
                 yield {"event": "done", "usage": {"prompt_tokens": 3}, "timing": {}}
                 return
@@ -136,17 +157,34 @@ class Pair:
         yield {"event": "finish", "choice": c, "finish_reason": "length"}
         yield {"event": "done", "usage": {}, "timing": {}}
 
+    def _resumed(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        c = body["choice"]
+        k = len(body["state"]["tokens"]) - len(PROMPT)
+        yield {"event": "start", "load": {"cold": False}, "n": 1, "states": [body["state"]]}
+        for i in range(k + 1, self.ends[c] + 1):
+            yield _token(c, i)
+        yield {"event": "finish", "choice": c, "finish_reason": "length"}
+        yield {"event": "done", "usage": {}, "timing": {}}
+
     @staticmethod
     def _choice(path: str) -> int:
         gen_id = path.split("/")[3]
-        assert gen_id.startswith("act1."), path
-        return int(gen_id.split(".")[1])
+        assert gen_id == "act1" or gen_id.startswith("act1."), path
+        return int(gen_id.split(".")[1]) if "." in gen_id else 0
 
 
 class Dispatcher:
     def __init__(self) -> None:
         self.freed: list[str] = []
         self.dropped: list[str] = []
+        self.avoided: list[list[int]] = []
+
+    def acquire(self, fn: Any, until: float, avoid: list[int], *, bounded: bool) -> Slot:
+        self.avoided.append(list(avoid))
+        return Slot(3, 3, "c", "http://c", cold=False, loading=False)
+
+    def heard_from(self, invoker_id: int, since: float) -> bool:
+        return False
 
     def migration_slot(self, fn: Any, source: int, to: int | None) -> Slot:
         return D
@@ -189,7 +227,7 @@ def run(pair: Pair) -> tuple[list[dict[str, Any]], GenerationStream, Dispatcher]
         refresh=lambda: fn,
     )
     pair.gen = gen
-    events = list(gen.events(S, {"prompt": "x", "n": 2}, time.monotonic() + 30))
+    events = list(gen.events(S, {"prompt": "x"}, time.monotonic() + 30))
     if pair.mover is not None:
         pair.mover.join(10)
     return events, gen, dispatcher
@@ -243,3 +281,36 @@ def test_a_choice_that_finishes_during_the_rounds_stays_finished_and_the_other_m
     assert moves[1]["outcome"] == "aborted" and "finished" in moves[1]["error"]
     assert "act1.1" in pair.cancelled  # its held copy on D was dropped
     assert pair.ended[1] == "length"
+
+
+@pytest.mark.parametrize("ends", [[40], [40, 40]], ids=["n1", "n2"])
+def test_the_source_dying_after_the_pause_still_switches_to_the_destination(
+    ends: list[int],
+) -> None:
+    """S paused every choice, then died before its "done" (the paused choices were owned
+    by nobody, so the loss left nothing waiting and the stream failed with a ValueError)."""
+    pair = Pair(ends, move_at=5, dies="after-pause")
+    events, gen, dispatcher = run(pair)
+    _whole(events, ends)
+    moves = sorted(gen.relay.moves, key=lambda m: m["choice"])
+    assert [(m["kind"], m["to"], m["outcome"]) for m in moves] == [("migrate", "b", "moved")] * len(
+        ends
+    )
+    assert pair.resumed == [] and gen.slot == D
+    assert dispatcher.dropped == ["a"]  # lost: its instance is forgotten
+
+
+def test_the_source_dying_with_its_last_token_unsent_resumes_from_what_was_relayed() -> None:
+    """S made a token after the last one relayed, then died: D's copy (which goes on
+    after that token) is not joined, which would skip it; the choice resumes elsewhere."""
+    pair = Pair([40], move_at=5, dies="in-pause")
+    events, gen, dispatcher = run(pair)
+    _whole(events, [40])
+    assert [(m["kind"], m["from"], m["to"], m.get("outcome")) for m in gen.relay.moves] == [
+        ("migrate", "a", "b", "failed"),
+        ("resume", "a", "c", None),
+    ]
+    assert "act1" in pair.cancelled  # D's copy is dropped
+    relayed = len(pair.made[0]) - 1
+    assert len(pair.resumed[0]["state"]["tokens"]) == len(PROMPT) + relayed
+    assert dispatcher.avoided == [[1]]
