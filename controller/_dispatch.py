@@ -275,8 +275,12 @@ class Dispatcher:
         avoid = [i for i in ids if i == source or (to is not None and i != to)]
         if to is not None and to not in ids:
             return None
-        return self._warm(fn, fn.concurrency, avoid) or self.scale_out(
-            fn, avoid, reserve=True, extra=1
+        return (
+            self._warm(fn, fn.concurrency, avoid)
+            or self.scale_out(fn, avoid, reserve=True, extra=1)
+            # Another migration placed one there since the first look (a drain moves the
+            # generations of an instance at once): join it, as the first look would have.
+            or self._warm(fn, fn.concurrency, avoid)
         )
 
     def scale_out(
