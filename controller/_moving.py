@@ -11,6 +11,9 @@ controller process looks, a few times a second, for requests naming an activatio
 relays (`take`, which deletes what it returns: one process takes each request), and
 runs the migration (controller/_resume.py `GenerationStream.migrate`). A request that no
 process takes (its stream ended meanwhile) is dropped after `STALE_S`.
+
+A drain asks the same way (`MigrateAway`, the drain's `GenerationMover`): reason
+"drain", any other invoker, for each activation its draining invoker runs.
 """
 
 from __future__ import annotations
