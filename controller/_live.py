@@ -1,7 +1,7 @@
 """Every choice of a generation moves together: one `Migration` per choice, one destination.
 
     move_together(migrations, gate)   each choice's Migration on a thread of its own; outcomes
-    GatedWire                         a choice's Wire whose pause waits at the gate
+    Gate                              where their final rounds meet (each one's `meet`)
     interleaved(streams)              the destination's streams of the moved choices, as one
 
 A generation with n > 1 choices registers choice i as "{activation}.{i}" on its invoker
@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,9 +41,7 @@ from sqlalchemy import select
 from sllm.core.errors import SllmError
 from sllm.db import Database, Invoker
 
-from ._invokers import InvokerClient
 from ._migration import Migration, Outcome
-from ._migration_wire import InvokerWire
 
 GATE_S = 10.0  # the longest a paused-to-be choice waits for the others (a round, at most)
 DRAIN = "drain"  # the reason of a drain's migrations
@@ -71,26 +69,6 @@ class Gate:
         with self._cond:
             self._out.discard(choice)
             self._cond.notify_all()
-
-
-class GatedWire(InvokerWire):
-    """One choice's invoker calls; its pause waits at the generation's gate first."""
-
-    def __init__(
-        self,
-        client: InvokerClient,
-        base: Mapping[str, Any],
-        timeout: float,
-        gate: Gate,
-        choice: int,
-    ) -> None:
-        super().__init__(client, base, timeout)
-        self.gate = gate
-        self.choice = choice
-
-    def pause(self, url: str, gen_id: str) -> dict[str, Any]:
-        self.gate.arrive(self.choice)
-        return super().pause(url, gen_id)
 
 
 def move_together(migrations: Sequence[Migration], gate: Gate) -> list[Outcome]:

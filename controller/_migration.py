@@ -114,6 +114,9 @@ class Migration:
     dest_url: str
     reason: str
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    # Called before the final round: where the migrations of one generation's choices
+    # meet, so they pause together (controller/_live.py `Gate`).
+    meet: Callable[[], None] | None = None
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
 
@@ -158,6 +161,8 @@ class Migration:
         except SllmError as exc:
             return self._abort(record, events, f"before the switch: {exc.message}")
         # The final round: from here on, r runs in exactly one place.
+        if self.meet is not None:
+            self.meet()
         pause_began = self.clock()
         try:
             final = self.wire.pause(self.source_url, self.gen_id)

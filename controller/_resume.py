@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sllm.core.errors import Conflict, NotFound, Overloaded, SllmError, Unavailable
@@ -54,9 +55,10 @@ from ._choices import Choices, partial_result
 from ._config import ControllerConfig
 from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction, instance_body
 from ._invokers import InvokerClient, InvokerLost
-from ._live import DRAIN, Gate, GatedWire, draining, interleaved, move_together, refused
+from ._live import DRAIN, Gate, draining, interleaved, move_together, refused
 from ._metrics import ControllerMetrics
 from ._migration import Migration, Outcome, close_events
+from ._migration_wire import InvokerWire
 from ._relay import Relay
 
 log = logging.getLogger("sllm.controller")
@@ -375,15 +377,13 @@ class GenerationStream:
         self.run.log(f"migrating to {dest.invoker} ({reason})")
         migrations = [
             Migration(
-                GatedWire(
+                InvokerWire(
                     self.invokers,
                     {
                         **instance_body(self.run.namespace, fn, dest),
                         "activation": self._generation(c),
                     },
                     timeout,
-                    gate,
-                    c,
                 ),
                 self._generation(c),
                 c,
@@ -392,6 +392,7 @@ class GenerationStream:
                 source_url=source.url,
                 dest_url=dest.url,
                 reason=reason,
+                meet=partial(gate.arrive, c),
             )
             for c in choices
         ]
