@@ -29,7 +29,6 @@ goes on on S, and the moved one's stream is read once S's stream ended.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -38,10 +37,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from sllm.core.errors import SllmError
 from sllm.db import Database, Invoker
 
-from ._migration import Migration, Outcome
+from ._migration import Migration, Outcome, close_events
 
 GATE_S = 10.0  # the longest a paused-to-be choice waits for the others (a round, at most)
 DRAIN = "drain"  # the reason of a drain's migrations
@@ -54,11 +52,11 @@ class Gate:
 
     def __init__(self, choices: Iterable[int], timeout: float = GATE_S) -> None:
         self._cond = threading.Condition()
-        self._out = set(choices)  # choices still migrating that have not reached their pause
+        self._out = set(choices)  # still migrating, not at their final round yet
         self._timeout = timeout
 
     def arrive(self, choice: int) -> None:
-        """`choice` is about to be paused: wait for the others (bounded)."""
+        """`choice`'s final round is next: wait for the others (bounded)."""
         with self._cond:
             self._out.discard(choice)
             self._cond.notify_all()
@@ -104,10 +102,7 @@ def interleaved(streams: Sequence[Iterator[Event]]) -> Generator[Event, None, No
         yield {"event": "done"}
     finally:
         for stream in streams:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                with contextlib.suppress(SllmError, OSError):  # closing a broken stream
-                    close()
+            close_events(stream)
 
 
 def draining(db: Database, invoker_id: int) -> bool:
