@@ -199,7 +199,8 @@ class MigrateAway:
     "drain") of every generation running on the draining invoker, asked through
     `migration_requests`, so the process relaying it (any worker or replica) moves it.
 
-    Each activation is asked for once per drain (per controller process): the relaying
+    Each activation is asked for once per drain (per controller process; a drain is
+    known by its deadline, so a new drain, or a new grace, asks again): the relaying
     process moves every choice of it, and several generations of one instance, asked in
     one pass, move at once (their rounds batched on the destination). One that cannot
     move (no other invoker takes it, its migration aborted, or it is not streaming yet)
@@ -209,12 +210,14 @@ class MigrateAway:
 
     def __init__(self, requests: MigrationRequests) -> None:
         self.requests = requests
-        self._asked: dict[str, set[str]] = {}  # invoker -> activations asked, still there
+        # invoker -> its drain (by deadline) and the activations asked, still running there
+        self._asked: dict[str, tuple[float, set[str]]] = {}
 
     def move_away(self, invoker: str, generations: Sequence[str], deadline: float) -> None:
         """Ask for the migration of the activations of `generations` not asked for yet."""
         there = {a for a in map(activation_of, generations) if a is not None}
-        asked = self._asked.get(invoker, set()) & there  # the ended ones are forgotten
+        drain, asked = self._asked.get(invoker, (deadline, set()))
+        asked = asked & there if drain == deadline else set()  # the ended ones are forgotten
         new = sorted(there - asked)
         if new:
             try:
@@ -224,4 +227,4 @@ class MigrateAway:
                 return
             log.info("drain of %s: migrating %s", invoker, ", ".join(moving) or "nothing")
             asked |= set(new)
-        self._asked[invoker] = asked
+        self._asked[invoker] = (deadline, asked)

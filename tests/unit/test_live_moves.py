@@ -116,3 +116,12 @@ def test_an_invoker_that_does_not_answer_is_asked_again_at_the_next_pass() -> No
     requests.fail = False
     mover.move_away("a", [A], 0.0)
     assert requests.asked == [("a", [A])]
+
+
+def test_a_new_drain_of_the_invoker_asks_again() -> None:
+    requests = _Requests()
+    mover = MigrateAway(requests)  # type: ignore[arg-type]
+    mover.move_away("a", [A], 100.0)
+    mover.move_away("a", [A], 100.0)
+    mover.move_away("a", [A], 250.0)  # undrained and drained again (or a new grace)
+    assert requests.asked == [("a", [A]), ("a", [A])]
