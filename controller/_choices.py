@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ._activations import Run
+
 
 def _choice_of(event: Mapping[str, Any]) -> int:
     choice = event.get("choice")
@@ -93,3 +95,19 @@ class Choices:
             "usage": dict(usage),
             "choices": choices,
         }
+
+
+def partial_result(
+    run: Run, text: Choices, reason: str | None, usage: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The stored result of a generation from what was relayed (`usage` when known)."""
+    tokens_out = run.tokens_out if run.tokens_out is not None else text.tokens
+    return text.result(
+        reason,
+        usage
+        or {
+            "prompt_tokens": run.tokens_in or 0,
+            "completion_tokens": tokens_out,
+            "total_tokens": (run.tokens_in or 0) + tokens_out,
+        },
+    )

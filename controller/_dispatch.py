@@ -131,6 +131,19 @@ class Slot:
     loading: bool = True  # the instance was not ready yet when the slot was taken
 
 
+def instance_body(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
+    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
+    the function, and the instance by its row id and the function's version."""
+    return {
+        "function": f"{namespace}/{fn.name}",
+        "model": fn.model,
+        "task": fn.task,
+        "concurrency": fn.concurrency,
+        "instance": str(slot.instance_id),
+        "version": fn.version,
+    }
+
+
 class DeadlineExceeded(Exception):
     """No slot came free before the request's deadline."""
 
@@ -262,8 +275,12 @@ class Dispatcher:
         avoid = [i for i in ids if i == source or (to is not None and i != to)]
         if to is not None and to not in ids:
             return None
-        return self._warm(fn, fn.concurrency, avoid) or self.scale_out(
-            fn, avoid, reserve=True, extra=1
+        return (
+            self._warm(fn, fn.concurrency, avoid)
+            or self.scale_out(fn, avoid, reserve=True, extra=1)
+            # Another migration placed one there since the first look (a drain moves the
+            # generations of an instance at once): join it, as the first look would have.
+            or self._warm(fn, fn.concurrency, avoid)
         )
 
     def scale_out(

@@ -33,8 +33,10 @@ done, the invoker is "drained". Had "b" still run at t=60: instance 1 is
 unloaded anyway ("force"), which ends "b" with an error; done.
 
 Moving running generations away is live migration's job: the drain hands the
-running generations to a `GenerationMover` on every pass. Until migration
-exists, the mover does nothing and the drain waits for them to finish.
+running generations to a `GenerationMover` on every pass. The controller's
+(`_moving.MigrateAway`) asks for a live migration of each; one that cannot move
+(no other invoker, or its migration aborted) finishes where it runs, and the
+drain waits for it, as with `WaitForGenerations`, which moves nothing.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def running_count(status: Mapping[str, Any]) -> int:
 
 
 class GenerationMover(Protocol):
-    """Moves running generations off an invoker (live migration fills this in)."""
+    """Moves running generations off an invoker (`_moving.MigrateAway`: live migration)."""
 
     def move_away(self, invoker: str, generations: Sequence[str], deadline: float) -> None:
         """Start moving `generations` (ids on `invoker`) elsewhere, finishing by `deadline`
@@ -242,8 +244,8 @@ class GenerationMover(Protocol):
 
 
 class WaitForGenerations:
-    """The mover until live migration exists: moves nothing, so the drain waits for the
-    generations to finish (up to its grace)."""
+    """A mover that moves nothing, so the drain waits for the generations to finish (up to
+    its grace)."""
 
     def move_away(self, invoker: str, generations: Sequence[str], deadline: float) -> None:
         """Nothing to do: the generations finish where they run."""

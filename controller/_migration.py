@@ -125,6 +125,9 @@ class Migration:
     dest_url: str
     reason: str
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    # Called before the final round: where the migrations of one generation's choices
+    # meet, so they pause together (controller/_live.py `Gate`).
+    meet: Callable[[], None] | None = None
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
 
@@ -170,6 +173,8 @@ class Migration:
         except SllmError as exc:
             return self._abort(record, events, f"before the switch: {exc.message}")
         # The final round: from here on, r runs in exactly one place.
+        if self.meet is not None:
+            self.meet()
         pause_began = self.clock()
         try:
             final = self.wire.pause(self.source_url, self.gen_id)
@@ -183,7 +188,7 @@ class Migration:
             recomputed = self.wire.resume(self.dest_url, self.gen_id, final)
         except SllmError as exc:
             record.update(outcome="failed", error=f"the destination did not continue: {exc}")
-            _close(events)
+            close_events(events)
             return Outcome(record, final=final)
         record["tokens_recomputed"] += recomputed
         record.update(
@@ -201,11 +206,11 @@ class Migration:
         if events is not None:
             with contextlib.suppress(SllmError):  # D is gone: nothing of r is left there
                 self.wire.cancel(self.dest_url, self.gen_id)
-            _close(events)
+            close_events(events)
         return Outcome(record)
 
 
-def _close(events: Iterator[dict[str, Any]] | None) -> None:
+def close_events(events: Iterator[dict[str, Any]] | None) -> None:
     close = getattr(events, "close", None)
     if close is not None:
         with contextlib.suppress(SllmError, OSError):  # closing a broken stream

@@ -29,10 +29,11 @@ heartbeat since the loss, so a restarted one is used again when no other can ser
 Caveat: with n > 1 choices, the choices of a lost stream resume one after another (a
 resumed stream carries one choice), so later choices pause longer.
 
-A live migration is the same join (not wired here yet, see _migration): the source
-pauses the choice ("paused", finish "paused", done), so the choice waits, and its next
-source is the destination's stream, attached with `relay.attach(source, [choice])` and
-recorded with `relay.move("migrate", ...)`, in place of a new dispatch.
+A live migration is the same join (see _migration, _live): the source pauses each
+choice ("paused", finish "paused", done), so the choices wait, and their next source is
+the destination's stream (one per choice, read as one), attached with
+`relay.attach(source, choices)` and recorded with `relay.move("migrate", ...)` per
+choice, in place of a new dispatch.
 """
 
 from __future__ import annotations
@@ -43,18 +44,20 @@ import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sllm.core.errors import Conflict, NotFound, Overloaded, SllmError, Unavailable
 from sllm.db import Function, Invoker
 
 from ._activations import Run
-from ._choices import Choices
+from ._choices import Choices, partial_result
 from ._config import ControllerConfig
-from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction
+from ._dispatch import DeadlineExceeded, Dispatcher, Slot, StaleFunction, instance_body
 from ._invokers import InvokerClient, InvokerLost
+from ._live import DRAIN, Gate, draining, interleaved, move_together, refused
 from ._metrics import ControllerMetrics
-from ._migration import Migration, Outcome, RoundPolicy
+from ._migration import Migration, Outcome, RoundPolicy, close_events
 from ._migration_wire import InvokerWire
 from ._relay import Relay
 
@@ -79,35 +82,6 @@ class _Waiting:
     reason: str  # unreachable | broken | stalled | unavailable | overloaded | conflict | paused
     invoker: str
     invoker_id: int
-
-
-def instance_body(namespace: str, fn: Function, slot: Slot) -> dict[str, Any]:
-    """What names `fn`'s instance to an invoker (the start of every invoke and load body):
-    the function, and the instance by its row id and the function's version."""
-    return {
-        "function": f"{namespace}/{fn.name}",
-        "model": fn.model,
-        "task": fn.task,
-        "concurrency": fn.concurrency,
-        "instance": str(slot.instance_id),
-        "version": fn.version,
-    }
-
-
-def partial_result(
-    run: Run, text: Choices, reason: str | None, usage: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The stored result of a generation from what was relayed (`usage` when known)."""
-    tokens_out = run.tokens_out if run.tokens_out is not None else text.tokens
-    return text.result(
-        reason,
-        usage
-        or {
-            "prompt_tokens": run.tokens_in or 0,
-            "completion_tokens": tokens_out,
-            "total_tokens": (run.tokens_in or 0) + tokens_out,
-        },
-    )
 
 
 class GenerationStream:
@@ -143,7 +117,7 @@ class GenerationStream:
         self._avoid: dict[int, float] = {}  # invoker id -> when it was lost (epoch s)
         self._resuming = False  # the current source is a resume that sent no start yet
         # A live migration under way: its outcome, and the destination's slot.
-        self._moving: tuple[Future[Outcome], Slot] | None = None
+        self._moving: tuple[Future[list[Outcome]], Slot] | None = None
 
     @property
     def started(self) -> bool:
@@ -322,6 +296,8 @@ class GenerationStream:
             self._waiting[c] = _Waiting(reason, slot.invoker, slot.invoker_id)
             if reason == "overloaded":  # not the generation's fault: no attempt spent
                 self._tries[c] = max(0, self._tries.get(c, 0) - 1)
+        for c in self.relay.waiting():  # paused by it (a migration's switch) before the loss
+            self._waiting.setdefault(c, _Waiting("paused", slot.invoker, slot.invoker_id))
         self._avoid[slot.invoker_id] = time.time()
         if reason in ("overloaded", "unavailable", "conflict"):
             self.dispatcher.free(slot)  # it answered: its instance is there, only busy or going
@@ -349,7 +325,7 @@ class GenerationStream:
         """A new source for the lowest waiting choice; InvokerLost when there can be none."""
         choice = min(self._waiting)
         why = self._waiting[choice]
-        moved = self._migrated(choice, why, deadline) if why.reason == "paused" else None
+        moved = self._migrated(deadline)  # a migration's switch, or its source lost meanwhile
         if moved is not None:
             return moved
         at = self.relay.relayed(choice)
@@ -429,12 +405,18 @@ class GenerationStream:
     # ------------------------------------------------------------ live migration
     def migrate(self, to: str | None, reason: str, timeout: float) -> None:
         """Move the generation to invoker `to` (None: the best other one), in rounds while
-        it keeps streaming (controller/_migration.py); run on a thread of its own. The
-        switch happens in this stream's thread: the source's stream ends "paused", and
-        `_resume` takes the destination's stream instead of a new dispatch."""
+        it keeps streaming (controller/_migration.py), every unfinished choice together
+        (controller/_live.py); run on a thread of its own. The switch happens in this
+        stream's thread: the source's stream ends "paused", and `_resume` takes the
+        destination's stream instead of a new dispatch."""
         source, fn = self.slot, self.fn
-        if source is None or self._moving is not None or self.relay.n != 1:
-            self.run.log(f"migration ({reason}) not started: the generation is not streaming")
+        choices = sorted(set(self.relay.unfinished()) - set(self.relay.waiting()))  # on `source`
+        if source is None or self._moving is not None or not choices:
+            why = "one is under way" if self._moving is not None else "it is not streaming"
+            self.run.log(f"migration ({reason}) not started: {why}")
+            return
+        if reason == DRAIN and not draining(self.dispatcher.db, source.invoker_id):
+            log.info("activation %s: runs on %s, not draining: stays", self.run.id, source.invoker)
             return
         to_id = None
         if to is not None:
@@ -442,108 +424,127 @@ class GenerationStream:
                 to_id = s.query(Invoker.id).filter(Invoker.name == to).scalar()
         dest = self.dispatcher.migration_slot(fn, source.invoker_id, to_id)
         if dest is None:
-            record = {
-                "kind": "migrate",
-                "from": source.invoker,
-                "to": to,
-                "at": time.time(),
-                "choice": 0,
-                "reason": reason,
-                "outcome": "refused",
-                "error": "no invoker can take the generation",
-            }
-            self.relay.moves.append(record)
+            self.relay.moves.extend(refused(source.invoker, to, choices, reason))
             self.run.log(f"migration ({reason}) refused: no invoker can take the generation")
             return
-        future: Future[Outcome] = Future()
+        future: Future[list[Outcome]] = Future()
         self._moving = (future, dest)
-        wire = InvokerWire(
-            self.invokers,
-            {**instance_body(self.run.namespace, fn, dest), "activation": self._generation(0)},
-            timeout,
-        )
+        gate = Gate(choices)
         self.run.log(f"migrating to {dest.invoker} ({reason})")
-        migration = Migration(
-            wire,
-            self._generation(0),
-            0,
-            source=source.invoker,
-            dest=dest.invoker,
-            source_url=source.url,
-            dest_url=dest.url,
-            reason=reason,
-            policy=RoundPolicy(
-                threshold=self.config.migration_threshold,
-                max_rounds=self.config.migration_max_rounds,
-            ),
+        policy = RoundPolicy(
+            threshold=self.config.migration_threshold,
+            max_rounds=self.config.migration_max_rounds,
         )
-        outcome = migration.run()
-        if not outcome.moved and outcome.final is None:  # aborted: r goes on on its source
+        migrations = [
+            Migration(
+                InvokerWire(
+                    self.invokers,
+                    {
+                        **instance_body(self.run.namespace, fn, dest),
+                        "activation": self._generation(c),
+                    },
+                    timeout,
+                ),
+                self._generation(c),
+                c,
+                source=source.invoker,
+                dest=dest.invoker,
+                source_url=source.url,
+                dest_url=dest.url,
+                reason=reason,
+                meet=partial(gate.arrive, c),
+                policy=policy,
+            )
+            for c in choices
+        ]
+        outcomes = move_together(migrations, gate)
+        for outcome in outcomes:
+            if not outcome.moved and outcome.final is None:  # aborted: it goes on on its source
+                self.relay.moves.append(outcome.record)
+                self.run.log(
+                    f"migration of choice {outcome.record['choice']} to {dest.invoker} "
+                    f"aborted: {outcome.record.get('error')}"
+                )
+        if not any(o.moved or o.final is not None for o in outcomes):
             self._moving = None
             self._give_back(dest)
-            self.relay.moves.append(outcome.record)
-            self.run.log(f"migration to {dest.invoker} aborted: {outcome.record.get('error')}")
-        future.set_result(outcome)
+        future.set_result(outcomes)
 
-    def _migrated(
-        self, choice: int, why: _Waiting, deadline: float
-    ) -> tuple[str, Slot, Generator[Event, None, None]] | None:
-        """The destination's stream when the pause was a migration's switch, else None
-        (the choice then resumes like after a loss: a migration whose destination failed
-        after the pause goes on elsewhere, its source included)."""
+    def _migrated(self, deadline: float) -> tuple[str, Slot, Generator[Event, None, None]] | None:
+        """The destination's stream of the moved choices when the pause was a migration's
+        switch (or its source was lost after the switch began), else None (the choices then
+        resume like after a loss: a choice whose destination failed after the pause goes on
+        elsewhere, its source included)."""
         moving = self._moving
         if moving is None:
             return None
         future, dest = moving
         try:
-            outcome = future.result(timeout=max(0.1, deadline - time.monotonic()))
+            outcomes = future.result(timeout=max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             return None
         self._moving = None
-        if not outcome.moved or outcome.events is None:
-            if outcome.final is not None:
+        moved = []
+        for outcome in outcomes:
+            choice = int(outcome.record["choice"])
+            if outcome.moved and self.relay.relayed(choice) != outcome.record["tokens"]:
+                # Its source was lost before its last tokens reached us: D's stream would
+                # skip them, so the choice resumes from what was relayed instead.
+                outcome.record.update(outcome="failed", error="the source's last tokens were lost")
+                self.invokers.cancel(dest.url, self._generation(choice), CANCEL_TIMEOUT_S)
+                close_events(outcome.events)
                 self.relay.moves.append(outcome.record)
+            elif outcome.moved and outcome.events is not None:
+                moved.append(outcome)
+            elif outcome.final is not None:  # paused, but the destination did not go on
+                self.relay.moves.append(outcome.record)
+        if not moved:
+            if any(o.moved or o.final is not None for o in outcomes):
                 self._give_back(dest)
             return None
-        del self._waiting[choice]
         self.slot = dest
         self.run.dispatched(dest.invoker)
         if dest.loading:  # the hold loaded it (how is in the destination's own records)
             self.dispatcher.loaded(dest, None, None)
-        record = self.relay.move(
-            "migrate",
-            choice,
-            why.invoker,
-            dest.invoker,
-            outcome.record["reason"],
-            outcome.record["at"],
-        )
-        for key in ("rounds", "tokens_recomputed", "switch_ms", "total_ms", "outcome"):
-            record[key] = outcome.record.get(key)
+        choices = [int(o.record["choice"]) for o in moved]
+        for outcome, choice in zip(moved, choices, strict=True):
+            why = self._waiting.pop(choice)
+            record = self.relay.move(
+                "migrate",
+                choice,
+                why.invoker,
+                dest.invoker,
+                outcome.record["reason"],
+                outcome.record["at"],
+            )
+            for key in ("rounds", "tokens_recomputed", "switch_ms", "total_ms", "outcome"):
+                record[key] = outcome.record.get(key)
+            self.run.log(
+                f"choice {choice} migrated to {dest.invoker}: {record['rounds']} round(s), "
+                f"{record['tokens_recomputed']} tokens recomputed"
+            )
         source = self._source(dest)
-        self.relay.attach(source, [choice])
-        self.run.log(
-            f"migrated to {dest.invoker}: {record['rounds']} round(s), "
-            f"{record['tokens_recomputed']} tokens recomputed"
-        )
-        return source, dest, outcome.events  # type: ignore[return-value]
+        self.relay.attach(source, choices)
+        streams = [o.events for o in moved if o.events is not None]
+        stream = streams[0] if len(streams) == 1 else interleaved(streams)
+        return source, dest, stream  # type: ignore[return-value]
 
     def close(self) -> None:
         """The client's stream ended (finished, failed or the client went away): a migration
-        still under way is not switched to; its destination copy is cancelled when it ends."""
+        still under way is not switched to; its destination copies are cancelled when it ends."""
         moving, self._moving = self._moving, None
         if moving is None:
             return
         future, dest = moving
 
-        def drop(done: Future[Outcome]) -> None:
-            outcome = done.result()
-            if outcome.events is not None:
-                self.invokers.cancel(dest.url, self._generation(0), CANCEL_TIMEOUT_S)
-                close = getattr(outcome.events, "close", None)
-                if close is not None:
-                    close()
-            if outcome.moved or outcome.final is not None:
+        def drop(done: Future[list[Outcome]]) -> None:
+            outcomes = done.result()
+            for outcome in outcomes:
+                if outcome.events is not None:
+                    choice = int(outcome.record["choice"])
+                    self.invokers.cancel(dest.url, self._generation(choice), CANCEL_TIMEOUT_S)
+                    close_events(outcome.events)
+            if any(o.moved or o.final is not None for o in outcomes):
                 self._give_back(dest)
 
         future.add_done_callback(drop)

@@ -55,22 +55,30 @@ from . import _attach as attach
 from ._activations import STATUSES, Run, activation_json, new_activation_id, status_of
 from ._auth import Principal, authenticate, hash_secret, new_key, split_key
 from ._catalog import Catalog
-from ._choices import Choices
+from ._choices import Choices, partial_result
 from ._config import ControllerConfig
-from ._dispatch import RELEASE, DeadlineExceeded, Dispatcher, Slot, StaleFunction, rowcount
-from ._drain import GenerationMover, WaitForGenerations, reported_drain
+from ._dispatch import (
+    RELEASE,
+    DeadlineExceeded,
+    Dispatcher,
+    Slot,
+    StaleFunction,
+    instance_body,
+    rowcount,
+)
+from ._drain import GenerationMover, reported_drain
 from ._draining import Drains, on_heartbeat
 from ._functions import FunctionDef, check_invocation_keys, check_name, function_json
 from ._invokers import INVOKER_NAME_RULE, InvokerClient, InvokerLost, is_invoker_name
 from ._leases import LeaseLost, expire, finish, mark_dispatched, new_claim
 from ._metrics import ControllerMetrics
 from ._moving import WATCH_S as MIGRATION_WATCH_S
-from ._moving import MigrationRequests, parse_target
+from ._moving import MigrateAway, MigrationRequests, parse_target
 from ._orphans import OrphanUnloader, instance_rows
 from ._prewarm import CLEARED as PREWARM_CLEARED
 from ._prewarm import load_error_json, record_failure
 from ._reconcile import Held, held_instances, reconcile
-from ._resume import GenerationStream, TimedOut, instance_body, partial_result
+from ._resume import GenerationStream, TimedOut
 from ._scheduler import LocalityScheduler, Scheduler
 
 log = logging.getLogger("sllm.controller")
@@ -132,11 +140,11 @@ class Controller:
         # Live migrations: asked through the database, run by the process relaying the run.
         self.moving = MigrationRequests(db, self.invokers)
         self._live: dict[str, GenerationStream] = {}  # run id -> its relay, while streaming
-        # Draining invokers; `mover` moves their running generations away (live migration),
-        # by default nothing is moved and a drain waits for them (see _drain).
+        # Draining invokers; `mover` moves their running generations away: by default a
+        # live migration of each, through `moving` (see _drain, _moving.MigrateAway).
         self.drains = Drains(
             db,
-            mover or WaitForGenerations(),
+            mover or MigrateAway(self.moving),
             self._unload_on,
             floor_grace_s=config.functions.timeout_s,
         )

@@ -75,8 +75,9 @@ def invoker_list(as_json: bool) -> None:
 def invoker_drain(
     name: str, grace: float | None, wait: bool, timeout: float | None, as_json: bool
 ) -> None:
-    """Drain invoker NAME: no new work goes there, running generations finish (or are cut
-    after the grace), then its instances are unloaded. Undo with `sllm invoker undrain`."""
+    """Drain invoker NAME: no new work goes there, running generations migrate live to
+    another invoker (or, when none can take them, finish, or are cut after the grace), then
+    its instances are unloaded. Undo with `sllm invoker undrain`."""
     with _client() as api:
         doc: Mapping[str, Any] = api.drain_invoker(name, grace)
         if wait and doc["state"] != "drained":

@@ -281,3 +281,31 @@ def test_drain_needs_an_admin_key_and_heartbeats_a_well_formed_report(
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "draining"
     wait_until(lambda: _doc(admin, "a")["state"] == "active", 1, "a to stay active")
+
+
+def test_migrations_off_one_invoker_at_once_share_one_destination_instance(
+    ctl: Controller, stubs: tuple[StubInvoker, StubInvoker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain moves the generations of an instance at once: the second one's look for a
+    warm instance came before the first placed its new instance on b, and its scale-out
+    finds b taken (one instance per invoker); it must still join that instance, not be
+    refused ("no invoker can take the generation")."""
+    ctl.put_function(NS, "f", {"model": "m"}, overwrite=False)
+    for stub in stubs:
+        ctl.heartbeat(stub.status())
+    fn = ctl.function_for(NS, "f")
+    with ctl.db.session() as s:
+        a = s.execute(select(Invoker.id).where(Invoker.name == "a")).scalar_one()
+    first = ctl.dispatcher.migration_slot(fn, a, None)
+    assert first is not None and (first.invoker, first.cold) == ("b", True)
+    warm = ctl.dispatcher._warm
+    looks: list[Any] = []
+
+    def late(*args: Any) -> Any:  # the first look happened before `first` was placed
+        looks.append(args)
+        return None if len(looks) == 1 else warm(*args)
+
+    monkeypatch.setattr(ctl.dispatcher, "_warm", late)
+    second = ctl.dispatcher.migration_slot(fn, a, None)
+    assert second is not None and second.instance_id == first.instance_id
+    assert _rows(ctl, "b") == [(first.instance_id, "loading", 2)]

@@ -58,10 +58,16 @@ def _store(root: Path) -> str:
 class Cluster:
     """A controller process and two slowed invoker processes registered with it."""
 
-    def __init__(self, ctl: ControllerProcess, store_uri: str, root: Path) -> None:
+    def __init__(
+        self,
+        ctl: ControllerProcess,
+        store_uri: str,
+        root: Path,
+        invoker_env: dict[str, str] | None = None,
+    ) -> None:
         self.ctl, self.store_uri, self.root = ctl, store_uri, root
         hook = os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)
-        env = {"PYTHONPATH": hook, "SLLM_TEST_STEP_DELAY": str(STEP_S)}
+        env = {"PYTHONPATH": hook, "SLLM_TEST_STEP_DELAY": str(STEP_S), **(invoker_env or {})}
         self.invs = {
             name: InvokerProcess(
                 root / name,
@@ -143,9 +149,11 @@ def clusters(
     tmp_path_factory: pytest.TempPathFactory,
     name: str,
     env: dict[str, str] | None = None,
+    invoker_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """A Cluster on the database `request.param` names ("sqlite" or "postgres"), with
-    namespace "r" and a key for it; stopped at the end."""
+    namespace "r" and a key for it; stopped at the end. `env` is the controller's
+    environment, `invoker_env` adds to the invokers' (the slow-step hook's settings)."""
     root = tmp_path_factory.mktemp(f"{name}-{request.param}")
     store_uri = _store(root)
     with ExitStack() as cleanup:
@@ -157,7 +165,7 @@ def clusters(
         ctl = ControllerProcess(url, root, env=env)
         cleanup.callback(stop_all, [ctl])
         ctl.start()
-        c = Cluster(ctl, store_uri, root)
+        c = Cluster(ctl, store_uri, root, invoker_env)
         cleanup.callback(stop_all, c.invs.values())
         c.ensure_running()
         assert c.admin.put("/api/v1/namespaces/r").status_code == 201

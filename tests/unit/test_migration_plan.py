@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -209,3 +210,19 @@ def test_stop_and_recompute_hands_the_final_state_back_when_the_destination_fail
 
     assert not out.moved and out.record["outcome"] == "failed"
     assert out.final is not None and out.final["tokens"] == wire.tokens and wire.paused
+
+
+def test_meet_comes_before_the_pause_and_is_not_counted_in_the_switch() -> None:
+    """The choices of one generation meet before their final rounds (controller/_live.py);
+    S still decodes while one waits there, so the wait is no part of the switch."""
+    wire = FakeWire([20, 1])
+    clock = Clock()
+    met: list[list[str]] = []
+
+    def meet() -> None:
+        met.append(list(wire.calls))
+        clock.now += 5.0  # waited for the other choices
+
+    out = replace(migration(wire), meet=meet, clock=clock).run()
+    assert out.moved and met == [["state", "hold", "prefill", "state", "prefill", "state"]]
+    assert out.record["switch_ms"] < 1000 < out.record["total_ms"]
