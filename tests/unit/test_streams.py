@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from sllm.controller._openai import CompletionStream
+from sllm.controller._reconnect import Progress
 from sllm.controller._streams import StartedEvents, sse_events, stream_response
 from sllm.core.errors import ContextLengthExceeded
 
 START = {"event": "start", "load": {}, "prompt_tokens": 1}
-TOKEN = {"event": "token", "token": 7, "text": "Hi", "index": 0}
+TOKEN = {"event": "token", "token": 7, "text": "Hi", "index": 1}
 DONE = {"event": "done", "finish_reason": "length", "usage": {}}
 
 
@@ -40,10 +41,13 @@ def test_the_awaited_first_event_is_streamed_first() -> None:
     events = StartedEvents(_run([START, TOKEN, DONE], closed))
     chunks = CompletionStream("completion", "fn", "a1", 1700000000)
 
-    frames = list(sse_events(events, chunks))
+    frames = list(sse_events(events, chunks, Progress("a1")))
 
-    texts = [json.loads(f[6:])["choices"][0]["text"] for f in frames[:-1]]
+    ids = [f.split(b"\n")[0] for f in frames[:-1]]
+    data = [f.split(b"\n")[1] for f in frames[:-1]]
+    texts = [json.loads(d[6:])["choices"][0]["text"] for d in data]
     assert texts == ["Hi", ""]
+    assert ids == [b"id: a1:1", b"id: a1:1"]  # after the token, and at its end
     assert frames[-1] == b"data: [DONE]\n\n" and closed == ["closed"]
 
 
@@ -53,7 +57,8 @@ def test_a_response_closed_before_it_was_read_ends_the_run() -> None:
     chunks = CompletionStream("completion", "fn", "a1", 1700000000)
     run: Any = SimpleNamespace(id="a1")
 
-    response = stream_response(events, sse_events(events, chunks), "text/event-stream", run)
+    body = sse_events(events, chunks, Progress("a1"))
+    response = stream_response(events, body, "text/event-stream", run)
     response.close()
 
     assert closed == ["closed"]
