@@ -185,33 +185,13 @@ class Client:
     def invoke_stream(self, name: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """Invoke and yield the events as they come: start, token..., then done or error."""
         path = f"{self._fn_path(name)}/invocations"
-        try:
-            with self._http.stream(
-                "POST", path, json=dict(params), params={"stream": "true"}
-            ) as response:
-                if response.is_error:
-                    response.read()
-                    raise _error_of(response)
-                for line in response.iter_lines():
-                    if line.strip():
-                        yield _parse_event(line)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from exc
+        yield from self._events("POST", path, json=dict(params), params={"stream": "true"})
 
     def activation_stream(self, activation_id: str, after: str = "0") -> Iterator[dict[str, Any]]:
         """Reconnect to a streaming generation: its events after token `after` (an index,
         or one per choice "12.9"), then its end."""
         path = f"{self._activation_path(activation_id)}/stream"
-        try:
-            with self._http.stream("GET", path, params={"from": after}) as response:
-                if response.is_error:
-                    response.read()
-                    raise _error_of(response)
-                for line in response.iter_lines():
-                    if line.strip():
-                        yield _parse_event(line)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from exc
+        yield from self._events("GET", path, params={"from": after})
 
     # ------------------------------------------------------------ activations
     def list_activations(
@@ -285,6 +265,19 @@ class Client:
 
     def _activation_path(self, activation_id: str) -> str:
         return f"{self._ns_path()}/activations/{_seg(activation_id)}"
+
+    def _events(self, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """A streamed answer's NDJSON events as they come."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_of(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield _parse_event(line)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
