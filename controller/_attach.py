@@ -164,23 +164,9 @@ def reattached_run(
             stream=True,
             attached=True,
         )
-    run = Run(
-        id=row.id,
-        namespace_id=row.namespace_id,
-        namespace=namespace,
-        function=row.function_name,
-        function_version=row.function_version,
-        model=row.model,
-        task=row.task,
-        request=dict(row.request or {}),
-        blocking=False,
-        stream=True,
-        created_at=row.created_at,
-        logs=list(row.logs or []),
-        attempts=row.attempts,
-        persisted=True,
-        attached=True,
-    )
+    run = Run.of(row, namespace)
+    run.blocking, run.stream, run.attached = False, True, True
+    run.claim, run.body, run.validated = None, None, True  # it runs: nothing to validate
     run.start_at, run.wait_ms, run.load_ms = row.start_at, row.wait_ms, row.load_ms
     run.tier, run.cold, run.ttft_ms = row.tier, row.cold, row.ttft_ms
     run.tokens_in, run.invoker = row.tokens_in, row.invoker
