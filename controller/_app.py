@@ -345,6 +345,13 @@ def create_app(controller: Controller) -> Flask:
             started, native_events(started, run, progress), "application/x-ndjson", run
         )
 
+    @app.post("/api/v1/namespaces/<ns>/activations/<activation_id>/cancel")
+    def cancel_activation(ns: str, activation_id: str) -> Response:
+        namespace = _ns(ns)
+        if not ACTIVATION_ID.fullmatch(activation_id):
+            raise InvalidRequest(f"{activation_id!r} is not an activation id (32 hex digits)")
+        return _json(controller.cancel(namespace, activation_id))
+
     @app.post("/api/v1/namespaces/<ns>/activations/<activation_id>/migrate")
     def migrate_activation(ns: str, activation_id: str) -> Response:
         _admin()

@@ -145,6 +145,38 @@ def locate(
     return found
 
 
+def cancel(
+    db: Database, invokers: InvokerClient, namespace: str, activation_id: str
+) -> dict[str, Any]:
+    """Stop a running generation now, wherever it runs (the user's "stop generating": a
+    client that only closes its stream leaves it running for the detach grace, for a
+    reconnect). Its stream, if anyone reads it, ends with finish reason "cancelled"."""
+    with db.session(write=False) as s:
+        rows = s.execute(select(Invoker.name, Invoker.url).where(Invoker.state != "lost")).all()
+    cancelled, ended = [], []
+    for name, url in rows:
+        try:
+            _, raw = invokers.get(url, "/v1/generations", LOOKUP_TIMEOUT_S)
+        except SllmError:
+            continue  # that invoker does not answer: nothing of it can be stopped there
+        for g in json.loads(raw).get("generations", []):
+            gen_id = str(g.get("id", ""))
+            if gen_id != activation_id and not gen_id.startswith(f"{activation_id}."):
+                continue
+            if not str(g.get("function", "")).startswith(f"{namespace}/"):
+                continue
+            if g.get("state") in (*RUNNING, "held"):
+                invokers.cancel(url, quote(gen_id), LOOKUP_TIMEOUT_S)
+                cancelled.append({"invoker": name, "generation": gen_id})
+            else:
+                ended.append(str(g.get("state")))
+    if cancelled:
+        return {"activationId": activation_id, "cancelled": cancelled}
+    if ended:
+        raise Conflict(f"activation {activation_id} has ended ({', '.join(sorted(set(ended)))})")
+    raise NotFound(f"no generation {activation_id} runs in namespace {namespace!r}")
+
+
 def reattached_run(
     row: Activation | None, namespace: str, namespace_id: int, fn: Function, activation_id: str
 ) -> Run:

@@ -260,6 +260,13 @@ def openapi_document() -> dict[str, Any]:
                 ],
             )
         },
+        "/api/v1/namespaces/{ns}/activations/{id}/cancel": {
+            "post": _op(
+                "Stop a running generation now (closing a stream leaves it running a while "
+                "for a reconnect); its stream ends with finish reason cancelled",
+                params=[NS, ID],
+            )
+        },
         "/api/v1/namespaces/{ns}/activations/{id}/migrate": {
             "post": _op(
                 "Live-migrate a running generation to invoker `to` (default: the best other "

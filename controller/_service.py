@@ -690,6 +690,10 @@ class Controller:
         """A reconnecting client's activation and the events it lacks."""
         return attach.reattach(self, namespace, activation_id, have)
 
+    def cancel(self, namespace: str, activation_id: str) -> dict[str, Any]:
+        """Stop a running generation now (see _attach.cancel)."""
+        return attach.cancel(self.db, self.invokers, namespace, activation_id)
+
     def relaying(self, run: Run, gen: GenerationStream | None) -> None:
         """This process relays `run` now (migration requests reach it), or no longer."""
         if gen is None:

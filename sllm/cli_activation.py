@@ -204,6 +204,22 @@ def activation_stream(activation_id: str, after: str, as_json: bool) -> None:
         _show_stream(api.activation_stream(activation_id, after), as_json)
 
 
+@activation.command("cancel")
+@click.argument("activation_id", metavar="ID")
+@_json_option
+@_api_command
+def activation_cancel(activation_id: str, as_json: bool) -> None:
+    """Stop running activation ID now (a stream whose client left runs on a while for a
+    reconnect; this ends it at once)."""
+    with _client() as api:
+        doc = api.cancel_activation(activation_id)
+    if as_json:
+        _print_json(doc)
+    else:
+        where = ", ".join(sorted({c["invoker"] for c in doc["cancelled"]}))
+        click.echo(f"ok: cancelled activation {activation_id} on {where}")
+
+
 @activation.command("result")
 @click.argument("activation_id", metavar="ID")
 @_json_option

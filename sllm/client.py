@@ -187,6 +187,10 @@ class Client:
         path = f"{self._fn_path(name)}/invocations"
         yield from self._events("POST", path, json=dict(params), params={"stream": "true"})
 
+    def cancel_activation(self, activation_id: str) -> dict[str, Any]:
+        """Stop a running generation now: `{"activationId", "cancelled": [...]}`."""
+        return self._call("POST", f"{self._activation_path(activation_id)}/cancel")
+
     def activation_stream(self, activation_id: str, after: str = "0") -> Iterator[dict[str, Any]]:
         """Reconnect to a streaming generation: its events after token `after` (an index,
         or one per choice "12.9"), then its end."""

@@ -5,9 +5,11 @@
                          invoker} (from a thread: the client keeps reading); the pause after
                          it; the move record's rounds, tokens recomputed, switch and total
     stop_and_recompute   the same through the controller with SLLM_MIGRATION_MAX_ROUNDS=0
-    preempt_and_restart  at token `at` the client closes its stream (the controller cancels
-                         the generation) and sends the request again at once: the pause
-                         from the abort to the rerun's token `at + 1`, the time to finish
+    preempt_and_restart  at token `at` the client closes its stream and cancels the
+                         generation (POST .../activations/{id}/cancel: closing alone leaves
+                         it running a while for a reconnect) and sends the request again at
+                         once: the pause from the abort to the rerun's token `at + 1`, the
+                         time to finish
     resume_after_kill    at token `at` the serving invoker's process group gets SIGKILL: the
                          largest gap after it, and its parts: detection (the kill to the
                          controller's "lost" log line), the destination's load (its
@@ -158,6 +160,8 @@ class Runner:
         """Aborted by the client and sent again from the prompt."""
         with self.cluster.api() as api:
             first = stream(api, self.prompt, self.output_len, self.at, lambda t: True)
+            path = f"/api/v1/namespaces/{NAMESPACE}/activations/{first.activation}/cancel"
+            api.post(path).raise_for_status()  # Shepherd-style: the preempted run stops
             rerun = stream(api, self.prompt, self.output_len)
         complete(rerun, self.output_len, "preempt_and_restart (the rerun)")
         self.outputs["preempt_and_restart"] = "".join(first.text) + "".join(

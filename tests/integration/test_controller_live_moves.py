@@ -34,6 +34,8 @@ from tests.integration.test_controller_resume import _fn as define
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
+# DB-agnostic paths run on one database (the suite's time); the rest runs on both.
+SQLITE_ONLY = pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
 
 TOKENS = 240  # about 7 s of decoding at 30 ms a step: a migration (~2 s) ends mid-way
 MOVE_AT = 8  # tokens (of each choice) relayed before the migration is asked for
@@ -130,6 +132,7 @@ def _other(name: str) -> str:
     return next(n for n in INVOKERS if n != name)
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_every_choice_of_n_migrates_to_one_destination(
     c: Cluster, sampling: dict[str, Any]
@@ -300,6 +303,7 @@ SCHEMA = {
 }
 
 
+@SQLITE_ONLY
 def test_a_json_schema_generation_migrated_mid_way_stays_valid_json(c: Cluster) -> None:
     define(c, "schema-move")
     fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}}

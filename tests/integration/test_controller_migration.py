@@ -30,6 +30,8 @@ from tests.support.waiting import wait_until
 openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
+# DB-agnostic paths run on one database (the suite's time); the rest runs on both.
+SQLITE_ONLY = pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
 
 TOKENS = 60
 MOVE_AT = 8  # tokens relayed before the migration is asked for
@@ -108,6 +110,7 @@ def test_a_stream_migrates_live_with_the_same_output(c: Cluster, sampling: dict[
     assert act["invoker"] == other and act["migrations"] == 1
 
 
+@SQLITE_ONLY
 def test_the_openai_client_sees_one_stream_through_a_migration(c: Cluster) -> None:
     define(c, "chat-move")
     oai = openai.OpenAI(base_url=c.ctl.url + "/v1", api_key=c.key, max_retries=0, timeout=120)
@@ -144,6 +147,7 @@ def test_the_openai_client_sees_one_stream_through_a_migration(c: Cluster) -> No
     assert "".join(parts) == expected
 
 
+@SQLITE_ONLY
 def test_bad_migration_requests_are_clean_4xx(c: Cluster) -> None:
     define(c, "bad-move")
     missing = _migrate(c, "0" * 32)
@@ -183,6 +187,7 @@ def test_bad_migration_requests_are_clean_4xx(c: Cluster) -> None:
                 break
 
 
+@SQLITE_ONLY
 def test_the_cli_migrates_and_waits(c: Cluster, tmp_path: Any, monkeypatch: Any) -> None:
     from click.testing import CliRunner
 

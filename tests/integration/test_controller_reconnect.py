@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from tests.support.waiting import wait_until
 
 openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.invoker, pytest.mark.slow]
+# DB-agnostic paths run on one database (the suite's time); the rest runs on both.
+SQLITE_ONLY = pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
 TOKENS = 60
 LEAVE_AT = 10
 
@@ -41,7 +42,9 @@ LEAVE_AT = 10
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    yield from clusters(request, tmp_path_factory, "reconnect")
+    # Slowed prefill passes: a migration's rounds take a while, so its hold can be seen.
+    env = {"SLLM_TEST_PREFILL_DELAY": "0.3"}
+    yield from clusters(request, tmp_path_factory, "reconnect", invoker_env=env)
 
 
 @pytest.fixture
@@ -131,6 +134,7 @@ def test_a_client_that_drops_its_stream_reconnects_with_last_event_id(
     assert any("reconnected from token 10" in line for line in act["logs"]), act["logs"]
 
 
+@SQLITE_ONLY
 def test_from_query_and_native_invoke_with_last_event_id(c: Cluster) -> None:
     fn = "drop-from"
     _fn(c, fn)
@@ -153,6 +157,7 @@ def test_from_query_and_native_invoke_with_last_event_id(c: Cluster) -> None:
     assert [e["index"] for e in again if e["event"] == "token"] == [TOKENS - 1, TOKENS]
 
 
+@SQLITE_ONLY
 def test_the_openai_client_reconnects_with_last_event_id(c: Cluster) -> None:
     fn = "drop-openai"
     _fn(c, fn)
@@ -193,11 +198,12 @@ def test_a_client_whose_replica_is_killed_gets_the_rest_from_another(c: Cluster,
     _fn(c, fn)
     reference = _reference(c, fn, GREEDY)
     other = _replica(c)
+    (c.root / "v").mkdir(exist_ok=True)
+    victim = ControllerProcess(c.ctl.env["SLLM_DATABASE_URL"], c.root / "v", workers=1)
     try:
-        victim = ControllerProcess(c.ctl.env["SLLM_DATABASE_URL"], c.root / "v", workers=1)
-        (c.root / "v").mkdir(exist_ok=True)
         victim.start()
         first: list[dict[str, Any]] = []
+        held: str | None = None
         url = f"/api/v1/namespaces/_/functions/{fn}/invocations?stream=true"
         api = client(victim.url, c.key, 120)
         body = {"prompt": PROMPT, "max_tokens": TOKENS, **GREEDY}
@@ -209,8 +215,8 @@ def test_a_client_whose_replica_is_killed_gets_the_rest_from_another(c: Cluster,
             if when == "migrating":
                 moved = c.admin.post(f"/api/v1/namespaces/r/activations/{activation}/migrate")
                 assert moved.status_code == 202, moved.text
-                time.sleep(0.4)  # the migration's rounds are under way on the victim
-            victim.stop(signal.SIGKILL)
+                held = wait_until(lambda: _held_on(c, activation), 20, "the hold on D")
+            victim.stop(signal.SIGKILL)  # mid-migration: S decodes, D holds a copy
             with contextlib.suppress(httpx.HTTPError):  # the connection broke with it
                 _read(lines, first, None)
         last = [e for e in first if "id" in e][-1]["id"]
@@ -220,7 +226,7 @@ def test_a_client_whose_replica_is_killed_gets_the_rest_from_another(c: Cluster,
             {"Last-Event-ID": last},
         )
     finally:
-        stop_all([other])
+        stop_all([other, victim])
     tokens = [e for e in first + rest if e["event"] == "token"]
     assert [e["index"] for e in tokens] == list(range(1, TOKENS + 1))
     assert "".join(e["text"] for e in tokens) == reference["result"]["text"]
@@ -232,8 +238,23 @@ def test_a_client_whose_replica_is_killed_gets_the_rest_from_another(c: Cluster,
         assert not [
             g for g in listed if g["id"] == activation and g["state"] in ("running", "held")
         ]
+    if when == "migrating":  # the held copy its dead controller left was cancelled
+        assert held is not None
+        proc = c.invs[held]
+        mine = [g for g in proc.client(5).get("/v1/generations").json()["generations"]]
+        assert [g["state"] for g in mine if g["id"] == activation] == ["cancelled"], mine
 
 
+def _held_on(c: Cluster, activation: str) -> str | None:
+    """The invoker that holds a migration target of `activation`, if any."""
+    for name, proc in c.invs.items():
+        listed = proc.client(5).get("/v1/generations").json()["generations"]
+        if any(g["id"] == activation and g["state"] == "held" for g in listed):
+            return name
+    return None
+
+
+@SQLITE_ONLY
 def test_reconnects_with_bad_ids_are_4xx(c: Cluster) -> None:
     path = "/api/v1/namespaces/_/activations"
     missing = "0" * 32
@@ -249,6 +270,7 @@ def test_reconnects_with_bad_ids_are_4xx(c: Cluster) -> None:
     assert r.status_code == 400 and "names activation" in r.json()["error"]["message"], r.text
 
 
+@SQLITE_ONLY
 def test_the_cli_reconnects_to_a_stream(
     c: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,3 +290,44 @@ def test_the_cli_reconnects_to_a_stream(
         main, ["activation", "stream", first[0]["activationId"], "--from", "x"], env=env
     )
     assert bad.exit_code != 0 and "'from'" in bad.stderr, bad.stderr
+
+
+@SQLITE_ONLY
+def test_cancel_stops_a_generation_its_client_left_at_once(
+    c: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fn = "drop-cancel"
+    _fn(c, fn)
+    first = _first_part(c, fn)
+    activation = first[0]["activationId"]
+    assert _running_on(c, activation)  # it runs on without its client
+    path = f"/api/v1/namespaces/_/activations/{activation}"
+    r = c.api.post(f"{path}/cancel")
+    assert r.status_code == 200, r.text
+    assert [x["generation"] for x in r.json()["cancelled"]] == [activation]
+    assert not _running_on(c, activation)
+    again = c.api.post(f"{path}/cancel")
+    assert again.status_code == 409 and "has ended (cancelled)" in again.text, again.text
+    r = c.api.get(f"{path}/stream", headers={"Last-Event-ID": first[-1]["id"]})
+    assert r.status_code == 409 and "does not run any more" in r.text, r.text
+    assert c.api.post(f"/api/v1/namespaces/_/activations/{'0' * 32}/cancel").status_code == 404
+    assert c.api.post("/api/v1/namespaces/_/activations/nothex/cancel").status_code == 400
+    # The CLI: a second generation, cancelled by `sllm activation cancel`.
+    second = _first_part(c, fn)[0]["activationId"]
+    monkeypatch.setenv("SLLM_HOME", str(tmp_path))
+    env = {"SLLM_APIHOST": c.ctl.url, "SLLM_API_KEY": c.key}
+    result = CliRunner().invoke(main, ["activation", "cancel", second], env=env)
+    assert result.exit_code == 0 and f"cancelled activation {second}" in result.stdout, (
+        result.output + result.stderr
+    )
+    assert not _running_on(c, second)
+
+
+def _running_on(c: Cluster, activation: str) -> list[str]:
+    """The invokers on which a generation of `activation` runs now."""
+    return [
+        name
+        for name, proc in c.invs.items()
+        for g in proc.client(5).get("/v1/generations").json()["generations"]
+        if g["id"] == activation and g["state"] == "running"
+    ]

@@ -50,9 +50,10 @@ class InvokerProcess(ServiceProcess):
             "8",
             *extra,
         ]
-        super().__init__(
-            args, {**os.environ, "SLLM_INTERNAL_TOKEN": TOKEN, **(env or {})}, cache_dir.parent
-        )
+        # A stream a test leaves runs on detached for 10 s at most, not the default 30 s,
+        # so abandoned generations do not load the machine for the tests after it.
+        settings = {"SLLM_INTERNAL_TOKEN": TOKEN, "SLLM_DETACH_GRACE": "10", **(env or {})}
+        super().__init__(args, {**os.environ, **settings}, cache_dir.parent)
 
     def start(self, timeout: float = 60.0) -> InvokerProcess:
         """Create the cache folder, start, and wait until /readyz answers 200."""
