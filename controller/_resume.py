@@ -578,7 +578,12 @@ def _skip_held_start(
     generation the relay started (that state is the one relayed, not the hold's)."""
     try:
         for ev in stream:
-            if started and ev.get("event") == "start" and ev.get("held"):
+            if ev.get("event") == "start" and ev.get("held"):
+                if not started:  # what came before its hold is in no stream left
+                    raise Conflict(
+                        "the generation moved here over a minute ago: the invoker streams "
+                        "left begin after the tokens the client lacks"
+                    )
                 continue
             yield ev
     finally:

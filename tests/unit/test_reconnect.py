@@ -3,6 +3,9 @@ reconnect reads (controller/_attach.py plan_attach)."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any
+
 import pytest
 
 from controller._attach import Found, plan_attach
@@ -86,3 +89,16 @@ def test_a_generation_nobody_came_back_for_is_a_conflict() -> None:
     with pytest.raises(Conflict) as e:
         plan_attach([found("s", "cancelled", 12)], ACT)
     assert "cancelled on s" in e.value.message
+
+
+def test_a_held_start_is_skipped_after_the_relay_started_and_refused_before() -> None:
+    from controller._resume import _skip_held_start
+
+    def stream() -> Generator[dict[str, Any], None, None]:
+        yield {"event": "start", "held": True, "states": [{"tokens": [1], "prompt_len": 1}]}
+        yield token(0, 9)
+
+    assert list(_skip_held_start(stream(), True)) == [token(0, 9)]
+    with pytest.raises(Conflict) as e:
+        list(_skip_held_start(stream(), False))
+    assert "over a minute ago" in e.value.message
