@@ -189,7 +189,27 @@ class GenerationStream:
         *,
         held_start: bool = False,
     ) -> Generator[Event, None, None]:
-        """Relay `stream`, then each next source, until every choice ended."""
+        """Relay `stream`, then each next source, until every choice ended. Ended by an
+        error (the time limit, a broken stream), the generation is cancelled where it runs:
+        only a client that goes away (GeneratorExit) leaves it running for a reconnect."""
+        try:
+            yield from self._sources_of(source, slot, stream, deadline, held_start)
+        except SllmError:
+            if self.slot is not None and self.relay.started:
+                ids = [self._generation(c) for c in self.relay.unfinished()]
+                threading.Thread(
+                    target=self._cancel, args=(self.slot.url, ids), daemon=True
+                ).start()
+            raise
+
+    def _sources_of(
+        self,
+        source: str,
+        slot: Slot,
+        stream: Generator[Event, None, None],
+        deadline: float,
+        held_start: bool,
+    ) -> Generator[Event, None, None]:
         if held_start:
             stream = _skip_held_start(stream, self.relay.started)
         while True:

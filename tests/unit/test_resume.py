@@ -15,7 +15,7 @@ from sllm.controller._config import ControllerConfig
 from sllm.controller._dispatch import Slot
 from sllm.controller._invokers import InvokerLost
 from sllm.controller._metrics import ControllerMetrics
-from sllm.controller._resume import GenerationStream
+from sllm.controller._resume import GenerationStream, TimedOut
 from sllm.core.errors import Overloaded
 from sllm.db import Function
 
@@ -110,7 +110,12 @@ FIRST = Slot(1, 1, "a", "http://a", cold=False, loading=False)
 
 
 def run_stream(
-    scripts: list[Script], *, attempts: int = 3, on_loss: str = "resume", reason: str = "broken"
+    scripts: list[Script],
+    *,
+    attempts: int = 3,
+    on_loss: str = "resume",
+    reason: str = "broken",
+    limit_s: float = 60.0,
 ) -> tuple[list[dict[str, Any]], GenerationStream, Invokers, Dispatcher, Exception | None]:
     invokers, dispatcher = Invokers(scripts, reason), Dispatcher()
     run = Run(
@@ -141,10 +146,11 @@ def run_stream(
     )
     events: list[dict[str, Any]] = []
     error: Exception | None = None
+    deadline = time.monotonic() + limit_s
     try:
-        for ev in gen.events(FIRST, {"prompt": "x", "activation": "act1"}, time.monotonic() + 60):
+        for ev in gen.events(FIRST, {"prompt": "x", "activation": "act1"}, deadline):
             events.append(ev)
-    except InvokerLost as exc:
+    except (InvokerLost, TimedOut) as exc:
         error = exc
     return events, gen, invokers, dispatcher, error
 
@@ -256,3 +262,15 @@ def test_a_stream_that_ends_without_its_end_is_a_loss(upto: int) -> None:
 
     assert error is None and tokens(events) == [1, 2, 3, 4, 5, 6]
     assert gen.run.moves[0]["tokens"] == upto
+
+
+def test_a_stream_ended_by_its_time_limit_is_cancelled_on_its_invoker() -> None:
+    """Only a client that goes away leaves a generation running (for a reconnect): the
+    controller ending the stream itself stops it where it runs."""
+    _, _, invokers, _, error = run_stream([generation(50)], limit_s=0.0)
+
+    assert isinstance(error, TimedOut)
+    deadline = time.monotonic() + 5
+    while not invokers.cancelled and time.monotonic() < deadline:  # a background thread
+        time.sleep(0.01)
+    assert invokers.cancelled == [("http://a", "act1")]
