@@ -115,15 +115,6 @@ class Feed:
                 self._readers -= 1
                 self._unread_since = self._clock()
 
-    def close(self) -> None:
-        """End the stream now (its generation is cancelled): the invoker is shutting down."""
-        with self._cond:
-            if self._ended or self._detached:
-                return
-            self._ended = True
-            self._cond.notify_all()
-        self._events.close()
-
     # ------------------------------------------------------------ stepping
     def _step(self) -> bool:
         """Read the stream's next event into the log; False at its end."""
