@@ -57,7 +57,7 @@ from ._auth import Principal, credentials
 from ._functions import check_name
 from ._invoker_pages import invoker_page as read_invoker_page
 from ._openapi import openapi_document
-from ._reconnect import ACTIVATION_ID, Progress, parse_event_id, parse_from
+from ._reconnect import ACTIVATION_ID, Progress, marks, parse_event_id, parse_from
 from ._request import (
     body_bytes,
     body_length,
@@ -328,7 +328,7 @@ def create_app(controller: Controller) -> Flask:
                 )
         else:
             have = {0: 0}
-        return _reconnected_native(namespace, f"{activation_id}:{_marks(have)}", None)
+        return _reconnected_native(namespace, f"{activation_id}:{marks(have)}", None)
 
     def _reconnected_native(namespace: str, event_id: str, function: str | None) -> Response:
         activation_id, have = parse_event_id(event_id)
@@ -600,7 +600,3 @@ def _retry_after(response: Response, seconds: float | None) -> Response:
     if seconds is not None:
         response.headers["Retry-After"] = str(max(1, round(seconds)))
     return response
-
-
-def _marks(have: dict[int, int]) -> str:
-    return ".".join(str(have[c]) for c in sorted(have))

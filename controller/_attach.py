@@ -30,7 +30,6 @@ Only generations with one choice attach (n > 1 answer 409).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -49,8 +48,8 @@ from ._choices import Choices
 from ._config import ControllerConfig
 from ._dispatch import Dispatcher, Slot
 from ._invokers import InvokerClient
-from ._metrics import ControllerMetrics
-from ._reconnect import missing
+from ._moving import registry_entries
+from ._reconnect import marks, missing
 from ._resume import GenerationStream, TimedOut, partial_result
 
 log = logging.getLogger("sllm.controller")
@@ -111,31 +110,22 @@ def locate(
 ) -> list[Found]:
     """The entries of generation `activation_id` of `namespace` in every invoker's registry;
     NotFound when none has it."""
-    with db.session(write=False) as s:
-        rows = s.execute(
-            select(Invoker.id, Invoker.name, Invoker.url).where(Invoker.state != "lost")
-        ).all()
-    found: list[Found] = []
-    for invoker_id, name, url in rows:
-        try:
-            _, raw = invokers.get(url, f"/v1/generations/{quote(activation_id)}", LOOKUP_TIMEOUT_S)
-        except SllmError:
-            continue  # not there (404), or that invoker does not answer
-        doc = json.loads(raw)
-        function = str(doc.get("function", ""))
-        if not function.startswith(f"{namespace}/"):
-            continue
-        found.append(
-            Found(
-                name,
-                invoker_id,
-                url,
-                str(doc.get("state")),
-                int(doc.get("tokens") or 0),
-                str(doc.get("instance", "")),
-                function,
-            )
+    rows = _invoker_rows(db)
+    ids = {name: invoker_id for invoker_id, name, _ in rows}
+    entries = registry_entries(invokers, [(n, u) for _, n, u in rows], namespace, activation_id)
+    found = [
+        Found(
+            name,
+            ids[name],
+            url,
+            str(doc.get("state")),
+            int(doc.get("tokens") or 0),
+            str(doc.get("instance", "")),
+            str(doc.get("function", "")),
         )
+        for name, url, doc in entries
+        if doc.get("id") == activation_id  # one choice: its entry has the activation's id
+    ]
     if not found:
         raise NotFound(
             f"no generation {activation_id} runs in namespace {namespace!r}, or ran in the "
@@ -151,30 +141,29 @@ def cancel(
     """Stop a running generation now, wherever it runs (the user's "stop generating": a
     client that only closes its stream leaves it running for the detach grace, for a
     reconnect). Its stream, if anyone reads it, ends with finish reason "cancelled"."""
-    with db.session(write=False) as s:
-        rows = s.execute(select(Invoker.name, Invoker.url).where(Invoker.state != "lost")).all()
+    targets = [(name, url) for _, name, url in _invoker_rows(db)]
     cancelled, ended = [], []
-    for name, url in rows:
-        try:
-            _, raw = invokers.get(url, "/v1/generations", LOOKUP_TIMEOUT_S)
-        except SllmError:
-            continue  # that invoker does not answer: nothing of it can be stopped there
-        for g in json.loads(raw).get("generations", []):
-            gen_id = str(g.get("id", ""))
-            if gen_id != activation_id and not gen_id.startswith(f"{activation_id}."):
-                continue
-            if not str(g.get("function", "")).startswith(f"{namespace}/"):
-                continue
-            if g.get("state") in (*RUNNING, "held"):
-                invokers.cancel(url, quote(gen_id), LOOKUP_TIMEOUT_S)
-                cancelled.append({"invoker": name, "generation": gen_id})
-            else:
-                ended.append(str(g.get("state")))
+    for name, url, g in registry_entries(invokers, targets, namespace, activation_id):
+        if g.get("state") in (*RUNNING, "held"):
+            invokers.cancel(url, quote(str(g["id"])), LOOKUP_TIMEOUT_S)
+            cancelled.append({"invoker": name, "generation": g["id"]})
+        else:
+            ended.append(str(g.get("state")))
     if cancelled:
         return {"activationId": activation_id, "cancelled": cancelled}
     if ended:
         raise Conflict(f"activation {activation_id} has ended ({', '.join(sorted(set(ended)))})")
     raise NotFound(f"no generation {activation_id} runs in namespace {namespace!r}")
+
+
+def _invoker_rows(db: Database) -> list[Any]:
+    """(id, name, url) of every invoker not lost."""
+    with db.session(write=False) as s:
+        return list(
+            s.execute(
+                select(Invoker.id, Invoker.name, Invoker.url).where(Invoker.state != "lost")
+            ).all()
+        )
 
 
 def reattached_run(
@@ -225,10 +214,10 @@ class Host(Protocol):
     invokers: InvokerClient
     dispatcher: Dispatcher
     config: ControllerConfig
-    metrics: ControllerMetrics
 
     def namespace_id(self, name: str) -> int | None: ...
     def function_for(self, namespace: str, name: str, *, fresh: bool = False) -> Function: ...
+    def generation_stream(self, run: Run, fn: Function, text: Choices) -> GenerationStream: ...
     def relaying(self, run: Run, gen: GenerationStream | None) -> None: ...
     def store(self, run: Run, slot: Slot | None) -> None: ...
 
@@ -254,23 +243,14 @@ def _events(
     deadline = time.monotonic() + fn.timeout_s
     text = Choices()
     moves = list(run.moves)
-    gen = GenerationStream(
-        config=host.config,
-        invokers=host.invokers,
-        dispatcher=host.dispatcher,
-        metrics=host.metrics,
-        run=run,
-        fn=fn,
-        text=text,
-        refresh=lambda: host.function_for(run.namespace, run.function, fresh=True),
-    )
+    gen = host.generation_stream(run, fn, text)
     gen.relay.moves.extend(moves)
     for f in plan.stale:  # a migration target its dead controller never switched to
         threading.Thread(
             target=host.invokers.cancel, args=(f.url, run.id, 5.0), daemon=True
         ).start()
     where = plan.live.invoker if plan.live else "its last invoker"
-    run.log(f"a client reconnected from token {_marks(have)}; attached on {where}")
+    run.log(f"a client reconnected from token {marks(have)}; attached on {where}")
     timeout = max(0.1, deadline - time.monotonic())
     path = f"/v1/generations/{quote(run.id)}/events"
     stall = host.config.stall_timeout
@@ -324,7 +304,3 @@ def _check_reachable(start: Mapping[str, Any], have: Mapping[int, int], activati
                 f"generation {activation_id} moved since token {have.get(c, 0)} and the "
                 f"invoker streams left begin at token {done}: the tokens between are gone"
             )
-
-
-def _marks(have: Mapping[int, int]) -> str:
-    return ".".join(str(have[c]) for c in sorted(have))

@@ -167,24 +167,35 @@ class MigrationRequests:
         """The invoker running the activation's generation (its registry, by id: the
         activation's own, or "{id}.{i}" for the choices of a generation with n > 1)."""
         ended = None
-        for name, url in invokers:
-            try:
-                _, raw = self.invokers.get(url, "/v1/generations", LOOKUP_TIMEOUT_S)
-            except SllmError:
-                continue  # that invoker does not answer
-            for doc in json.loads(raw).get("generations") or []:
-                if activation_of(str(doc.get("id"))) != activation_id:
-                    continue
-                if not str(doc.get("function", "")).startswith(f"{namespace}/"):
-                    continue
-                if doc.get("state") in _RUNNING:
-                    return name
-                ended = ended or (name, doc.get("state"))
+        for name, _, doc in registry_entries(self.invokers, invokers, namespace, activation_id):
+            if doc.get("state") in _RUNNING:
+                return name
+            ended = ended or (name, doc.get("state"))
         if ended is not None:
             raise Conflict(
                 f"activation {activation_id} is {ended[1]} on {ended[0]!r}: nothing to move"
             )
         raise NotFound(f"no running generation {activation_id} in namespace {namespace!r}")
+
+
+def registry_entries(
+    client: InvokerClient, invokers: Sequence[tuple[str, str]], namespace: str, activation_id: str
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(invoker name, url, entry) for every entry of the activation's generation ("{id}",
+    or "{id}.{i}" per choice) in namespace `namespace`, in the registries of `invokers`
+    ((name, url) each; one that does not answer is passed over)."""
+    found = []
+    for name, url in invokers:
+        try:
+            _, raw = client.get(url, "/v1/generations", LOOKUP_TIMEOUT_S)
+        except SllmError:
+            continue  # that invoker does not answer
+        for doc in json.loads(raw).get("generations") or []:
+            if activation_of(str(doc.get("id"))) != activation_id:
+                continue
+            if str(doc.get("function", "")).startswith(f"{namespace}/"):
+                found.append((name, url, doc))
+    return found
 
 
 def activation_of(generation_id: str) -> str | None:

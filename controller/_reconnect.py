@@ -2,6 +2,7 @@
 
     Progress(activation_id)           what a client has: per choice, its last token's index
     progress.see(event); progress.event_id()    "{activation id}:{index}" after an event
+    marks(have)                       a progress as ids write it ("12", "12.9")
     parse_event_id(value) / parse_from(value)   a reconnect's Last-Event-ID / ?from=
     missing(events, have)             the events a client that has `have` lacks
 
@@ -51,8 +52,12 @@ class Progress:
             self._have[choice] = max(self._have.get(choice, 0), event["index"])
 
     def event_id(self) -> str:
-        marks = ".".join(str(self._have.get(i, 0)) for i in range(max(self._have) + 1))
-        return f"{self.activation_id}:{marks}"
+        return f"{self.activation_id}:{marks(self._have)}"
+
+
+def marks(have: Mapping[int, int]) -> str:
+    """A progress as an event id writes it: {0: 12, 1: 9} -> "12.9" (a missing choice: 0)."""
+    return ".".join(str(have.get(i, 0)) for i in range(max(have, default=0) + 1))
 
 
 def parse_from(value: str, param: str = "from") -> dict[int, int]:

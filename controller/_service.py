@@ -566,16 +566,7 @@ class Controller:
         deadline = started + fn.timeout_s
         slot: Slot | None = None
         text = Choices()
-        gen = GenerationStream(
-            config=self.config,
-            invokers=self.invokers,
-            dispatcher=self.dispatcher,
-            metrics=self.metrics,
-            run=run,
-            fn=fn,
-            text=text,
-            refresh=lambda: self.function_for(run.namespace, run.function, fresh=True),
-        )
+        gen = self.generation_stream(run, fn, text)
         avoid: list[int] = []
         rebases = 0
         try:
@@ -689,6 +680,19 @@ class Controller:
     ) -> tuple[Run, Generator[dict[str, Any], None, None]]:
         """A reconnecting client's activation and the events it lacks."""
         return attach.reattach(self, namespace, activation_id, have)
+
+    def generation_stream(self, run: Run, fn: Function, text: Choices) -> GenerationStream:
+        """The relay of `run`'s generation (see _resume): a new run's, or a reconnect's."""
+        return GenerationStream(
+            config=self.config,
+            invokers=self.invokers,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            run=run,
+            fn=fn,
+            text=text,
+            refresh=lambda: self.function_for(run.namespace, run.function, fresh=True),
+        )
 
     def cancel(self, namespace: str, activation_id: str) -> dict[str, Any]:
         """Stop a running generation now (see _attach.cancel)."""
