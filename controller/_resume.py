@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -141,7 +141,7 @@ class GenerationStream:
 
     def reattach(
         self,
-        replays: Sequence[tuple[str, Iterator[Event]]],
+        replays: Sequence[tuple[str, Generator[Event, None, None]]],
         live: tuple[Slot, Generator[Event, None, None]] | None,
         deadline: float,
     ) -> Generator[Event, None, None]:
@@ -154,9 +154,7 @@ class GenerationStream:
             source = f"{name}#{self._sources + 1}"
             self._sources += 1
             self._attach_replayed(source)
-            for ev in stream:
-                if ev.get("event") == "start" and self.relay.started and ev.get("held"):
-                    continue  # a migration target's start: its state is what was relayed
+            for ev in _skip_held_start(stream, self.relay.started):
                 for out in self.relay.feed(source, ev):
                     yield self._account(out)
             self.relay.lost(source)  # a replay that stopped short: its choices wait
